@@ -1,0 +1,11 @@
+"""greg_fast: growing-regularization pruning (GReg-1 / GReg-2) for PyTorch convnets."""
+from . import models
+from .dispatch import backends
+from .eager import apply_masks
+from .engine import METHODS, PHASES, GrowingReg
+from .graph import UntraceableModelError
+from .plan import GRANULARITIES, LayerPlan, Plan, n_prune_for, plan, stage_ratios
+
+__version__ = "0.1.0"
+__all__ = ["GRANULARITIES", "METHODS", "PHASES", "GrowingReg", "LayerPlan", "Plan", "UntraceableModelError",
+           "apply_masks", "backends", "models", "n_prune_for", "plan", "stage_ratios", "__version__"]

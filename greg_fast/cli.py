@@ -1,0 +1,125 @@
+"""The ``greg-fast`` command: ``prune``, ``demo`` and ``info``."""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+from . import __version__, data, models
+from .dispatch import backends
+from .engine import METHODS
+from .plan import GRANULARITIES
+
+# The demo: digits, a CIFAR ResNet, GReg-1 at 0.5 on the prunable layers, a schedule shortened from
+# the reference's (delta 1e-4 every 10 iterations up to 1, then 10k stabilize) to ~2 minutes on 2 cores.
+DEMO_ARGS = ["--model", "resnet20", "--data", "digits", "--method", "greg1", "--granularity", "filter",
+             "--ratio", "0.5", "--pretrain-epochs", "15", "--lr-pretrain", "0.05", "--batch-size", "64",
+             "--lr-reg", "0.01", "--delta", "0.01", "--interval", "1", "--stabilize", "100",
+             "--finetune-epochs", "10", "--lr-ft", "0:0.01,6:0.001"]
+
+
+def _ratio_list(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.strip("[]").split(",")]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of ratios") from err
+
+
+def _add_prune_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
+    req = not demo
+    p.add_argument("--model", required=req, choices=models.names())
+    p.add_argument("--data", required=req, choices=data.DATASETS)
+    p.add_argument("--data-dir", default=None, help="folder of cifar10/cifar100/imagefolder data")
+    p.add_argument("--method", required=req, choices=METHODS)
+    p.add_argument("--granularity", default="filter", choices=GRANULARITIES)
+    ratio = p.add_mutually_exclusive_group(required=req)
+    ratio.add_argument("--ratio", type=float, help="pruning ratio of every prunable layer, in [0, 1)")
+    ratio.add_argument("--stage-ratios", type=_ratio_list,
+                       help="reference ResNet stage list 'stem,stage1,...,fc', e.g. 0,0.75,0.75,0.32,0")
+    s = p.add_argument_group("schedule (reference CIFAR defaults)")
+    s.add_argument("--delta", type=float, default=1e-4, help="penalty increment (default 1e-4)")
+    s.add_argument("--interval", type=int, default=10, help="iterations between increments (default 10)")
+    s.add_argument("--ceiling", type=float, default=1.0, help="λ at which growth stops (default 1)")
+    s.add_argument("--stabilize", type=int, default=10000, help="iterations at constant λ (default 10000)")
+    s.add_argument("--pick-delta", type=float, default=1e-5, help="GReg-2 uniform increment (default 1e-5)")
+    s.add_argument("--pick-ceiling", type=float, default=1e-2, help="GReg-2 λ at which to pick (default 1e-2)")
+    s.add_argument("--recover", type=float, default=-1e-4, help="GReg-2 λ of kept groups (default -1e-4)")
+    s.add_argument("--mag-ratio-limit", type=float, default=1000.0, help="magnitude-ratio stop (default 1000)")
+    s.add_argument("--lr-reg", type=float, default=1e-3, help="SGD lr while regularizing (default 1e-3)")
+    t = p.add_argument_group("training")
+    dense = t.add_mutually_exclusive_group()
+    dense.add_argument("--pretrain-epochs", type=int, default=0, help="train the dense model this long first")
+    dense.add_argument("--checkpoint", default=None, help="dense weights (state_dict or greg-fast model.pt)")
+    t.add_argument("--lr-pretrain", type=float, default=0.1, help="peak lr of the cosine pretraining")
+    t.add_argument("--finetune-epochs", type=int, required=req)
+    t.add_argument("--lr-ft", required=req, help="fine-tune lr schedule 'epoch:lr,...', e.g. 0:0.01,60:0.001,90:1e-4")
+    t.add_argument("--momentum", type=float, default=0.9)
+    t.add_argument("--weight-decay", type=float, default=5e-4)
+    t.add_argument("--batch-size", type=int, default=128)
+    t.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--out", required=req, help="output folder")
+    p.add_argument("--resume", default=None, metavar="DIR", help="continue the run whose --out is DIR")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bars or plan table")
+
+
+def _check_dense_source(args, parser) -> None:
+    if args.checkpoint is None and args.pretrain_epochs <= 0:
+        parser.error("give --pretrain-epochs N (> 0) or --checkpoint FILE for the dense model")
+
+
+def info() -> None:
+    print(f"greg_fast {__version__}")
+    print(f"python    {platform.python_version()} ({sys.executable})")
+    print(f"torch     {torch.__version__}")
+    for mod in ("torchvision", "triton"):
+        try:
+            print(f"{mod:<10}{__import__(mod).__version__}")
+        except ImportError:
+            print(f"{mod:<10}not installed")
+    if torch.cuda.is_available():
+        device = torch.device("cuda")
+        print(f"device    cuda: {torch.cuda.get_device_name()}")
+    else:
+        device = torch.device("cpu")
+        print(f"device    cpu ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)")
+    print("backends  (auto picks the first available)")
+    for name, status in backends(device).items():
+        print(f"  {name:<8}{status}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="greg-fast", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"greg_fast {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    prune = sub.add_parser("prune", help="pretrain/load -> regularize -> prune -> fine-tune -> evaluate")
+    _add_prune_args(prune)
+    demo = sub.add_parser("demo", help="the prune job on digits with a CIFAR ResNet, in ~2 minutes on CPU")
+    demo.add_argument("--out", default="runs/demo")
+    demo.add_argument("--quiet", action="store_true")
+    sub.add_parser("info", help="versions, device and available backends")
+    args = parser.parse_args(argv)
+
+    from .job import run  # heavy imports (matplotlib) only for jobs
+    if args.command == "info":
+        info()
+        return 0
+    if args.command == "demo":
+        Path(args.out, "checkpoint.pt").unlink(missing_ok=True)  # a demo always starts afresh
+        args = prune.parse_args(DEMO_ARGS + ["--out", args.out] + (["--quiet"] if args.quiet else []))
+    else:
+        _check_dense_source(args, prune)
+    try:
+        run(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
+        print(f"greg-fast: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""The eager reference: per-layer, vectorized over groups, plain PyTorch.
+
+Every fast backend is tested against these functions. A layer's groups live on the middle axis of
+its weight viewed as ``[outer, n_groups, inner]`` (see :class:`greg_fast.plan.LayerPlan`).
+"""
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import torch
+import torch.nn as nn
+
+from .plan import LayerPlan, Plan
+
+name = "eager"
+
+
+def expand_groups(layer: LayerPlan, values: torch.Tensor) -> torch.Tensor:
+    """Shape per-group ``values`` ``[n_groups]`` so that they broadcast against the weight
+    (whatever its strides, so that in-place ops on the weight or its gradient never copy)."""
+    w = layer.weight
+    if layer.granularity == "filter":
+        return values.view(-1, *([1] * (w.dim() - 1)))
+    if layer.granularity == "channel":
+        outer, groups, inner = layer.view
+        if w.dim() == 2:  # linear: a channel is `inner` consecutive input features
+            return values.repeat_interleave(inner).view(1, -1)
+        return values.view(1, groups, *([1] * (w.dim() - 2)))
+    return values.view(w.shape)
+
+
+def group_scores(layer: LayerPlan) -> torch.Tensor:
+    """Mean |w| of every group, accumulated in fp32: ``[n_groups]``."""
+    w = layer.weight.detach().reshape(layer.view)
+    return w.abs().sum(dim=(0, 2), dtype=torch.float32) / (layer.view[0] * layer.view[2])
+
+
+def add_penalty(layers: Sequence[LayerPlan], kept: Sequence[torch.Tensor],
+                lam_kept: torch.Tensor, lam_selected: torch.Tensor) -> None:
+    """``grad += λ_g * w`` with λ_g = ``lam_kept[i]`` on kept groups, ``lam_selected[i]`` on the rest.
+
+    ``kept[i]`` is layer i's bool mask ``[n_groups]``; the λ vectors are ``[n_layers]``.
+    """
+    for i, layer in enumerate(layers):
+        w = layer.weight
+        if w.grad is None:
+            continue
+        lam = torch.where(kept[i], lam_kept[i], lam_selected[i]).to(torch.float32)
+        w.grad.addcmul_(w.detach(), expand_groups(layer, lam))
+
+
+def masked_tensors(plan: Plan, layer: LayerPlan, kept: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(tensor, kept mask broadcastable to it)`` for everything through which a removed group
+    still reaches the output: the weight's groups, and for filters the bias and the following
+    BatchNorms' weight and bias (so the channel is exactly zero downstream)."""
+    pairs = [(layer.weight, expand_groups(layer, kept))]
+    if layer.granularity == "filter":
+        if layer.module.bias is not None:
+            pairs.append((layer.module.bias, kept))
+        for norm in layer.norms:
+            bn = plan.module(norm)
+            if bn.affine:
+                pairs += [(bn.weight, kept), (bn.bias, kept)]
+    return pairs
+
+
+def check_masks(plan: Plan, masks: Mapping[str, torch.Tensor]) -> None:
+    known = {l.name: l for l in plan.layers}
+    for key, mask in masks.items():
+        if key not in known:
+            raise KeyError(f"mask for {key!r}, which is not a layer of the plan")
+        layer = known[key]
+        if mask.dtype != torch.bool or mask.shape != (layer.n_groups,) and mask.shape != layer.weight.shape:
+            raise ValueError(f"mask for {key!r} must be a bool tensor of shape [{layer.n_groups}]"
+                             f"{' or the weight shape' if layer.granularity == 'weight' else ''}, "
+                             f"got {mask.dtype} {tuple(mask.shape)}")
+
+
+@torch.no_grad()
+def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor], plan: Plan) -> None:
+    """Zero the removed groups of ``model`` in place (``masks``: layer name -> bool, True = kept)."""
+    plan.check_model(model)
+    check_masks(plan, masks)
+    for layer in plan.layers:
+        if layer.name in masks:
+            kept = masks[layer.name].to(layer.weight.device).reshape(-1)
+            for tensor, keep in masked_tensors(plan, layer, kept):
+                tensor.masked_fill_(~keep, 0)

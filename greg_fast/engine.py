@@ -1,0 +1,314 @@
+"""GrowingReg: GReg-1, GReg-2 and one-shot L1 as a wrapper around any torch.optim optimizer.
+
+Schedule state is tiny and exact. λ takes at most two values per layer, so a layer holds a kept
+mask over its groups plus integer counts: ``n_pick`` penalty increments of ``pick_delta`` (GReg-2's
+uniform phase, the same for every layer) and ``n_grow[i]`` increments of ``delta``. Then
+
+    λ_selected = n_pick * pick_delta + n_grow * delta
+    λ_kept     = 0 (GReg-1) | n_pick * pick_delta until the first post-pick increment, then ``recover`` (GReg-2)
+
+computed in float64 on the parameters' device, so "λ after k updates is k * delta" holds without
+accumulated rounding and a resumed run continues bit for bit.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import torch
+
+from . import dispatch
+from .eager import check_masks, masked_tensors
+from .plan import Plan
+
+METHODS = ("greg1", "greg2", "l1")
+PHASES = ("pick", "grow", "stabilize", "done")
+_SMOOTHING = 0.9  # h = 0.9 h + 0.1 ratio, as in the reference
+
+
+def _reached(value: float, threshold: float) -> bool:
+    """value >= threshold, forgiving float products (1000 * 1e-5 vs 1e-2)."""
+    return value >= threshold * (1 - 1e-9) if threshold > 0 else value >= threshold
+
+
+class GrowingReg(torch.optim.Optimizer):
+    """Wrap ``optimizer`` so that ``step()`` adds the growing-regularization penalty.
+
+    ``step()`` after ``loss.backward()``: :meth:`apply_penalty` (λ update every ``interval``
+    iterations, then ``grad += λ_g * w``; after pruning, zero the removed groups' gradients), the
+    inner optimizer's step, then the schedule advances. Phases: ``pick`` (GReg-2 only), ``grow``,
+    ``stabilize``, ``done``. At ``done`` the removed groups are zeroed (weights, biases, following
+    BatchNorms and the optimizer state of those entries) and stay zero while training goes on:
+    the fine-tune of the reference, masks kept.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, plan: Plan, *, method: str = "greg1",
+                 delta: float = 1e-4, interval: int = 10, ceiling: float = 1.0, stabilize: int = 10000,
+                 pick_delta: float = 1e-5, pick_ceiling: float = 1e-2, recover: float = -1e-4,
+                 mag_ratio_limit: float = 1000.0, backend: str = "auto"):
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        if not isinstance(interval, int) or interval < 1:
+            raise ValueError(f"interval must be an integer >= 1, got {interval!r}")
+        if not isinstance(stabilize, int) or stabilize < 0:
+            raise ValueError(f"stabilize must be an integer >= 0, got {stabilize!r}")
+        for key, value in (("delta", delta), ("ceiling", ceiling), ("pick_delta", pick_delta),
+                           ("pick_ceiling", pick_ceiling), ("mag_ratio_limit", mag_ratio_limit)):
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"{key} must be a finite number >= 0, got {value!r}")
+        if method == "greg2":
+            if pick_delta <= 0:
+                raise ValueError("pick_delta must be > 0 for greg2")
+            if pick_ceiling > ceiling:
+                raise ValueError(f"pick_ceiling ({pick_ceiling}) must not exceed ceiling ({ceiling})")
+        if method != "l1" and delta <= 0:
+            raise ValueError(f"delta must be > 0 for {method}")
+        self.optimizer = optimizer
+        self.plan = plan
+        self.method = method
+        self.hyper = dict(delta=float(delta), interval=interval, ceiling=float(ceiling), stabilize=stabilize,
+                          pick_delta=float(pick_delta), pick_ceiling=float(pick_ceiling),
+                          recover=float(recover), mag_ratio_limit=float(mag_ratio_limit))
+        self.layers = plan.pruned
+        self._check_optimizer()
+        devices = {l.weight.device for l in plan.layers}
+        if len(devices) > 1:
+            raise ValueError(f"the planned layers are on several devices {sorted(map(str, devices))}; "
+                             "GrowingReg keeps its state on one device")
+        self.device = devices.pop() if devices else torch.device("cpu")
+        self.backend = dispatch.resolve(backend, self.device)
+        self._structured = plan.layers[0].granularity != "weight" if plan.layers else True
+
+        n, dev = len(self.layers), self.device
+        self._kept = [torch.ones(l.n_groups, dtype=torch.bool, device=dev) for l in self.layers]
+        self._n_grow = torch.zeros(n, dtype=torch.int64, device=dev)
+        self._finished = torch.zeros(n, dtype=torch.bool, device=dev)
+        self._hist = torch.full((n,), math.nan, dtype=torch.float64, device=dev)
+        self._scores: list[torch.Tensor | None] = [None] * n
+        self.iteration = 0           # completed steps
+        self._n_updates = 0          # λ updates so far
+        self._n_pick = 0             # GReg-2 uniform increments (identical for all layers)
+        self._picked = method != "greg2"
+        self._stabilize_end: int | None = None  # iteration at which the phase becomes "done"
+        self._phase = "pick" if method == "greg2" else "grow"
+        self._refresh_lambdas()
+        if method != "greg2":
+            self._select(range(n), [self.backend.group_scores(l) for l in self.layers])
+        if method == "l1" or n == 0:
+            self._prune()
+
+    # ---- the torch.optim surface, passed through to the inner optimizer ----
+    @property
+    def param_groups(self):
+        return self.optimizer.param_groups
+
+    @property
+    def state(self):
+        return self.optimizer.state
+
+    @property
+    def defaults(self):
+        return self.optimizer.defaults
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def add_param_group(self, param_group: dict) -> None:
+        self.optimizer.add_param_group(param_group)
+
+    def __repr__(self) -> str:
+        return (f"GrowingReg(method={self.method}, phase={self.phase}, iteration={self.iteration}, "
+                f"layers={len(self.layers)}, backend={self.backend.name}, optimizer={type(self.optimizer).__name__})")
+
+    # ---- schedule ----
+    @property
+    def phase(self) -> str:
+        return self._phase
+
+    @property
+    def done(self) -> bool:
+        return self._phase == "done"
+
+    def step(self, closure: Callable[[], Any] | None = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.apply_penalty()
+        self.optimizer.step()
+        self.iteration += 1
+        if self._phase == "stabilize" and self.iteration >= self._stabilize_end:
+            self._prune()
+        return loss
+
+    def apply_penalty(self) -> None:
+        """Update λ when due, then ``grad += λ_g * w`` (or, once pruned, zero removed groups' grads)."""
+        if self._phase == "done":
+            self._zero_removed(grads=True)
+            return
+        if self._phase in ("pick", "grow") and self.iteration % self.hyper["interval"] == 0:
+            self._update()
+        self.backend.add_penalty(self.layers, self._kept, self._lam_kept, self._lam_selected)
+
+    def _update(self) -> None:
+        """One λ update: vectorized over layers, one host sync (whether every layer finished)."""
+        h = self.hyper
+        scores = [self.backend.group_scores(l) for l in self.layers]
+        self._scores = scores
+        active = ~self._finished
+        self._n_updates += 1
+        if not self._picked:
+            self._n_pick += 1
+            if _reached(self._n_pick * h["pick_delta"], h["pick_ceiling"]):
+                self._picked = True
+                self._phase = "grow"
+                self._select(range(len(self.layers)), scores)  # on the current weights
+        else:
+            self._n_grow += active
+        self._refresh_lambdas()
+        if not self._picked:
+            return
+        lam_max = torch.maximum(self._lam_selected, self._lam_kept)
+        over_ceiling = lam_max > h["ceiling"]
+        if self._structured:
+            ratio = torch.stack([_magnitude_ratio(s, k) for s, k in zip(scores, self._kept)])
+            smoothed = torch.where(self._hist.isnan(), ratio, _SMOOTHING * self._hist + (1 - _SMOOTHING) * ratio)
+            self._hist = torch.where(active, smoothed, self._hist)
+            strong = self._hist >= h["mag_ratio_limit"]
+            if self.method == "greg1":  # GReg-1 stops on the ratio of every pruned layer
+                strong = strong.all().expand_as(strong)
+            finish = over_ceiling | strong
+        else:  # too costly per element in the reference, and not part of the method there
+            finish = over_ceiling
+        self._finished |= active & finish
+        if bool(self._finished.all()):
+            self._phase = "stabilize"
+            self._stabilize_end = self.iteration + h["stabilize"] + 1
+
+    def _refresh_lambdas(self) -> None:
+        h = self.hyper
+        pick = self._n_pick * h["pick_delta"]
+        self._lam_selected = pick + self._n_grow.to(torch.float64) * h["delta"]
+        if self.method == "greg2":
+            self._lam_kept = torch.where(self._n_grow > 0, torch.full_like(self._lam_selected, h["recover"]),
+                                         torch.full_like(self._lam_selected, pick))
+        else:
+            self._lam_kept = torch.zeros_like(self._lam_selected)
+
+    def _select(self, indices, scores) -> None:
+        """Each layer drops its ``n_prune`` lowest-score groups (ties: lowest index first)."""
+        for i in indices:
+            order = torch.sort(scores[i], stable=True).indices
+            kept = torch.ones_like(self._kept[i])
+            kept[order[: self.layers[i].n_prune]] = False
+            self._kept[i] = kept
+
+    def _prune(self) -> None:
+        self._phase = "done"
+        self._zero_removed(grads=False)
+
+    @torch.no_grad()
+    def _zero_removed(self, grads: bool) -> None:
+        """Zero removed groups: in the gradients (every step after pruning), or once at pruning in
+        the weights and in every optimizer state tensor shaped like them, so that SGD (momentum,
+        weight decay), Adam and AdamW leave those entries exactly zero."""
+        for layer, kept in zip(self.layers, self._kept):
+            for tensor, keep in masked_tensors(self.plan, layer, kept):
+                if grads:
+                    if tensor.grad is not None:
+                        tensor.grad.masked_fill_(~keep, 0)
+                    continue
+                tensor.masked_fill_(~keep, 0)
+                for value in self.optimizer.state.get(tensor, {}).values():
+                    if isinstance(value, torch.Tensor) and value.shape == tensor.shape:
+                        value.masked_fill_(~keep, 0)
+
+    # ---- views of the state ----
+    def masks(self) -> dict[str, torch.Tensor]:
+        """``{layer: bool [n_groups]}``, True = kept, for every planned layer (all True where
+        nothing is selected yet or nothing is pruned)."""
+        out = {l.name: torch.ones(l.n_groups, dtype=torch.bool, device=self.device) for l in self.plan.layers}
+        out.update({l.name: k.clone() for l, k in zip(self.layers, self._kept)})
+        return out
+
+    def penalties(self) -> dict[str, torch.Tensor]:
+        """Current λ per group, ``{layer: float64 [n_groups]}``, for the regularized layers."""
+        return {l.name: torch.where(k, self._lam_kept[i], self._lam_selected[i])
+                for i, (l, k) in enumerate(zip(self.layers, self._kept))}
+
+    def lambdas(self) -> dict[str, tuple[float, float]]:
+        """``{layer: (λ selected, λ kept)}`` as Python floats (one host sync)."""
+        sel, kept = self._lam_selected.tolist(), self._lam_kept.tolist()
+        return {l.name: (s, k) for l, s, k in zip(self.layers, sel, kept)}
+
+    def scores(self) -> dict[str, torch.Tensor]:
+        """Per-group scores (mean |w|) computed at the latest λ update (now, if none yet)."""
+        return {l.name: (s if s is not None else self.backend.group_scores(l))
+                for l, s in zip(self.layers, self._scores)}
+
+    def magnitude_ratios(self) -> dict[str, float]:
+        """Smoothed magnitude ratio (mean kept score / mean removed score) per layer, NaN before any."""
+        return dict(zip((l.name for l in self.layers), self._hist.tolist()))
+
+    # ---- checkpointing ----
+    def state_dict(self) -> dict:
+        """Inner optimizer state and the whole schedule; loads with ``torch.load(weights_only=True)``."""
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "greg": {
+                "method": self.method, "hyper": dict(self.hyper), "phase": self._phase,
+                "layers": [l.name for l in self.layers], "n_groups": [l.n_groups for l in self.layers],
+                "iteration": self.iteration, "n_updates": self._n_updates, "n_pick": self._n_pick,
+                "picked": self._picked, "stabilize_end": self._stabilize_end,
+                "n_grow": self._n_grow.clone(), "finished": self._finished.clone(), "hist": self._hist.clone(),
+                "kept": [k.clone() for k in self._kept],
+                "scores": [s.clone() if s is not None else None for s in self._scores],
+            },
+        }
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        try:
+            g = state_dict["greg"]
+            opt = state_dict["optimizer"]
+        except (KeyError, TypeError) as err:
+            raise ValueError("not a GrowingReg state_dict (expected keys 'optimizer' and 'greg')") from err
+        if g["method"] != self.method:
+            raise ValueError(f"checkpoint is for method {g['method']!r}, this GrowingReg runs {self.method!r}")
+        names, groups = [l.name for l in self.layers], [l.n_groups for l in self.layers]
+        if g["layers"] != names or g["n_groups"] != groups:
+            raise ValueError("checkpoint was saved for other layers: "
+                             f"{list(zip(g['layers'], g['n_groups']))[:4]}... vs {list(zip(names, groups))[:4]}...")
+        for key, value in self.hyper.items():
+            if g["hyper"].get(key) != value:
+                raise ValueError(f"checkpoint was saved with {key}={g['hyper'].get(key)!r}, "
+                                 f"this GrowingReg has {key}={value!r}")
+        if g["phase"] not in PHASES:
+            raise ValueError(f"checkpoint has unknown phase {g['phase']!r}")
+        dev = self.device
+        kept = [k.to(dev, torch.bool) for k in g["kept"]]
+        check_masks(self.plan, dict(zip(names, kept)))
+        self.optimizer.load_state_dict(opt)
+        self._phase, self.iteration, self._n_updates = g["phase"], g["iteration"], g["n_updates"]
+        self._n_pick, self._picked, self._stabilize_end = g["n_pick"], g["picked"], g["stabilize_end"]
+        self._n_grow = g["n_grow"].to(dev, torch.int64)
+        self._finished = g["finished"].to(dev, torch.bool)
+        self._hist = g["hist"].to(dev, torch.float64)
+        self._kept = kept
+        self._scores = [s.to(dev) if s is not None else None for s in g["scores"]]
+        self._refresh_lambdas()
+
+    def _check_optimizer(self) -> None:
+        held = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
+        missing = [l.name for l in self.layers if id(l.weight) not in held]
+        if missing:
+            raise ValueError(f"the optimizer does not hold the weights of planned layers {missing[:5]}"
+                             f"{' ...' if len(missing) > 5 else ''}; build it from model.parameters()")
+
+
+def _magnitude_ratio(scores: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """Mean score of kept groups / mean score of removed groups (float64, no host sync)."""
+    s = scores.to(torch.float64)
+    k = kept.to(torch.float64)
+    kept_mean = (s * k).sum() / k.sum()
+    removed_mean = (s * (1 - k)).sum() / (1 - k).sum()
+    return kept_mean / removed_mean

@@ -1,0 +1,85 @@
+"""PNG plots of a ``greg-fast prune`` run (matplotlib, no display needed)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+_STAGE_COLORS = {"pretrain": "tab:gray", "regularize": "tab:orange", "finetune": "tab:green"}
+
+
+def _phase_marks(ax, trace: dict) -> None:
+    for iteration, phase in trace["phase_changes"]:
+        ax.axvline(iteration, color="k", lw=0.6, ls=":")
+        ax.text(iteration, 1.0, f" {phase}", transform=ax.get_xaxis_transform(), fontsize=7, va="top")
+
+
+def lambda_schedule(trace: dict, path: Path) -> None:
+    """λ of selected (solid) and kept (dashed) groups of every regularized layer over iterations."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    it = trace["iteration"].numpy()
+    for i, name in enumerate(trace["layers"]):
+        line, = ax.plot(it, trace["lambda_selected"][:, i].numpy(), lw=1, label=name if i < 8 else None)
+        ax.plot(it, trace["lambda_kept"][:, i].numpy(), lw=0.8, ls="--", color=line.get_color())
+    _phase_marks(ax, trace)
+    ax.set(xlabel="iteration", ylabel="λ (solid: selected groups, dashed: kept)",
+           title="Growing-regularization schedule")
+    if len(trace["layers"]) <= 8:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def score_distribution(trace: dict, path: Path) -> None:
+    """Per-group score (mean |w|) of one layer over the regularization, removed vs kept groups."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    it = trace["iteration"].numpy()
+    scores = trace["scores"].clamp_min(1e-12).numpy()
+    kept = trace["score_kept"]
+    for j in range(scores.shape[1]):
+        ax.plot(it, scores[:, j], lw=0.7, alpha=0.7, color="tab:blue" if kept[j] else "tab:red")
+    ax.plot([], [], color="tab:blue", label="kept groups")
+    ax.plot([], [], color="tab:red", label="removed groups")
+    _phase_marks(ax, trace)
+    ax.set_yscale("log")
+    ax.set(xlabel="iteration", ylabel="group score (mean |w|)",
+           title=f"Scores of {trace['score_layer']} during regularization")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def accuracy(records: list[dict], path: Path, dense_acc: float | None) -> None:
+    """Test accuracy at the end of every epoch of every stage."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    x = 0
+    for stage, color in _STAGE_COLORS.items():
+        pts = [r for r in records if r.get("type") == "epoch" and r["stage"] == stage]
+        if pts:
+            xs = list(range(x + 1, x + len(pts) + 1))
+            ax.plot(xs, [r["test_acc"] for r in pts], "o-", ms=3, color=color, label=stage)
+            x += len(pts)
+    if dense_acc is not None:
+        ax.axhline(dense_acc, color="k", lw=0.7, ls="--", label=f"dense {dense_acc:.2f}%")
+    ax.set(xlabel="epoch (all stages)", ylabel="test accuracy (%)", title="Accuracy over the run")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def stack_trace(rows: list[dict], meta: dict) -> dict:
+    """Turn per-record trace rows into the tensors saved in ``regularization.pt``."""
+    return {
+        **meta,
+        "iteration": torch.tensor([r["iteration"] for r in rows], dtype=torch.int64),
+        "lambda_selected": torch.tensor([r["lambda_selected"] for r in rows], dtype=torch.float64),
+        "lambda_kept": torch.tensor([r["lambda_kept"] for r in rows], dtype=torch.float64),
+        "scores": torch.stack([r["scores"] for r in rows]) if rows else torch.zeros(0, 0),
+    }
