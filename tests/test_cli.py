@@ -1,0 +1,118 @@
+import json
+
+import pytest
+import torch
+
+import greg_fast as gf
+from greg_fast.cli import main
+
+TINY = ["--model", "resnet20", "--data", "digits", "--granularity", "filter", "--ratio", "0.5",
+        "--pretrain-epochs", "1", "--lr-pretrain", "0.05", "--batch-size", "128", "--lr-reg", "0.01",
+        "--delta", "0.25", "--interval", "2", "--stabilize", "3", "--pick-delta", "0.1", "--pick-ceiling", "0.2",
+        "--finetune-epochs", "1", "--lr-ft", "0:0.01", "--quiet"]
+
+
+def run(tmp_path, method, *extra):
+    out = tmp_path / method
+    assert main(["prune", "--method", method, *TINY, "--out", str(out), *extra]) == 0
+    return out, json.loads((out / "summary.json").read_text())
+
+
+@pytest.mark.parametrize("method", ["greg1", "greg2", "l1"])
+def test_prune_end_to_end_on_digits(tmp_path, method, capsys):
+    out, s = run(tmp_path, method)
+    for f in ("metrics.jsonl", "summary.json", "model.pt", "checkpoint.pt", "accuracy.png", "regularization.pt"):
+        assert (out / f).is_file(), f
+    if method != "l1":
+        assert (out / "lambda_schedule.png").is_file() and (out / "score_distribution.png").is_file()
+        assert s["regularization_iterations"] > 0
+    else:
+        assert s["regularization_iterations"] == 0
+    assert s["pruned"]["params"] < s["dense"]["params"] and s["pruned"]["flops"] < s["dense"]["flops"]
+    assert 0 <= s["pruned"]["test_acc"] <= 100 and s["layers_pruned"] == 9
+    assert set(s["wall_time_s"]) >= {"pretrain", "regularize", "finetune", "total"}
+    stages = [json.loads(line)["stage"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert stages[0] == "pretrain" and stages[-1] == "finetune"
+    saved = torch.load(out / "model.pt", weights_only=True)
+    model = gf.models.create(saved["model"], saved["num_classes"], in_channels=saved["in_channels"])
+    model.load_state_dict(saved["state_dict"])
+    for name, kept in saved["masks"].items():  # the saved model is the pruned one
+        w = model.get_submodule(name).weight
+        assert w[~kept].abs().sum() == 0 and int((~kept).sum()) == gf.n_prune_for(0.5, len(kept))
+    assert "test accuracy (%)" in capsys.readouterr().out
+    trace = torch.load(out / "regularization.pt", weights_only=True)
+    if method != "l1":
+        assert trace["lambda_selected"].shape[1] == 9 and trace["scores"].shape[0] == len(trace["iteration"])
+
+
+def test_resume_continues_an_interrupted_run_to_the_same_result(tmp_path, monkeypatch):
+    out, reference = run(tmp_path, "greg1")
+    # interrupt a second run after its first fine-tune checkpoint: crash inside the next save
+    import greg_fast.job as job
+    calls = {"n": 0}
+    original = job._save_atomic
+
+    def crash_late(obj, path):
+        original(obj, path)
+        if obj["state"]["stage"] == "finetune":
+            calls["n"] += 1
+            raise KeyboardInterrupt
+    monkeypatch.setattr(job, "_save_atomic", crash_late)
+    other = tmp_path / "other"
+    with pytest.raises(KeyboardInterrupt):
+        main(["prune", "--method", "greg1", *TINY, "--out", str(other)])
+    monkeypatch.setattr(job, "_save_atomic", original)
+    assert main(["prune", "--method", "greg1", *TINY, "--out", str(other), "--resume", str(other)]) == 0
+    resumed = json.loads((other / "summary.json").read_text())
+    for key in ("dense", "pruned", "regularization_iterations"):
+        assert resumed[key] == reference[key]
+    a = torch.load(out / "model.pt", weights_only=True)["state_dict"]
+    b = torch.load(other / "model.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_cli_errors_are_clear(tmp_path, capsys):
+    out, _ = run(tmp_path, "l1")
+    assert main(["prune", "--method", "l1", *TINY, "--out", str(out)]) == 2
+    assert "pass --resume" in capsys.readouterr().err
+    args = ["prune", "--method", "l1", *TINY, "--out", str(out), "--resume", str(out)]
+    assert main([a if a != "0.25" else "0.5" for a in args]) == 2
+    assert "other settings: delta=0.25 (now 0.5)" in capsys.readouterr().err
+    assert main(["prune", "--method", "greg1", *TINY, "--data", "cifar10", "--data-dir", str(tmp_path),
+                 "--out", str(tmp_path / "c")]) == 2
+    assert "cifar-10-batches-py" in capsys.readouterr().err
+    bad = torch.nn.Linear(2, 2).state_dict()
+    torch.save(bad, tmp_path / "bad.pt")
+    cmd = ["prune", "--method", "l1", *TINY, "--out", str(tmp_path / "d")]
+    cmd[cmd.index("--pretrain-epochs"):cmd.index("--pretrain-epochs") + 2] = ["--checkpoint", str(tmp_path / "bad.pt")]
+    assert main(cmd) == 2
+    assert "does not match model CifarResNet" in capsys.readouterr().err
+
+
+def test_checkpoint_starts_from_given_dense_weights(tmp_path):
+    out, first = run(tmp_path, "l1")
+    dense = gf.models.create("resnet20", in_channels=1)
+    torch.save(dense.state_dict(), tmp_path / "dense.pt")
+    cmd = ["prune", "--method", "l1", *TINY, "--out", str(tmp_path / "from_ckpt")]
+    i = cmd.index("--pretrain-epochs")
+    cmd[i:i + 2] = ["--checkpoint", str(tmp_path / "dense.pt")]
+    assert main(cmd) == 0
+    s = json.loads((tmp_path / "from_ckpt" / "summary.json").read_text())
+    assert s["wall_time_s"]["pretrain"] < first["wall_time_s"]["pretrain"] + 5
+    assert "pretrain" not in [json.loads(l)["stage"] for l in (tmp_path / "from_ckpt" / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_info_lists_versions_and_backends(capsys):
+    assert main(["info"]) == 0
+    text = capsys.readouterr().out
+    assert "torch" in text and "eager" in text and "available" in text
+
+
+def test_demo_keeps_its_promise(tmp_path, capsys):
+    """The README's main job: dense >= 95% on digits, GReg-1 at 0.5 within 2 points of it."""
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--quiet"]) == 0
+    s = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    assert s["dense"]["test_acc"] >= 95.0
+    assert s["pruned"]["test_acc"] >= s["dense"]["test_acc"] - 2.0
+    assert s["flops_reduction"] > 1.9 and s["method"] == "greg1" and s["ratio"] == 0.5
+    assert "FLOPs" in capsys.readouterr().out
