@@ -113,12 +113,36 @@ def run(args) -> dict:
         state.records.append(rec)
         return rec
 
+    def run_epochs(stage, opt, epochs, lr_of_epoch, after_step=None):
+        """Epochs ``state.epoch..epochs-1`` of a plain training stage, checkpointing after each."""
+        t0 = time.perf_counter()
+        with tqdm(total=epochs * steps_per_epoch, initial=state.epoch * steps_per_epoch, desc=stage,
+                  disable=quiet, dynamic_ncols=True) as bar:
+            for epoch in range(state.epoch, epochs):
+                lr = lr_of_epoch(epoch)
+                for g in opt.param_groups:
+                    g["lr"] = lr
+
+                def tick(loss, acc):
+                    if after_step is not None:
+                        after_step()
+                    bar.update()
+                    bar.set_postfix(loss=f"{loss:.3f}", acc=f"{100 * acc:.1f}", refresh=False)
+
+                m = train_epoch(model, data, opt, device, batch_size=args.batch_size,
+                                generator=epoch_generator(args.seed, stage, epoch), after_step=tick)
+                rec = log_epoch(stage, epoch, m, lr)
+                bar.set_postfix(loss=f"{m['train_loss']:.3f}", test_acc=f"{rec['test_acc']:.2f}")
+                state.epoch = epoch + 1
+                state.seconds[stage] = state.seconds.get(stage, 0) + time.perf_counter() - t0
+                t0 = time.perf_counter()
+                save(opt)
+
     example = (data.train[0][0].unsqueeze(0).to(device),)
     steps_per_epoch = n_batches(data.train, args.batch_size)
 
     # ---- pretrain (or load) ----
     if state.stage == "pretrain":
-        t0 = time.perf_counter()
         if args.checkpoint is not None:
             _load_dense(model, args.checkpoint, device)
             state.epoch = args.pretrain_epochs
@@ -126,25 +150,9 @@ def run(args) -> dict:
                               weight_decay=args.weight_decay, nesterov=True)
         if checkpoint is not None and checkpoint["optimizer"] is not None:
             opt.load_state_dict(checkpoint["optimizer"])
-        with tqdm(total=args.pretrain_epochs * steps_per_epoch, initial=state.epoch * steps_per_epoch,
-                  desc="pretrain", disable=quiet, dynamic_ncols=True) as bar:
-            for epoch in range(state.epoch, args.pretrain_epochs):
-                lr = args.lr_pretrain * 0.5 * (1 + math.cos(math.pi * epoch / args.pretrain_epochs))
-                for g in opt.param_groups:
-                    g["lr"] = lr
-
-                def tick(loss, acc):
-                    bar.update()
-                    bar.set_postfix(loss=f"{loss:.3f}", acc=f"{100 * acc:.1f}", refresh=False)
-
-                m = train_epoch(model, data, opt, device, batch_size=args.batch_size,
-                                generator=epoch_generator(args.seed, "pretrain", epoch), after_step=tick)
-                rec = log_epoch("pretrain", epoch, m, lr)
-                bar.set_postfix(loss=f"{m['train_loss']:.3f}", test_acc=f"{rec['test_acc']:.2f}")
-                state.epoch = epoch + 1
-                state.seconds["pretrain"] = state.seconds.get("pretrain", 0) + time.perf_counter() - t0
-                t0 = time.perf_counter()
-                save(opt)
+        run_epochs("pretrain", opt, args.pretrain_epochs,
+                   lambda e: args.lr_pretrain * 0.5 * (1 + math.cos(math.pi * e / args.pretrain_epochs)))
+        t0 = time.perf_counter()
         state.results["dense"] = evaluate(model, data, device)
         state.seconds["pretrain"] = state.seconds.get("pretrain", 0) + time.perf_counter() - t0
         state.stage, state.epoch = "regularize", 0
@@ -212,31 +220,14 @@ def run(args) -> dict:
     # ---- fine-tune with the removed groups held at zero ----
     masks = {k: v.to(device) for k, v in state.results["masks"].items()}
     if state.stage == "finetune":
-        t0 = time.perf_counter()
         opt = torch.optim.SGD(model.parameters(), lr=lr_ft[0][1], momentum=args.momentum,
                               weight_decay=args.weight_decay)
         if checkpoint is not None and checkpoint["optimizer"] is not None:
             opt.load_state_dict(checkpoint["optimizer"])
-        with tqdm(total=args.finetune_epochs * steps_per_epoch, initial=state.epoch * steps_per_epoch,
-                  desc="finetune", disable=quiet, dynamic_ncols=True) as bar:
-            for epoch in range(state.epoch, args.finetune_epochs):
-                lr = lr_at(lr_ft, epoch)
-                for g in opt.param_groups:
-                    g["lr"] = lr
-
-                def tick(loss, acc):
-                    apply_masks(model, masks, the_plan)
-                    bar.update()
-                    bar.set_postfix(loss=f"{loss:.3f}", acc=f"{100 * acc:.1f}", refresh=False)
-
-                m = train_epoch(model, data, opt, device, batch_size=args.batch_size,
-                                generator=epoch_generator(args.seed, "finetune", epoch), after_step=tick)
-                rec = log_epoch("finetune", epoch, m, lr)
-                bar.set_postfix(loss=f"{m['train_loss']:.3f}", test_acc=f"{rec['test_acc']:.2f}")
-                state.epoch = epoch + 1
-                state.seconds["finetune"] = state.seconds.get("finetune", 0) + time.perf_counter() - t0
-                t0 = time.perf_counter()
-                save(opt)
+        # the removed groups are held at zero after every step
+        run_epochs("finetune", opt, args.finetune_epochs, lambda e: lr_at(lr_ft, e),
+                   after_step=lambda: apply_masks(model, masks, the_plan))
+        t0 = time.perf_counter()
         state.results["final"] = evaluate(model, data, device)
         state.seconds["finetune"] = state.seconds.get("finetune", 0) + time.perf_counter() - t0
         state.stage = "finished"
