@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from . import __version__, data, models
-from .dispatch import backends
+from .dispatch import ENV_VAR, auto_choice, backends
 from .engine import METHODS
 from .plan import GRANULARITIES
 
@@ -87,7 +87,7 @@ def info() -> None:
     else:
         device = torch.device("cpu")
         print(f"device    cpu ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)")
-    print("backends  (auto picks the first available)")
+    print(f"backends  (auto on {device.type}: {auto_choice(device)}; {ENV_VAR} forces one)")
     for name, status in backends(device).items():
         print(f"  {name:<8}{status}")
 

@@ -35,18 +35,66 @@ def group_scores(layer: LayerPlan) -> torch.Tensor:
     return w.abs().sum(dim=(0, 2), dtype=torch.float32) / (layer.view[0] * layer.view[2])
 
 
-def add_penalty(layers: Sequence[LayerPlan], kept: Sequence[torch.Tensor],
-                lam_kept: torch.Tensor, lam_selected: torch.Tensor) -> None:
-    """``grad += λ_g * w`` with λ_g = ``lam_kept[i]`` on kept groups, ``lam_selected[i]`` on the rest.
+def scores(layers: Sequence[LayerPlan]) -> list[torch.Tensor]:
+    return [group_scores(layer) for layer in layers]
 
-    ``kept[i]`` is layer i's bool mask ``[n_groups]``; the λ vectors are ``[n_layers]``.
+
+def _group_lambda(kept: torch.Tensor, lam_kept: torch.Tensor, lam_selected: torch.Tensor) -> torch.Tensor:
+    return torch.where(kept, lam_kept, lam_selected)
+
+
+@torch.no_grad()
+def penalty(layers: Sequence[LayerPlan], kept: Sequence[torch.Tensor], lam_kept: torch.Tensor,
+            lam_selected: torch.Tensor, *, want_scores: bool, mask: bool) -> list[torch.Tensor] | None:
+    """The regularization step on gradients, layer by layer.
+
+    ``kept[i]``: layer i's bool mask ``[n_groups]``; ``lam_kept`` / ``lam_selected``: fp32 ``[n_layers]``.
+    Without ``mask``: ``grad += λ_g * w`` with λ_g = ``lam_kept[i]`` on kept groups and
+    ``lam_selected[i]`` on the others. With ``mask`` (after pruning): zero the removed groups'
+    weights and gradients. ``want_scores``: also return every layer's group scores (of the
+    weights as they were read).
     """
+    out = scores(layers) if want_scores else None
     for i, layer in enumerate(layers):
-        w = layer.weight
-        if w.grad is None:
+        w, g = layer.weight, layer.weight.grad
+        if mask:
+            removed = ~expand_groups(layer, kept[i])
+            w.masked_fill_(removed, 0)
+            if g is not None:
+                g.masked_fill_(removed, 0)
+        elif g is not None:
+            g.addcmul_(w, expand_groups(layer, _group_lambda(kept[i], lam_kept[i], lam_selected[i])))
+    return out
+
+
+@torch.no_grad()
+def fused_sgd(layers: Sequence[LayerPlan], kept: Sequence[torch.Tensor], lam_kept: torch.Tensor,
+              lam_selected: torch.Tensor, momentum_buffers: Sequence[torch.Tensor | None],
+              lr: Sequence[float], momentum: Sequence[float], weight_decay: Sequence[float], *,
+              want_scores: bool, mask: bool) -> list[torch.Tensor] | None:
+    """Penalty, weight decay, momentum and the SGD update (dampening 0, no nesterov), in the order
+    ``torch.optim.SGD`` applies them after :func:`penalty`; the gradient itself is not written.
+    With ``mask``, the removed groups' weights and momentum are zeroed instead of updated."""
+    out = scores(layers) if want_scores else None
+    for i, layer in enumerate(layers):
+        w, g, buf = layer.weight, layer.weight.grad, momentum_buffers[i]
+        if g is None:
             continue
-        lam = torch.where(kept[i], lam_kept[i], lam_selected[i]).to(torch.float32)
-        w.grad.addcmul_(w.detach(), expand_groups(layer, lam))
+        keep = expand_groups(layer, kept[i])
+        d = g.addcmul(w, expand_groups(layer, _group_lambda(kept[i], lam_kept[i], lam_selected[i])))
+        if mask:
+            d.masked_fill_(~keep, 0)
+        if weight_decay[i] != 0:
+            d.add_(w, alpha=weight_decay[i])
+        if buf is not None:
+            buf.mul_(momentum[i]).add_(d)
+            d = buf
+        w.add_(d, alpha=-lr[i])
+        if mask:
+            w.masked_fill_(~keep, 0)
+            if buf is not None:
+                buf.masked_fill_(~keep, 0)
+    return out
 
 
 def masked_tensors(plan: Plan, layer: LayerPlan, kept: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:

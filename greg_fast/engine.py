@@ -45,7 +45,7 @@ class GrowingReg(torch.optim.Optimizer):
     def __init__(self, optimizer: torch.optim.Optimizer, plan: Plan, *, method: str = "greg1",
                  delta: float = 1e-4, interval: int = 10, ceiling: float = 1.0, stabilize: int = 10000,
                  pick_delta: float = 1e-5, pick_ceiling: float = 1e-2, recover: float = -1e-4,
-                 mag_ratio_limit: float = 1000.0, backend: str = "auto"):
+                 mag_ratio_limit: float = 1000.0, backend: str = "auto", fused: bool = False):
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         if not isinstance(interval, int) or interval < 1:
@@ -77,6 +77,10 @@ class GrowingReg(torch.optim.Optimizer):
                              "GrowingReg keeps its state on one device")
         self.device = devices.pop() if devices else torch.device("cpu")
         self.backend = dispatch.resolve(backend, self.device)
+        self.fused = fused
+        self._group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+        if fused:
+            self._check_fusable()
         self._structured = plan.layers[0].granularity != "weight" if plan.layers else True
 
         n, dev = len(self.layers), self.device
@@ -93,7 +97,7 @@ class GrowingReg(torch.optim.Optimizer):
         self._phase = "pick" if method == "greg2" else "grow"
         self._refresh_lambdas()
         if method != "greg2":
-            self._select(range(n), [self.backend.group_scores(l) for l in self.layers])
+            self._select(range(n), self.backend.scores(self.layers))
         if method == "l1" or n == 0:
             self._prune()
 
@@ -134,42 +138,66 @@ class GrowingReg(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self.apply_penalty()
-        self.optimizer.step()
+        if self.fused:
+            self._regularize(fused=True)
+            self._step_others()
+        else:
+            self.apply_penalty()
+            self.optimizer.step()
         self.iteration += 1
         if self._phase == "stabilize" and self.iteration >= self._stabilize_end:
             self._prune()
         return loss
 
     def apply_penalty(self) -> None:
-        """Update λ when due, then ``grad += λ_g * w`` (or, once pruned, zero removed groups' grads)."""
-        if self._phase == "done":
-            self._zero_removed(grads=True)
-            return
-        if self._phase in ("pick", "grow") and self.iteration % self.hyper["interval"] == 0:
-            self._update()
-        self.backend.add_penalty(self.layers, self._kept, self._lam_kept, self._lam_selected)
+        """Update λ when due, then ``grad += λ_g * w`` (once pruned: zero the removed groups'
+        weights and gradients instead)."""
+        self._regularize(fused=False)
 
-    def _update(self) -> None:
-        """One λ update: vectorized over layers, one host sync (whether every layer finished)."""
-        h = self.hyper
-        scores = [self.backend.group_scores(l) for l in self.layers]
-        self._scores = scores
-        active = ~self._finished
+    def _regularize(self, fused: bool) -> None:
+        """One pass over the regularized weights, penalty (and with ``fused`` the SGD update), with
+        the λ update split around it: the λ of this step does not depend on this step's scores
+        (increments come first, the pick happens while λ is uniform), so one pass serves both."""
+        done = self._phase == "done"
+        update = self._phase in ("pick", "grow") and self.iteration % self.hyper["interval"] == 0
+        pick_now = self._advance_counts() if update else False
+        args = (self.layers, self._kept, self._lam_kept32, self._lam_selected32)
+        if fused:
+            groups = [self._group_of[id(l.weight)] for l in self.layers]
+            buffers = [self._momentum_buffer(l.weight, g) for l, g in zip(self.layers, groups)]
+            scores = self.backend.fused_sgd(*args, buffers, [g["lr"] for g in groups],
+                                            [g["momentum"] for g in groups], [g["weight_decay"] for g in groups],
+                                            want_scores=update, mask=done)
+        else:
+            scores = self.backend.penalty(*args, want_scores=update, mask=done)
+        if done:
+            self._zero_removed(grads=True)
+        if update:
+            self._decide(scores, pick_now)
+
+    def _advance_counts(self) -> bool:
+        """The score-independent half of a λ update; True when GReg-2 picks at this update."""
         self._n_updates += 1
+        pick_now = False
         if not self._picked:
             self._n_pick += 1
-            if _reached(self._n_pick * h["pick_delta"], h["pick_ceiling"]):
-                self._picked = True
-                self._phase = "grow"
-                self._select(range(len(self.layers)), scores)  # on the current weights
+            if _reached(self._n_pick * self.hyper["pick_delta"], self.hyper["pick_ceiling"]):
+                self._picked, self._phase, pick_now = True, "grow", True
         else:
-            self._n_grow += active
+            self._n_grow += ~self._finished
         self._refresh_lambdas()
+        return pick_now
+
+    def _decide(self, scores: list[torch.Tensor], pick_now: bool) -> None:
+        """The score-dependent half: picks, magnitude ratios, finishing; one host sync."""
+        h = self.hyper
+        self._scores = scores
+        if pick_now:
+            self._select(range(len(self.layers)), scores)  # on the current weights
         if not self._picked:
             return
-        lam_max = torch.maximum(self._lam_selected, self._lam_kept)
-        over_ceiling = lam_max > h["ceiling"]
+        active = ~self._finished
+        over_ceiling = torch.maximum(self._lam_selected, self._lam_kept) > h["ceiling"]
         if self._structured:
             ratio = torch.stack([_magnitude_ratio(s, k) for s, k in zip(scores, self._kept)])
             smoothed = torch.where(self._hist.isnan(), ratio, _SMOOTHING * self._hist + (1 - _SMOOTHING) * ratio)
@@ -194,6 +222,11 @@ class GrowingReg(torch.optim.Optimizer):
                                          torch.full_like(self._lam_selected, pick))
         else:
             self._lam_kept = torch.zeros_like(self._lam_selected)
+        # the kernels take fp32 λ; after pruning there is no penalty
+        done = self._phase == "done"
+        self._lam_selected32 = torch.zeros_like(self._lam_selected, dtype=torch.float32) if done else \
+            self._lam_selected.float()
+        self._lam_kept32 = torch.zeros_like(self._lam_kept, dtype=torch.float32) if done else self._lam_kept.float()
 
     def _select(self, indices, scores) -> None:
         """Each layer drops its ``n_prune`` lowest-score groups (ties: lowest index first)."""
@@ -205,6 +238,7 @@ class GrowingReg(torch.optim.Optimizer):
 
     def _prune(self) -> None:
         self._phase = "done"
+        self._refresh_lambdas()
         self._zero_removed(grads=False)
 
     @torch.no_grad()
@@ -243,8 +277,9 @@ class GrowingReg(torch.optim.Optimizer):
 
     def scores(self) -> dict[str, torch.Tensor]:
         """Per-group scores (mean |w|) computed at the latest λ update (now, if none yet)."""
-        return {l.name: (s if s is not None else self.backend.group_scores(l))
-                for l, s in zip(self.layers, self._scores)}
+        if any(s is None for s in self._scores):
+            self._scores = self.backend.scores(self.layers)
+        return dict(zip((l.name for l in self.layers), self._scores))
 
     def magnitude_ratios(self) -> dict[str, float]:
         """Smoothed magnitude ratio (mean kept score / mean removed score) per layer, NaN before any."""
@@ -296,6 +331,37 @@ class GrowingReg(torch.optim.Optimizer):
         self._kept = kept
         self._scores = [s.to(dev) if s is not None else None for s in g["scores"]]
         self._refresh_lambdas()
+
+    def _check_fusable(self) -> None:
+        if type(self.optimizer) is not torch.optim.SGD:
+            raise ValueError(f"fused=True needs a torch.optim.SGD inner optimizer, got {type(self.optimizer).__name__}")
+        for layer in self.layers:
+            g = self._group_of[id(layer.weight)]
+            bad = [k for k, ok in (("dampening", g["dampening"] == 0), ("nesterov", not g["nesterov"]),
+                                   ("maximize", not g["maximize"])) if not ok]
+            if bad:
+                raise ValueError(f"fused=True supports SGD without {', '.join(bad)} "
+                                 f"(the param group of {layer.name!r} sets them)")
+
+    def _momentum_buffer(self, weight: torch.Tensor, group: dict) -> torch.Tensor | None:
+        """SGD's own buffer (a zero start equals SGD's copy-on-first-step: 0 * m + d = d)."""
+        if group["momentum"] == 0:
+            return None
+        state = self.optimizer.state[weight]
+        if state.get("momentum_buffer") is None:
+            state["momentum_buffer"] = torch.zeros_like(weight, memory_format=torch.preserve_format)
+        return state["momentum_buffer"]
+
+    def _step_others(self) -> None:
+        """The inner SGD steps every parameter but the fused weights (SGD skips a None grad)."""
+        grads = [(l.weight, l.weight.grad) for l in self.layers]
+        for w, _ in grads:
+            w.grad = None
+        try:
+            self.optimizer.step()
+        finally:
+            for w, g in grads:
+                w.grad = g
 
     def _check_optimizer(self) -> None:
         held = {id(p) for group in self.optimizer.param_groups for p in group["params"]}

@@ -1,0 +1,60 @@
+"""The C++ backend (csrc/greg_fast.cpp): one call for all layers of CPU tensors, OpenMP over
+(layer, block of groups), fp32 accumulation for fp32 / bf16 / fp16 weights."""
+from __future__ import annotations
+
+import torch
+
+from . import eager, native
+
+name = "cpp"
+try:
+    from . import _C  # noqa: F401  (registers torch.ops.greg_fast.*)
+    _IMPORT_ERROR = None
+except ImportError as err:  # a missing build must never break `import greg_fast`
+    _IMPORT_ERROR = str(err)
+
+
+def unavailable(device: torch.device) -> str | None:
+    if _IMPORT_ERROR is not None:
+        return ("the C++ extension is not built (reinstall with `pip install --no-build-isolation -e .`): "
+                + _IMPORT_ERROR)
+    if device.type != "cpu":
+        return f"it runs on CPU tensors only, the weights are on {device}"
+    return None
+
+
+def scores(layers) -> list[torch.Tensor]:
+    layers = list(layers)
+    contiguous = all(l.weight.is_contiguous() for l in layers)
+    if not layers or not contiguous:
+        return eager.scores(layers)
+    out = native.score_buffer(layers, True, "cpu")
+    torch.ops.greg_fast.scores_([l.weight.detach() for l in layers], native.flat_views(layers), out)
+    return native.split_scores(out, layers)
+
+
+def _penalty(layers, kept, lam_kept, lam_selected, *, want_scores, mask):
+    out = native.score_buffer(layers, want_scores, "cpu")
+    torch.ops.greg_fast.penalty_([l.weight.detach() for l in layers], [l.weight.grad for l in layers], kept,
+                                 lam_kept, lam_selected, native.flat_views(layers), mask, out)
+    return native.split_scores(out, layers) if want_scores else None
+
+
+def _fused_sgd(layers, kept, lam_kept, lam_selected, buffers, lr, momentum, weight_decay, *, want_scores, mask):
+    out = native.score_buffer(layers, want_scores, "cpu")
+    empty = torch.empty(0)
+    torch.ops.greg_fast.fused_sgd_([l.weight.detach() for l in layers], [l.weight.grad for l in layers],
+                                   [b if b is not None else empty for b in buffers], kept, lam_kept,
+                                   lam_selected, list(map(float, lr)), list(map(float, momentum)),
+                                   list(map(float, weight_decay)), native.flat_views(layers), mask, out)
+    return native.split_scores(out, layers) if want_scores else None
+
+
+def penalty(layers, kept, lam_kept, lam_selected, *, want_scores, mask):
+    return native.run(_penalty, eager.penalty, layers, kept, lam_kept, lam_selected,
+                      want_scores=want_scores, mask=mask)
+
+
+def fused_sgd(layers, kept, lam_kept, lam_selected, buffers, lr, momentum, weight_decay, *, want_scores, mask):
+    return native.run(_fused_sgd, eager.fused_sgd, layers, kept, lam_kept, lam_selected, buffers, lr, momentum,
+                      weight_decay, want_scores=want_scores, mask=mask)

@@ -1,0 +1,98 @@
+"""The whole regularization step of a model in one Triton launch.
+
+Every layer's weight is viewed as [A, G, B] (groups on the middle axis). The launch walks a work
+list of (layer, first group, first row of A); each program owns a [BLOCK_G, BLOCK_B] tile of groups
+x inner elements and loops over B (and over A_STEP rows of A). Per element it reads w and grad
+and writes grad (MODE_PENALTY: grad += λ_g w), or reads w, grad and the momentum buffer and
+writes w and the buffer (MODE_SGD: d = grad + λ_g w + wd w; m = μ m + d; w -= lr m), all in fp32.
+Scores (sum |w| per group) leave the same pass through one atomic add per group and program.
+Traffic: penalty 3 passes (r w, r g, w g), fused SGD 5 (r w, r g, r m, w m, w w), plus the
+mask-only writes; tables and λ are O(layers).
+"""
+import triton
+import triton.language as tl
+
+MODE_SCORES, MODE_PENALTY, MODE_SGD = 0, 1, 2
+
+
+@triton.jit
+def _greg_step_kernel(
+    scores_ptr,                      # fp32 [sum G], zeroed: per-group sum |w| (atomics)
+    w_table, g_table, m_table,       # int64 [L]: addresses of weights, grads, momentum buffers
+    kept_table,                      # int64 [L]: addresses of bool masks [G]
+    dims_ptr,                        # int64 [L, 3]: A, G, B
+    score_off_ptr,                   # int64 [L]: offset of the layer's groups in scores
+    lam_kept_ptr, lam_sel_ptr,       # fp32 [L]
+    hyper_ptr,                       # fp32 [L, 3]: lr, momentum, weight decay (MODE_SGD)
+    work_ptr,                        # int64 [programs, 3]: layer, g0, a0
+    ELEM: tl.constexpr, MODE: tl.constexpr, MASK: tl.constexpr, SCORES: tl.constexpr,
+    HAS_MOMENTUM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_B: tl.constexpr, A_STEP: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    layer = tl.load(work_ptr + pid * 3)
+    g0 = tl.load(work_ptr + pid * 3 + 1)
+    a0 = tl.load(work_ptr + pid * 3 + 2)
+    A = tl.load(dims_ptr + layer * 3)
+    G = tl.load(dims_ptr + layer * 3 + 1)
+    B = tl.load(dims_ptr + layer * 3 + 2)
+    w_ptr = tl.load(w_table + layer).to(tl.pointer_type(ELEM))
+
+    offs_g = g0 + tl.arange(0, BLOCK_G).to(tl.int64)
+    g_in = offs_g < G
+    if MODE != 0:
+        g_ptr = tl.load(g_table + layer).to(tl.pointer_type(ELEM))
+        kept_ptr = tl.load(kept_table + layer).to(tl.pointer_type(tl.int8))
+        kept = tl.load(kept_ptr + offs_g, mask=g_in, other=1) != 0
+        lam = tl.where(kept, tl.load(lam_kept_ptr + layer), tl.load(lam_sel_ptr + layer))
+        if MODE == 2:
+            lr = tl.load(hyper_ptr + layer * 3)
+            mu = tl.load(hyper_ptr + layer * 3 + 1)
+            wd = tl.load(hyper_ptr + layer * 3 + 2)
+            if HAS_MOMENTUM:
+                m_ptr = tl.load(m_table + layer).to(tl.pointer_type(ELEM))
+    acc = tl.zeros([BLOCK_G], dtype=tl.float32)
+    a_end = tl.minimum(a0 + A_STEP, A)
+    for a in range(a0, a_end):
+        row = (a * G + offs_g) * B
+        for b0 in range(0, B, BLOCK_B):
+            offs_b = b0 + tl.arange(0, BLOCK_B).to(tl.int64)
+            inside = g_in[:, None] & (offs_b < B)[None, :]
+            idx = row[:, None] + offs_b[None, :]
+            w = tl.load(w_ptr + idx, mask=inside, other=0.0).to(tl.float32)
+            if SCORES:
+                acc += tl.sum(tl.abs(w), axis=1)
+            if MODE == 1:
+                g = tl.load(g_ptr + idx, mask=inside, other=0.0).to(tl.float32)
+                g = g + w * lam[:, None]
+                if MASK:
+                    g = tl.where(kept[:, None], g, 0.0)
+                    tl.store(w_ptr + idx, tl.zeros_like(w).to(ELEM), mask=inside & ~kept[:, None])
+                tl.store(g_ptr + idx, g.to(ELEM), mask=inside)
+            elif MODE == 2:
+                g = tl.load(g_ptr + idx, mask=inside, other=0.0).to(tl.float32)
+                d = g + w * lam[:, None]
+                d = d + w * wd
+                if HAS_MOMENTUM:
+                    m = tl.load(m_ptr + idx, mask=inside, other=0.0).to(tl.float32)
+                    m = (m * mu + d).to(ELEM).to(tl.float32)
+                    if MASK:
+                        m = tl.where(kept[:, None], m, 0.0)
+                    tl.store(m_ptr + idx, m.to(ELEM), mask=inside)
+                    d = m
+                w = w - lr * d
+                if MASK:
+                    w = tl.where(kept[:, None], w, 0.0)
+                tl.store(w_ptr + idx, w.to(ELEM), mask=inside)
+    if SCORES:
+        off = tl.load(score_off_ptr + layer)
+        tl.atomic_add(scores_ptr + off + offs_g, acc, mask=g_in)
+
+
+def launch(scores, w_table, g_table, m_table, kept_table, dims, score_off, lam_kept, lam_sel, hyper, work, *,
+           elem, mode, mask, want_scores, has_momentum, block_g, block_b, a_step, num_warps=4):
+    """One launch over the whole work list (``work``: int64 [programs, 3])."""
+    grid = (work.shape[0],)
+    _greg_step_kernel[grid](scores, w_table, g_table, m_table, kept_table, dims, score_off, lam_kept, lam_sel,
+                            hyper, work, ELEM=elem, MODE=mode, MASK=mask, SCORES=want_scores,
+                            HAS_MOMENTUM=has_momentum, BLOCK_G=block_g, BLOCK_B=block_b, A_STEP=a_step,
+                            num_warps=num_warps)
