@@ -73,21 +73,21 @@ def _check_dense_source(args, parser) -> None:
 
 
 def info() -> None:
-    print(f"greg_fast {__version__}")
-    print(f"python    {platform.python_version()} ({sys.executable})")
-    print(f"torch     {torch.__version__}")
+    print(f"greg_fast   {__version__}")
+    print(f"python      {platform.python_version()} ({sys.executable})")
+    print(f"torch       {torch.__version__}")
     for mod in ("torchvision", "triton"):
         try:
-            print(f"{mod:<10}{__import__(mod).__version__}")
+            print(f"{mod:<12}{__import__(mod).__version__}")
         except ImportError:
-            print(f"{mod:<10}not installed")
+            print(f"{mod:<12}not installed")
     if torch.cuda.is_available():
         device = torch.device("cuda")
-        print(f"device    cuda: {torch.cuda.get_device_name()}")
+        print(f"device      cuda: {torch.cuda.get_device_name()}")
     else:
         device = torch.device("cpu")
-        print(f"device    cpu ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)")
-    print(f"backends  (auto on {device.type}: {auto_choice(device)}; {ENV_VAR} forces one)")
+        print(f"device      cpu ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)")
+    print(f"backends    (auto on {device.type}: {auto_choice(device)}; {ENV_VAR} forces one)")
     for name, status in backends(device).items():
         print(f"  {name:<8}{status}")
 

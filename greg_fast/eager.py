@@ -49,21 +49,20 @@ def penalty(layers: Sequence[LayerPlan], kept: Sequence[torch.Tensor], lam_kept:
     """The regularization step on gradients, layer by layer.
 
     ``kept[i]``: layer i's bool mask ``[n_groups]``; ``lam_kept`` / ``lam_selected``: fp32 ``[n_layers]``.
-    Without ``mask``: ``grad += λ_g * w`` with λ_g = ``lam_kept[i]`` on kept groups and
-    ``lam_selected[i]`` on the others. With ``mask`` (after pruning): zero the removed groups'
-    weights and gradients. ``want_scores``: also return every layer's group scores (of the
-    weights as they were read).
+    ``grad += λ_g * w`` with λ_g = ``lam_kept[i]`` on kept groups and ``lam_selected[i]`` on the
+    others; with ``mask`` (after pruning) the removed groups' weights and gradients are then
+    zeroed. ``want_scores``: also return every layer's group scores (of the weights as read).
     """
     out = scores(layers) if want_scores else None
     for i, layer in enumerate(layers):
         w, g = layer.weight, layer.weight.grad
+        if g is not None:
+            g.addcmul_(w, expand_groups(layer, _group_lambda(kept[i], lam_kept[i], lam_selected[i])))
         if mask:
             removed = ~expand_groups(layer, kept[i])
             w.masked_fill_(removed, 0)
             if g is not None:
                 g.masked_fill_(removed, 0)
-        elif g is not None:
-            g.addcmul_(w, expand_groups(layer, _group_lambda(kept[i], lam_kept[i], lam_selected[i])))
     return out
 
 

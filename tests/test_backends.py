@@ -1,0 +1,209 @@
+"""Every compiled backend against the eager reference: kernel calls on random shapes, and whole
+GrowingReg runs through grow, pick, stabilize and the masked phase."""
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+
+import greg_fast as gf
+from greg_fast import cpp, dispatch, eager, triton_backend
+from greg_fast.plan import LayerPlan, _group_view
+
+from conftest import SmallNet, make_batches, train_steps
+
+CUDA = torch.cuda.is_available()
+DEVICE = {"cpp": torch.device("cpu"), "triton": torch.device("cuda" if CUDA else "cpu")}
+BACKENDS = [name for name, mod in (("cpp", cpp), ("triton", triton_backend))
+            if mod.unavailable(DEVICE[name]) is None]
+TOL = {torch.float32: dict(rtol=1e-6, atol=1e-6), torch.bfloat16: dict(rtol=1.6e-2, atol=1e-2),
+       torch.float16: dict(rtol=1e-3, atol=1e-3)}
+
+
+def test_the_compiled_backends_are_here():
+    """CI builds the extension and has triton: a silent skip of every comparison is a failure."""
+    assert "cpp" in BACKENDS and "triton" in BACKENDS
+
+
+def fake_layer(shape, granularity, dtype, device, spatial=1):
+    """A LayerPlan over a fresh random weight of ``shape`` (conv if 4-d, linear if 2-d)."""
+    module = nn.Conv2d(shape[1], shape[0], shape[2]) if len(shape) == 4 else nn.Linear(shape[1], shape[0])
+    module = module.to(device=device, dtype=dtype)
+    with torch.no_grad():
+        module.weight.copy_(torch.randn(shape))
+    module.weight.grad = torch.randn(shape, device=device, dtype=dtype)
+    view = _group_view(module, granularity, spatial)
+    return LayerPlan(name=f"l{shape}", module=module, granularity=granularity, n_groups=view[1],
+                     n_prune=view[1] // 2, ratio=0.5, view=view)
+
+
+SHAPES = {  # (shape, spatial): primes, one-group layers, conv and linear, flatten-before-linear
+    "filter": [((7, 3, 3, 3), 1), ((1, 5, 3, 3), 1), ((13, 11), 1), ((64, 32, 1, 1), 1), ((3, 300), 1)],
+    "channel": [((7, 3, 3, 3), 1), ((5, 1, 3, 3), 1), ((13, 11), 1), ((6, 20), 4), ((17, 23, 5, 5), 1)],
+    "weight": [((7, 3, 3, 3), 1), ((1, 1), 1), ((13, 11), 1), ((5, 4097), 1)],
+}
+
+
+def clone_layers(layers):
+    out = []
+    for l in layers:
+        m = nn.Module()
+        m.weight = nn.Parameter(l.weight.detach().clone())
+        m.weight.grad = l.weight.grad.clone()
+        out.append(LayerPlan(l.name, m, l.granularity, l.n_groups, l.n_prune, l.ratio, l.view))
+    return out
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("granularity", gf.GRANULARITIES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("op", ["penalty", "penalty_masked", "sgd", "sgd_masked", "sgd_plain"])
+def test_kernel_matches_eager_on_random_shapes(backend, granularity, dtype, op):
+    device = DEVICE[backend]
+    layers = [fake_layer(s, granularity, dtype, device, sp) for s, sp in SHAPES[granularity]]
+    kept = [torch.rand(l.n_groups, device=device) < 0.6 for l in layers]
+    lam_kept = torch.rand(len(layers), device=device) * 0.1 - 0.05
+    lam_sel = torch.rand(len(layers), device=device)
+    ref = clone_layers(layers)
+    mask = op.endswith("masked")
+    module = {"cpp": cpp, "triton": triton_backend}[backend]
+    if op.startswith("penalty"):
+        got = module.penalty(layers, kept, lam_kept, lam_sel, want_scores=not mask, mask=mask)
+        want = eager.penalty(ref, kept, lam_kept, lam_sel, want_scores=not mask, mask=mask)
+    else:
+        bufs = [None if op == "sgd_plain" else torch.randn_like(l.weight) for l in layers]
+        ref_bufs = [None if b is None else b.clone() for b in bufs]
+        hyper = ([0.1] * len(layers), [0.0 if op == "sgd_plain" else 0.9] * len(layers), [1e-3] * len(layers))
+        got = module.fused_sgd(layers, kept, lam_kept, lam_sel, bufs, *hyper, want_scores=not mask, mask=mask)
+        want = eager.fused_sgd(ref, kept, lam_kept, lam_sel, ref_bufs, *hyper, want_scores=not mask, mask=mask)
+        for b, rb in zip(bufs, ref_bufs):
+            if b is not None:
+                torch.testing.assert_close(b, rb, **TOL[dtype])
+    for l, r in zip(layers, ref):
+        torch.testing.assert_close(l.weight.detach(), r.weight.detach(), **TOL[dtype])
+        torch.testing.assert_close(l.weight.grad, r.weight.grad, **TOL[dtype])
+    if mask:
+        assert got is None and want is None
+    else:
+        for g, w in zip(got, want):  # scores accumulate in fp32 whatever the weights' dtype
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_scores_match_eager(backend):
+    layers = [fake_layer(s, g, torch.float32, DEVICE[backend], sp) for g in SHAPES for s, sp in SHAPES[g][:2]]
+    module = {"cpp": cpp, "triton": triton_backend}[backend]
+    for layer in layers:  # one granularity per call, as in a plan
+        torch.testing.assert_close(module.scores([layer])[0], eager.scores([layer])[0], rtol=1e-5, atol=1e-7)
+
+
+SCHEDULE = dict(delta=0.2, interval=2, ceiling=0.5, stabilize=3, pick_delta=0.1, pick_ceiling=0.2,
+                recover=-0.02, mag_ratio_limit=1e9)
+
+
+def run(backend, granularity, method, fused, steps=16, dtype=torch.float32, device="cpu", ratio=0.5):
+    torch.manual_seed(0)
+    net = SmallNet().to(device=device, dtype=dtype)
+    plan = gf.plan(net, ratio, granularity=granularity, example_inputs=torch.zeros(1, 3, 6, 6, device=device,
+                                                                                    dtype=dtype))
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
+    greg = gf.GrowingReg(opt, plan, method=method, backend=backend, fused=fused, **SCHEDULE)
+    phases = []
+    batches = [(x.to(device, dtype), y.to(device)) for x, y in make_batches()]
+    for i in range(steps):
+        phases.append(greg.phase)
+        train_steps(net, greg, batches, 1, start=i)
+    return net, greg, phases
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("granularity", gf.GRANULARITIES)
+@pytest.mark.parametrize("method", ["greg1", "greg2"])
+@pytest.mark.parametrize("fused", [False, True])
+def test_growing_reg_runs_match_eager_through_every_phase(backend, granularity, method, fused):
+    ref_net, ref, phases = run("eager", granularity, method, False)
+    assert {"grow", "stabilize", "done"} <= set(phases) and (method == "greg1" or "pick" in phases)
+    net, greg, got_phases = run(backend, granularity, method, fused, device=DEVICE[backend])
+    assert got_phases == phases and greg.backend.name == backend
+    for a, b in zip(ref_net.parameters(), net.parameters()):
+        torch.testing.assert_close(b.detach().cpu(), a.detach(), rtol=1e-5, atol=1e-6)
+    for name, kept in ref.masks().items():
+        assert torch.equal(greg.masks()[name].cpu(), kept)
+    for name, s in ref.scores().items():
+        torch.testing.assert_close(greg.scores()[name].cpu(), s, rtol=1e-5, atol=1e-7)
+
+
+def test_fused_sgd_matches_penalty_then_torch_sgd_in_eager():
+    ref_net, _, _ = run("eager", "filter", "greg1", False)
+    net, _, _ = run("eager", "filter", "greg1", True)
+    for a, b in zip(ref_net.parameters(), net.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_plan_and_bf16_runs(backend):
+    net, greg, _ = run(backend, "filter", "greg1", False, steps=3, ratio=0.0, device=DEVICE[backend])
+    assert greg.layers == [] and greg.done
+    ref_net, _, _ = run("eager", "filter", "greg1", False, dtype=torch.bfloat16)
+    net, _, _ = run(backend, "filter", "greg1", True, dtype=torch.bfloat16, device=DEVICE[backend])
+    for a, b in zip(ref_net.parameters(), net.parameters()):
+        torch.testing.assert_close(b.detach().cpu(), a.detach(), rtol=0.05, atol=0.02)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_weights_fall_back_to_eager_for_those_layers(backend):
+    device = DEVICE[backend]
+    layers = [fake_layer((8, 6, 3, 3), "filter", torch.float32, device) for _ in range(3)]
+    w = layers[1].module.weight
+    w.data = w.data.to(memory_format=torch.channels_last)  # not contiguous in NCHW order
+    w.grad = w.grad.to(memory_format=torch.channels_last)
+    assert not w.is_contiguous()
+    kept = [torch.rand(8, device=device) < 0.5 for _ in layers]
+    lam = torch.rand(3, device=device), torch.rand(3, device=device)
+    ref = clone_layers(layers)
+    module = {"cpp": cpp, "triton": triton_backend}[backend]
+    got = module.penalty(layers, kept, *lam, want_scores=True, mask=False)
+    want = eager.penalty(ref, kept, *lam, want_scores=True, mask=False)
+    for l, r, g, s in zip(layers, ref, got, want):
+        torch.testing.assert_close(l.weight.grad, r.weight.grad)
+        torch.testing.assert_close(g, s)
+
+
+def test_auto_env_and_forced_backends(monkeypatch):
+    cpu = torch.device("cpu")
+    assert dispatch.resolve("auto", cpu).name == "cpp"  # built at set-up
+    monkeypatch.setenv(dispatch.ENV_VAR, "eager")
+    assert dispatch.resolve("auto", cpu).name == "eager"
+    assert dispatch.resolve("cpp", cpu).name == "cpp"  # explicit beats the environment
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    if not CUDA:
+        with pytest.raises(RuntimeError, match="backend 'triton' cannot run on cpu: it needs CUDA"):
+            dispatch.resolve("triton", cpu)
+    monkeypatch.setattr(cpp, "_IMPORT_ERROR", "no module named greg_fast._C")
+    with pytest.raises(RuntimeError, match="C\\+\\+ extension is not built"):
+        dispatch.resolve("cpp", cpu)
+    monkeypatch.delenv(dispatch.ENV_VAR)
+    assert dispatch.resolve("auto", cpu).name == "eager"  # a missing build falls back quietly
+
+
+def test_fused_needs_plain_sgd():
+    net = SmallNet()
+    plan = gf.plan(net, 0.5, example_inputs=torch.zeros(1, 3, 6, 6))
+    with pytest.raises(ValueError, match="needs a torch.optim.SGD"):
+        gf.GrowingReg(torch.optim.Adam(net.parameters()), plan, fused=True)
+    with pytest.raises(ValueError, match="without nesterov"):
+        gf.GrowingReg(torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, nesterov=True), plan, fused=True)
+
+
+def test_cpp_ops_pass_opcheck():
+    layer = fake_layer((7, 3, 3, 3), "filter", torch.float32, "cpu")
+    kept = torch.rand(7) < 0.5
+    lam = torch.rand(1), torch.rand(1)
+    w, g = layer.weight.detach(), layer.weight.grad
+    torch.library.opcheck(torch.ops.greg_fast.penalty_.default,
+                          ([w], [g], [kept], *lam, list(layer.view), False, torch.empty(7)))
+    torch.library.opcheck(torch.ops.greg_fast.scores_.default, ([w], list(layer.view), torch.empty(7)))
+    buf = torch.randn_like(w)
+    torch.library.opcheck(torch.ops.greg_fast.fused_sgd_.default,
+                          ([w], [g], [buf], [kept], *lam, [0.1], [0.9], [1e-4], list(layer.view), True,
+                           torch.empty(0)))
