@@ -102,11 +102,22 @@ def main(argv=None) -> int:
     demo.add_argument("--out", default="runs/demo")
     demo.add_argument("--quiet", action="store_true")
     sub.add_parser("info", help="versions, device and available backends")
+    b = sub.add_parser("bench", help="time one regularization step per provider on ResNet conv weights (CPU set)")
+    b.add_argument("--models", default="resnet56,resnet50,resnet152")
+    b.add_argument("--device", default="cpu")
+    b.add_argument("--out", default="bench/results", help="folder of the results JSON")
     args = parser.parse_args(argv)
 
     from .job import run  # heavy imports (matplotlib) only for jobs
     if args.command == "info":
         info()
+        return 0
+    if args.command == "bench":
+        from . import bench
+        device = torch.device(args.device)
+        records = bench.run_set(device, args.models.split(","), progress=lambda s: print("timing", s, file=sys.stderr))
+        print(bench.table(records))
+        print(f"wrote {bench.write_results(records, Path(args.out), device)}")
         return 0
     if args.command == "demo":
         Path(args.out, "checkpoint.pt").unlink(missing_ok=True)  # a demo always starts afresh

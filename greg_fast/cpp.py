@@ -35,7 +35,7 @@ def scores(layers) -> list[torch.Tensor]:
 
 def _penalty(layers, kept, lam_kept, lam_selected, *, want_scores, mask):
     out = native.score_buffer(layers, want_scores, "cpu")
-    torch.ops.greg_fast.penalty_([l.weight.detach() for l in layers], [l.weight.grad for l in layers], kept,
+    torch.ops.greg_fast.penalty_([l.weight for l in layers], [l.weight.grad for l in layers], kept,
                                  lam_kept, lam_selected, native.flat_views(layers), mask, out)
     return native.split_scores(out, layers) if want_scores else None
 
@@ -43,18 +43,29 @@ def _penalty(layers, kept, lam_kept, lam_selected, *, want_scores, mask):
 def _fused_sgd(layers, kept, lam_kept, lam_selected, buffers, lr, momentum, weight_decay, *, want_scores, mask):
     out = native.score_buffer(layers, want_scores, "cpu")
     empty = torch.empty(0)
-    torch.ops.greg_fast.fused_sgd_([l.weight.detach() for l in layers], [l.weight.grad for l in layers],
+    torch.ops.greg_fast.fused_sgd_([l.weight for l in layers], [l.weight.grad for l in layers],
                                    [b if b is not None else empty for b in buffers], kept, lam_kept,
                                    lam_selected, list(map(float, lr)), list(map(float, momentum)),
                                    list(map(float, weight_decay)), native.flat_views(layers), mask, out)
     return native.split_scores(out, layers) if want_scores else None
 
 
+# The op checks every tensor before writing any, so try all layers at once and sort out the ones
+# that need the eager path (non-contiguous, no gradient) only when it refuses.
 def penalty(layers, kept, lam_kept, lam_selected, *, want_scores, mask):
+    try:
+        return _penalty(layers, kept, lam_kept, lam_selected, want_scores=want_scores, mask=mask)
+    except (RuntimeError, TypeError):
+        pass
     return native.run(_penalty, eager.penalty, layers, kept, lam_kept, lam_selected,
                       want_scores=want_scores, mask=mask)
 
 
 def fused_sgd(layers, kept, lam_kept, lam_selected, buffers, lr, momentum, weight_decay, *, want_scores, mask):
+    try:
+        return _fused_sgd(layers, kept, lam_kept, lam_selected, buffers, lr, momentum, weight_decay,
+                          want_scores=want_scores, mask=mask)
+    except (RuntimeError, TypeError):
+        pass
     return native.run(_fused_sgd, eager.fused_sgd, layers, kept, lam_kept, lam_selected, buffers, lr, momentum,
                       weight_decay, want_scores=want_scores, mask=mask)

@@ -81,6 +81,9 @@ class GrowingReg(torch.optim.Optimizer):
         self._group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
         if fused:
             self._check_fusable()
+            fused_ids = {id(l.weight) for l in self.layers}
+            self._others = [p for g in optimizer.param_groups for p in g["params"] if id(p) not in fused_ids]
+            self._fused_groups = [self._group_of[id(l.weight)] for l in self.layers]
         self._structured = plan.layers[0].granularity != "weight" if plan.layers else True
 
         n, dev = len(self.layers), self.device
@@ -154,6 +157,7 @@ class GrowingReg(torch.optim.Optimizer):
         weights and gradients instead)."""
         self._regularize(fused=False)
 
+    @torch.no_grad()
     def _regularize(self, fused: bool) -> None:
         """One pass over the regularized weights, penalty (and with ``fused`` the SGD update), with
         the λ update split around it: the λ of this step does not depend on this step's scores
@@ -163,7 +167,7 @@ class GrowingReg(torch.optim.Optimizer):
         pick_now = self._advance_counts() if update else False
         args = (self.layers, self._kept, self._lam_kept32, self._lam_selected32)
         if fused:
-            groups = [self._group_of[id(l.weight)] for l in self.layers]
+            groups = self._fused_groups
             buffers = [self._momentum_buffer(l.weight, g) for l, g in zip(self.layers, groups)]
             scores = self.backend.fused_sgd(*args, buffers, [g["lr"] for g in groups],
                                             [g["momentum"] for g in groups], [g["weight_decay"] for g in groups],
@@ -348,12 +352,15 @@ class GrowingReg(torch.optim.Optimizer):
         if group["momentum"] == 0:
             return None
         state = self.optimizer.state[weight]
-        if state.get("momentum_buffer") is None:
-            state["momentum_buffer"] = torch.zeros_like(weight, memory_format=torch.preserve_format)
-        return state["momentum_buffer"]
+        buf = state.get("momentum_buffer")
+        if buf is None:
+            buf = state["momentum_buffer"] = torch.zeros_like(weight, memory_format=torch.preserve_format)
+        return buf
 
     def _step_others(self) -> None:
         """The inner SGD steps every parameter but the fused weights (SGD skips a None grad)."""
+        if all(p.grad is None for p in self._others):
+            return
         grads = [(l.weight, l.weight.grad) for l in self.layers]
         for w, _ in grads:
             w.grad = None

@@ -1,0 +1,250 @@
+"""Workloads and providers of the regularization-step benchmarks (bench/ and ``greg-fast bench``).
+
+A workload is one model's regularized conv weights with random gradients under a 50% filter plan;
+a provider is a callable doing one penalty step over them. Every record states the bytes the step
+must move (read w, read grad, write grad; fused SGD: read w, grad, momentum, write w, momentum),
+the effective GB/s and its fraction of the copy bandwidth measured in the same run.
+"""
+from __future__ import annotations
+
+import datetime
+import importlib.util
+import json
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import models
+from .dispatch import backends
+from .engine import GrowingReg
+from .plan import Plan, plan
+
+MODELS = ("resnet56", "resnet50", "resnet152")
+PENALTY_PROVIDERS = ("reference", "eager", "foreach", "compile", "cpp", "triton", "torch_pruning")
+SGD_PROVIDERS = ("torch_sgd", "greg_fused_sgd")
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def copy_bandwidth(device: torch.device, numel: int, dtype=torch.float32, repeats: int = 10) -> float:
+    """Bytes per second of ``dst.copy_(src)``, counted STREAM-style as read + write of ``numel``
+    elements (the write-allocate read a CPU also does is not counted, so a kernel that only writes
+    what it has read can exceed 1.0 of it)."""
+    src = torch.randn(numel, device=device).to(dtype)
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(repeats + 2):
+        synchronize(device)
+        t = time.perf_counter()
+        dst.copy_(src)
+        synchronize(device)
+        times.append(time.perf_counter() - t)
+    return 2 * src.numel() * src.element_size() / statistics.median(times[2:])
+
+
+@dataclass
+class Workload:
+    name: str
+    model: torch.nn.Module
+    plan: Plan
+    device: torch.device
+    numel: int = 0
+    copy_bw: float = 0.0  # bytes/s of a copy with the same footprint as weights + gradients
+
+    @property
+    def weights(self) -> list[torch.Tensor]:
+        return [l.weight for l in self.plan.pruned]
+
+    def bytes_moved(self, passes: int) -> int:
+        return passes * self.numel * self.weights[0].element_size()
+
+
+def workload(name: str, device: torch.device, dtype=torch.float32) -> Workload:
+    torch.manual_seed(0)
+    model = models.create(name).to(device=device, dtype=dtype)
+    size = model.greg_input_size
+    example = torch.zeros(1, *size[:1], 64, 64, device=device, dtype=dtype) if size[1] > 64 else None
+    p = plan(model, 0.5, example_inputs=example)
+    for param in model.parameters():
+        param.grad = torch.randn_like(param) * 1e-3
+    numel = sum(l.weight.numel() for l in p.pruned)
+    return Workload(name, model, p, device, numel=numel, copy_bw=copy_bandwidth(device, numel, dtype))
+
+
+def _greg(work: Workload, backend: str, fused: bool = False, momentum: float = 0.9) -> GrowingReg:
+    """A GrowingReg past its first λ update, so that timed calls are plain penalty steps."""
+    params = work.weights
+    opt = torch.optim.SGD(params, lr=0.0 if not fused else 1e-6, momentum=momentum, weight_decay=1e-4)
+    greg = GrowingReg(opt, work.plan, backend=backend, fused=fused, interval=10 ** 9)
+    grads = [p.grad.clone() for p in params]
+    greg.step()  # iteration 0: the λ update
+    for p, g in zip(params, grads):
+        p.grad = g
+    return greg
+
+
+def reference_style(work: Workload) -> Callable[[], None]:
+    """The reference implementation's step: a Python loop over layers, λ stored as [N, C] per
+    layer, a full-size temporary ``λ * w`` and then an add into the gradient."""
+    regs = []
+    for layer in work.plan.pruned:
+        w = layer.weight
+        reg = torch.zeros(w.shape[0], w.shape[1], device=w.device, dtype=w.dtype)
+        reg[: layer.n_prune] = 1e-4
+        regs.append(reg)
+    modules = [l.module for l in work.plan.pruned]
+
+    def step():
+        for m, reg in zip(modules, regs):
+            l2_grad = reg.unsqueeze(2).unsqueeze(3) * m.weight
+            m.weight.grad += l2_grad
+    return step
+
+
+def foreach_style(work: Workload) -> Callable[[], None]:
+    """``torch._foreach_*`` over all layers with per-group λ vectors broadcast over each filter."""
+    greg = _greg(work, "eager")
+    lam = [p.view(-1, 1, 1, 1).to(torch.float32) for p in greg.penalties().values()]
+    weights = work.weights
+    grads = [w.grad for w in weights]
+
+    def step():
+        torch._foreach_add_(grads, torch._foreach_mul(weights, lam))
+    return step
+
+
+def compiled_eager(work: Workload) -> Callable[[], None]:
+    greg = _greg(work, "eager")
+    compiled = torch.compile(greg.apply_penalty, dynamic=False)
+    compiled()  # compile outside the timed calls
+    return compiled
+
+
+def torch_pruning_style(work: Workload) -> Callable[[], None]:
+    """Torch-Pruning's GrowingRegPruner.regularize on the same model (all its prunable groups)."""
+    import torch_pruning as tp
+    model = work.model
+    size = model.greg_input_size
+    example = torch.zeros(1, size[0], 64, 64, device=work.device, dtype=work.weights[0].dtype)
+    last = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+    pruner = tp.pruner.GrowingRegPruner(model, example, importance=tp.importance.GroupMagnitudeImportance(p=2),
+                                        pruning_ratio=0.5, ignored_layers=[last])
+    for param in model.parameters():
+        if param.grad is None:
+            param.grad = torch.randn_like(param) * 1e-3
+    return lambda: pruner.regularize(model)
+
+
+def provider(name: str, work: Workload) -> Callable[[], None]:
+    if name == "reference":
+        return reference_style(work)
+    if name == "foreach":
+        return foreach_style(work)
+    if name == "compile":
+        return compiled_eager(work)
+    if name == "torch_pruning":
+        return torch_pruning_style(work)
+    if name == "torch_sgd":  # the plain fused SGD step over the same weights
+        opt = torch.optim.SGD(work.weights, lr=1e-6, momentum=0.9, weight_decay=1e-4, fused=True)
+        return opt.step
+    if name == "greg_fused_sgd":
+        return _greg(work, "auto", fused=True).step
+    return _greg(work, name).apply_penalty
+
+
+def unavailable(name: str, device: torch.device) -> str | None:
+    """Why a provider cannot run here (None: it can)."""
+    if name in ("eager", "cpp", "triton"):
+        status = backends(device)[name]
+        return None if status == "available" else status
+    if name == "torch_pruning" and importlib.util.find_spec("torch_pruning") is None:
+        return "Torch-Pruning is not installed (pip install greg-fast[bench])"
+    if name == "greg_fused_sgd":
+        return None if device.type == "cuda" or backends(device)["cpp"] == "available" else "no fused backend"
+    return None
+
+
+def passes(name: str) -> int:
+    """Minimum passes over the weights' bytes: penalty 3 (r w, r g, w g); SGD 5 (r w, g, m; w w, m)."""
+    return 5 if name in SGD_PROVIDERS else 3
+
+
+def record(work: Workload, name: str, seconds: float) -> dict:
+    moved, copy_bw = work.bytes_moved(passes(name)), work.copy_bw
+    return {"model": work.name, "provider": name, "seconds": seconds, "bytes": moved,
+            "gb_per_s": moved / seconds / 1e9, "copy_fraction": moved / seconds / copy_bw,
+            "copy_gb_per_s": copy_bw / 1e9, "device": device_name(work.device),
+            "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "date": datetime.date.today().isoformat()}
+
+
+def time_call(fn: Callable[[], None], device: torch.device, rounds: int = 20, warmup: int = 3) -> float:
+    """Median seconds of ``fn`` (for ``greg-fast bench``; bench/ uses pytest-benchmark)."""
+    times = []
+    for i in range(warmup + rounds):
+        synchronize(device)
+        t = time.perf_counter()
+        fn()
+        synchronize(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def run_set(device: torch.device, model_names=MODELS, providers=PENALTY_PROVIDERS + SGD_PROVIDERS,
+            progress: Callable[[str], None] = lambda s: None) -> list[dict]:
+    """Every available provider on every workload; GPU-only providers are skipped on CPU."""
+    records = []
+    for model in model_names:
+        work = workload(model, device)
+        for name in providers:
+            if unavailable(name, device) or (name == "triton" and device.type != "cuda"):
+                continue
+            progress(f"{model} {name}")
+            records.append(record(work, name, time_call(provider(name, work), device)))
+    return with_ratios(records)
+
+
+def with_ratios(records: list[dict]) -> list[dict]:
+    """Add each record's speed-up over the reference style and over our eager, same model, same run."""
+    base = {(r["model"], r["provider"]): r["seconds"] for r in records}
+    for r in records:
+        for ref in ("reference", "eager", "torch_sgd"):
+            if (r["model"], ref) in base:
+                r[f"x_{ref}"] = base[(r["model"], ref)] / r["seconds"]
+    return records
+
+
+def write_results(records: list[dict], directory: Path, device: torch.device) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    slug = "".join(c if c.isalnum() else "-" for c in device_name(device)).strip("-").lower()
+    path = directory / f"{slug}-{datetime.date.today().isoformat()}.json"
+    path.write_text(json.dumps(with_ratios(records), indent=1))
+    return path
+
+
+def table(records: list[dict]) -> str:
+    rows = [("model", "provider", "ms", "GB/s", "of copy", "x reference", "x eager")]
+    for r in records:
+        rows.append((r["model"], r["provider"], f"{1e3 * r['seconds']:.3f}", f"{r['gb_per_s']:.1f}",
+                     f"{r['copy_fraction']:.2f}", f"{r.get('x_reference', float('nan')):.2f}",
+                     f"{r.get('x_eager', r.get('x_torch_sgd', float('nan'))):.2f}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.rjust(w) if i > 1 else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
+             for row in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
