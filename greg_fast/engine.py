@@ -87,7 +87,12 @@ class GrowingReg(torch.optim.Optimizer):
         self._structured = plan.layers[0].granularity != "weight" if plan.layers else True
 
         n, dev = len(self.layers), self.device
-        self._kept = [torch.ones(l.n_groups, dtype=torch.bool, device=dev) for l in self.layers]
+        # all kept masks are views of one flat buffer, so that cross-layer reductions are single ops
+        sizes = [l.n_groups for l in self.layers]
+        self._kept_flat = torch.ones(sum(sizes), dtype=torch.bool, device=dev)
+        self._kept = list(self._kept_flat.split(sizes))
+        self._segment = torch.repeat_interleave(torch.arange(n, device=dev),
+                                                torch.tensor(sizes, dtype=torch.int64, device=dev))
         self._n_grow = torch.zeros(n, dtype=torch.int64, device=dev)
         self._finished = torch.zeros(n, dtype=torch.bool, device=dev)
         self._hist = torch.full((n,), math.nan, dtype=torch.float64, device=dev)
@@ -203,7 +208,7 @@ class GrowingReg(torch.optim.Optimizer):
         active = ~self._finished
         over_ceiling = torch.maximum(self._lam_selected, self._lam_kept) > h["ceiling"]
         if self._structured:
-            ratio = torch.stack([_magnitude_ratio(s, k) for s, k in zip(scores, self._kept)])
+            ratio = self._magnitude_ratios(scores)
             smoothed = torch.where(self._hist.isnan(), ratio, _SMOOTHING * self._hist + (1 - _SMOOTHING) * ratio)
             self._hist = torch.where(active, smoothed, self._hist)
             strong = self._hist >= h["mag_ratio_limit"]
@@ -216,6 +221,16 @@ class GrowingReg(torch.optim.Optimizer):
         if bool(self._finished.all()):
             self._phase = "stabilize"
             self._stabilize_end = self.iteration + h["stabilize"] + 1
+
+    def _magnitude_ratios(self, scores: list[torch.Tensor]) -> torch.Tensor:
+        """Mean score of kept groups / mean score of removed groups, every layer at once
+        (float64 segment sums over the flat score and mask buffers; no host sync)."""
+        s = torch.cat(scores).to(torch.float64)
+        k = self._kept_flat.to(torch.float64)
+        sums = torch.zeros(4, len(self.layers), dtype=torch.float64, device=s.device)
+        for row, values in enumerate((s * k, k, s * (1 - k), 1 - k)):
+            sums[row].index_add_(0, self._segment, values)
+        return (sums[0] / sums[1]) / (sums[2] / sums[3])
 
     def _refresh_lambdas(self) -> None:
         h = self.hyper
@@ -236,9 +251,8 @@ class GrowingReg(torch.optim.Optimizer):
         """Each layer drops its ``n_prune`` lowest-score groups (ties: lowest index first)."""
         for i in indices:
             order = torch.sort(scores[i], stable=True).indices
-            kept = torch.ones_like(self._kept[i])
-            kept[order[: self.layers[i].n_prune]] = False
-            self._kept[i] = kept
+            self._kept[i].fill_(True)
+            self._kept[i][order[: self.layers[i].n_prune]] = False
 
     def _prune(self) -> None:
         self._phase = "done"
@@ -332,7 +346,8 @@ class GrowingReg(torch.optim.Optimizer):
         self._n_grow = g["n_grow"].to(dev, torch.int64)
         self._finished = g["finished"].to(dev, torch.bool)
         self._hist = g["hist"].to(dev, torch.float64)
-        self._kept = kept
+        for view, k in zip(self._kept, kept):
+            view.copy_(k)
         self._scores = [s.to(dev) if s is not None else None for s in g["scores"]]
         self._refresh_lambdas()
 
@@ -378,10 +393,3 @@ class GrowingReg(torch.optim.Optimizer):
                              f"{' ...' if len(missing) > 5 else ''}; build it from model.parameters()")
 
 
-def _magnitude_ratio(scores: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
-    """Mean score of kept groups / mean score of removed groups (float64, no host sync)."""
-    s = scores.to(torch.float64)
-    k = kept.to(torch.float64)
-    kept_mean = (s * k).sum() / k.sum()
-    removed_mean = (s * (1 - k)).sum() / (1 - k).sum()
-    return kept_mean / removed_mean

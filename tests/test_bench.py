@@ -1,0 +1,33 @@
+"""The benchmark plumbing (no timing assertions: speed is judged in bench/, not in tests)."""
+import json
+
+import torch
+
+from greg_fast import bench
+from greg_fast.cli import main
+
+
+def test_reference_style_adds_the_same_penalty_as_eager_on_the_selected_filters():
+    work = bench.workload("resnet20", torch.device("cpu"))
+    before = [w.grad.clone() for w in work.weights]
+    bench.reference_style(work)()
+    for w, g in zip(work.weights, before):
+        n = w.shape[0] // 2
+        torch.testing.assert_close(w.grad[:n], g[:n] + 1e-4 * w[:n].detach())
+        torch.testing.assert_close(w.grad[n:], g[n:])
+
+
+def test_bench_command_writes_records_with_bandwidth_fractions(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(bench, "time_call", lambda fn, device, rounds=20, warmup=3: (fn(), 1e-3)[1])
+    assert main(["bench", "--models", "resnet20", "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("*.json")
+    records = json.loads(path.read_text())
+    names = {r["provider"] for r in records}
+    assert {"reference", "eager", "foreach", "compile", "cpp", "torch_sgd", "greg_fused_sgd"} <= names
+    assert "triton" not in names  # GPU only
+    numel = sum(w.numel() for w in bench.workload("resnet20", torch.device("cpu")).weights)
+    for r in records:  # penalty: read w, read grad, write grad; fused SGD adds the momentum, writes w
+        assert r["bytes"] == bench.passes(r["provider"]) * 4 * numel
+        assert r["copy_fraction"] == r["bytes"] / r["seconds"] / (r["copy_gb_per_s"] * 1e9)
+        assert r["x_reference"] == 1.0 and r["device"] and r["date"]
+    assert "of copy" in capsys.readouterr().out
