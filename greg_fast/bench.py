@@ -32,7 +32,12 @@ SGD_PROVIDERS = ("torch_sgd", "greg_fused_sgd")
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return platform.processor() or platform.machine() or "cpu"
+    try:
+        with open("/proc/cpuinfo") as fh:
+            model = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = platform.processor() or platform.machine() or "cpu"
+    return f"{model} ({torch.get_num_threads()} threads)"
 
 
 def synchronize(device: torch.device) -> None:
