@@ -1,4 +1,5 @@
-// Fused growing-regularization step for CPU tensors: one call for all layers.
+// greg_fast's CPU ops: the fused growing-regularization step for all layers in one call, the
+// gathers of physical compaction, and the packing of unstructured sparse weights.
 //
 // Every layer's weight is viewed as [A, G, B] (groups on the middle axis; see LayerPlan.view).
 // One pass per element: read w and grad, write grad (penalty) — or, fused with SGD, read w, grad
@@ -11,6 +12,8 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstring>
+#include <tuple>
 #include <vector>
 
 namespace greg_fast {
@@ -208,9 +211,148 @@ void fused_sgd_(at::TensorList weights, at::TensorList grads, at::TensorList mom
   run(layers, Mode::FusedSGD, mask);
 }
 
+// ---- compaction: gather kept rows and columns of many tensors in one call ----
+// out[i][r, c, ...] = tensors[i][rows[i][r], cols[i][c], ...]; an empty index list keeps the axis.
+std::vector<at::Tensor> gather(at::TensorList tensors, at::TensorList rows, at::TensorList cols) {
+  const int64_t n = tensors.size();
+  TORCH_CHECK(static_cast<int64_t>(rows.size()) == n && static_cast<int64_t>(cols.size()) == n,
+              "tensors, rows and cols must have one entry per tensor");
+  struct Job { const char* src; char* dst; const int64_t* r; const int64_t* c; int64_t nr, nc, d1, inner, bytes; };
+  std::vector<at::Tensor> outs;
+  std::vector<Job> jobs;
+  std::vector<std::pair<int64_t, int64_t>> items;  // (job, output row)
+  for (int64_t i = 0; i < n; ++i) {
+    const at::Tensor& t = tensors[i];
+    TORCH_CHECK(t.device().is_cpu() && t.is_contiguous(), "tensors[", i, "] must be a contiguous CPU tensor");
+    TORCH_CHECK(t.dim() >= 1, "tensors[", i, "] must have at least one dimension");
+    for (const auto* idx : {&rows[i], &cols[i]}) {
+      TORCH_CHECK(idx->scalar_type() == at::kLong && idx->is_contiguous() && idx->device().is_cpu(),
+                  "rows[", i, "] and cols[", i, "] must be contiguous int64 CPU tensors");
+    }
+    TORCH_CHECK(cols[i].numel() == 0 || t.dim() >= 2, "cols[", i, "] given for a 1-d tensor");
+    const int64_t d0 = t.size(0), d1 = t.dim() >= 2 ? t.size(1) : 1;
+    const int64_t inner = t.dim() >= 2 ? t.numel() / std::max<int64_t>(1, d0 * d1) : 1;
+    const int64_t nr = rows[i].numel() ? rows[i].numel() : d0, nc = cols[i].numel() ? cols[i].numel() : d1;
+    for (int64_t k = 0; k < rows[i].numel(); ++k) {
+      const int64_t r = rows[i].data_ptr<int64_t>()[k];
+      TORCH_CHECK(r >= 0 && r < d0, "rows[", i, "] holds ", r, ", outside [0, ", d0, ")");
+    }
+    for (int64_t k = 0; k < cols[i].numel(); ++k) {
+      const int64_t c = cols[i].data_ptr<int64_t>()[k];
+      TORCH_CHECK(c >= 0 && c < d1, "cols[", i, "] holds ", c, ", outside [0, ", d1, ")");
+    }
+    std::vector<int64_t> shape(t.sizes().begin(), t.sizes().end());
+    shape[0] = nr;
+    if (t.dim() >= 2) shape[1] = nc;
+    outs.push_back(at::empty(shape, t.options()));
+    jobs.push_back({static_cast<const char*>(t.data_ptr()), static_cast<char*>(outs.back().data_ptr()),
+                    rows[i].numel() ? rows[i].data_ptr<int64_t>() : nullptr,
+                    cols[i].numel() ? cols[i].data_ptr<int64_t>() : nullptr, nr, nc, d1, inner,
+                    static_cast<int64_t>(t.element_size())});
+    for (int64_t r = 0; r < nr; ++r) items.emplace_back(i, r);
+  }
+  at::parallel_for(0, static_cast<int64_t>(items.size()), 16, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) {
+      const Job& j = jobs[items[k].first];
+      const int64_t r = items[k].second, src_row = j.r ? j.r[r] : r;
+      const int64_t block = j.inner * j.bytes;
+      char* dst = j.dst + r * j.nc * block;
+      const char* src = j.src + src_row * j.d1 * block;
+      if (!j.c) {
+        std::memcpy(dst, src, j.nc * block);
+      } else {
+        for (int64_t c = 0; c < j.nc; ++c) std::memcpy(dst + c * block, src + j.c[c] * block, block);
+      }
+    }
+  });
+  return outs;
+}
+
+// ---- unstructured export ----
+// Bitmap: bit k of byte b is element 8b+k (little-endian, numpy's bitorder="little"); values are the
+// kept elements in order.
+std::tuple<at::Tensor, at::Tensor> pack_bitmap(const at::Tensor& weight, const at::Tensor& mask) {
+  TORCH_CHECK(weight.device().is_cpu() && weight.is_contiguous(), "weight must be a contiguous CPU tensor");
+  TORCH_CHECK(mask.scalar_type() == at::kBool && mask.is_contiguous() && mask.numel() == weight.numel(),
+              "mask must be a contiguous bool tensor with one entry per weight");
+  const int64_t n = weight.numel(), nbytes = (n + 7) / 8;
+  const bool* m = mask.data_ptr<bool>();
+  constexpr int64_t kChunk = 1 << 15;  // a multiple of 8: chunks own whole bytes
+  const int64_t chunks = (n + kChunk - 1) / kChunk;
+  std::vector<int64_t> start(chunks + 1, 0);
+  at::parallel_for(0, chunks, 1, [&](int64_t b, int64_t e) {
+    for (int64_t k = b; k < e; ++k) {
+      int64_t count = 0;
+      for (int64_t i = k * kChunk; i < std::min(n, (k + 1) * kChunk); ++i) count += m[i];
+      start[k + 1] = count;
+    }
+  });
+  for (int64_t k = 0; k < chunks; ++k) start[k + 1] += start[k];
+  at::Tensor bits = at::zeros({nbytes}, at::kByte);
+  at::Tensor values = at::empty({start[chunks]}, weight.options());
+  uint8_t* out_bits = bits.data_ptr<uint8_t>();
+  const char* src = static_cast<const char*>(weight.data_ptr());
+  char* dst = static_cast<char*>(values.data_ptr());
+  const int64_t es = weight.element_size();
+  at::parallel_for(0, chunks, 1, [&](int64_t b, int64_t e) {
+    for (int64_t k = b; k < e; ++k) {
+      int64_t pos = start[k];
+      for (int64_t i = k * kChunk; i < std::min(n, (k + 1) * kChunk); ++i) {
+        if (m[i]) {
+          out_bits[i >> 3] |= static_cast<uint8_t>(1u << (i & 7));
+          std::memcpy(dst + pos * es, src + i * es, es);
+          ++pos;
+        }
+      }
+    }
+  });
+  return {bits, values};
+}
+
+// CSR of a weight viewed as [rows, cols]: crow_indices [rows + 1], col_indices and values of kept entries.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> pack_csr(const at::Tensor& weight, const at::Tensor& mask) {
+  TORCH_CHECK(weight.dim() == 2 && weight.device().is_cpu() && weight.is_contiguous(),
+              "weight must be a contiguous 2-d CPU tensor");
+  TORCH_CHECK(mask.scalar_type() == at::kBool && mask.is_contiguous() && mask.sizes() == weight.sizes(),
+              "mask must be a contiguous bool tensor shaped like the weight");
+  const int64_t rows = weight.size(0), cols = weight.size(1), es = weight.element_size();
+  const bool* m = mask.data_ptr<bool>();
+  at::Tensor crow = at::zeros({rows + 1}, at::kLong);
+  int64_t* cr = crow.data_ptr<int64_t>();
+  at::parallel_for(0, rows, 64, [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      int64_t count = 0;
+      for (int64_t c = 0; c < cols; ++c) count += m[r * cols + c];
+      cr[r + 1] = count;
+    }
+  });
+  for (int64_t r = 0; r < rows; ++r) cr[r + 1] += cr[r];
+  at::Tensor col = at::empty({cr[rows]}, at::kLong);
+  at::Tensor values = at::empty({cr[rows]}, weight.options());
+  int64_t* ci = col.data_ptr<int64_t>();
+  const char* src = static_cast<const char*>(weight.data_ptr());
+  char* dst = static_cast<char*>(values.data_ptr());
+  at::parallel_for(0, rows, 64, [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      int64_t pos = cr[r];
+      for (int64_t c = 0; c < cols; ++c) {
+        if (m[r * cols + c]) {
+          ci[pos] = c;
+          std::memcpy(dst + pos * es, src + (r * cols + c) * es, es);
+          ++pos;
+        }
+      }
+    }
+  });
+  return {crow, col, values};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(greg_fast, m) {
+  m.def("gather(Tensor[] tensors, Tensor[] rows, Tensor[] cols) -> Tensor[]");
+  m.def("pack_bitmap(Tensor weight, Tensor mask) -> (Tensor, Tensor)");
+  m.def("pack_csr(Tensor weight, Tensor mask) -> (Tensor, Tensor, Tensor)");
   m.def("scores_(Tensor[] weights, int[] views, Tensor(a!) scores) -> ()");
   m.def("penalty_(Tensor(a!)[] weights, Tensor(b!)[] grads, Tensor[] kept, Tensor lam_kept, "
         "Tensor lam_selected, int[] views, bool mask, Tensor(c!) scores) -> ()");
@@ -223,6 +365,9 @@ TORCH_LIBRARY_IMPL(greg_fast, CPU, m) {
   m.impl("scores_", &scores_);
   m.impl("penalty_", &penalty_);
   m.impl("fused_sgd_", &fused_sgd_);
+  m.impl("gather", &gather);
+  m.impl("pack_bitmap", &pack_bitmap);
+  m.impl("pack_csr", &pack_csr);
 }
 
 }  // namespace greg_fast

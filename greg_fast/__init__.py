@@ -1,5 +1,7 @@
 """greg_fast: growing-regularization pruning (GReg-1 / GReg-2) for PyTorch convnets."""
 from . import models
+from .compact import compact
+from .io import load, save
 from .dispatch import backends
 from .eager import apply_masks
 from .engine import METHODS, PHASES, GrowingReg
@@ -7,5 +9,5 @@ from .graph import UntraceableModelError
 from .plan import GRANULARITIES, LayerPlan, Plan, n_prune_for, plan, stage_ratios
 
 __version__ = "0.1.0"
-__all__ = ["GRANULARITIES", "METHODS", "PHASES", "GrowingReg", "LayerPlan", "Plan", "UntraceableModelError",
+__all__ = ["compact", "load", "save", "GRANULARITIES", "METHODS", "PHASES", "GrowingReg", "LayerPlan", "Plan", "UntraceableModelError",
            "apply_masks", "backends", "models", "n_prune_for", "plan", "stage_ratios", "__version__"]

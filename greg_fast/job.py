@@ -7,9 +7,11 @@ Writes to ``out``: ``metrics.jsonl`` (one record per epoch and per trace point),
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +21,9 @@ from tqdm.auto import tqdm
 
 from . import data as datasets
 from . import models, plots
+from .compact import compact
 from .eager import apply_masks, group_scores
+from .io import save as save_model
 from .engine import GrowingReg
 from .plan import plan as make_plan, stage_ratios
 from .train import epoch_generator, evaluate, lr_at, n_batches, parse_lr_schedule, train_epoch
@@ -82,6 +86,12 @@ def run(args) -> dict:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(args.seed)
     model = models.create(args.model, data.num_classes, in_channels=data.in_channels).to(device)
+    example = (data.train[0][0].unsqueeze(0).to(device),)
+    ratios = stage_ratios(model, args.stage_ratios) if args.stage_ratios is not None else None
+    the_plan = make_plan(model, args.ratio or 0.0, granularity=args.granularity, ratios=ratios,
+                         example_inputs=example)
+    planned_cost = the_plan.cost()  # before compaction changes the planned modules
+    structured = args.granularity != "weight"
     state = RunState()
     checkpoint = None
     if args.resume is not None:
@@ -94,6 +104,8 @@ def run(args) -> dict:
             raise ValueError(f"--resume {out}: the run was started with other settings: "
                              + ", ".join(f"{k}={a!r} (now {b!r})" for k, (a, b) in diff.items()))
         state = RunState(**checkpoint["state"])
+        if state.stage in ("finetune", "finished") and structured:  # the checkpoint holds the small model
+            compact(model, state.results["masks"], the_plan)
         model.load_state_dict(checkpoint["model"])
         torch.set_rng_state(checkpoint["rng"])
     out.mkdir(parents=True, exist_ok=True)
@@ -138,7 +150,6 @@ def run(args) -> dict:
                 t0 = time.perf_counter()
                 save(opt)
 
-    example = (data.train[0][0].unsqueeze(0).to(device),)
     steps_per_epoch = n_batches(data.train, args.batch_size)
 
     # ---- pretrain (or load) ----
@@ -153,16 +164,13 @@ def run(args) -> dict:
         run_epochs("pretrain", opt, args.pretrain_epochs,
                    lambda e: args.lr_pretrain * 0.5 * (1 + math.cos(math.pi * e / args.pretrain_epochs)))
         t0 = time.perf_counter()
-        state.results["dense"] = evaluate(model, data, device)
+        state.results["dense"] = {**evaluate(model, data, device), **measure(model, example)}
         state.seconds["pretrain"] = state.seconds.get("pretrain", 0) + time.perf_counter() - t0
         state.stage, state.epoch = "regularize", 0
         checkpoint = None
         save()
         say(f"dense model: test accuracy {state.results['dense']['test_acc']:.2f}%")
 
-    ratios = stage_ratios(model, args.stage_ratios) if args.stage_ratios is not None else None
-    the_plan = make_plan(model, args.ratio or 0.0, granularity=args.granularity, ratios=ratios,
-                         example_inputs=example)
     if state.stage == "regularize" and state.epoch == 0 and not quiet:
         print(the_plan)
 
@@ -210,6 +218,8 @@ def run(args) -> dict:
         if state.trace:
             plots.lambda_schedule(trace, out / "lambda_schedule.png")
             plots.score_distribution(trace, out / "score_distribution.png")
+        if structured:  # remove the pruned groups for real: a smaller dense model from here on
+            compact(model, masks, the_plan)
         state.seconds["regularize"] = state.seconds.get("regularize", 0) + time.perf_counter() - t0
         state.stage, state.epoch = "finetune", 0
         checkpoint = None
@@ -224,18 +234,17 @@ def run(args) -> dict:
                               weight_decay=args.weight_decay)
         if checkpoint is not None and checkpoint["optimizer"] is not None:
             opt.load_state_dict(checkpoint["optimizer"])
-        # the removed groups are held at zero after every step
+        # unstructured: the removed weights are held at zero after every step
         run_epochs("finetune", opt, args.finetune_epochs, lambda e: lr_at(lr_ft, e),
-                   after_step=lambda: apply_masks(model, masks, the_plan))
+                   after_step=None if structured else lambda: apply_masks(model, masks, the_plan))
         t0 = time.perf_counter()
-        state.results["final"] = evaluate(model, data, device)
+        state.results["final"] = {**evaluate(model, data, device), **measure(model, example)}
         state.seconds["finetune"] = state.seconds.get("finetune", 0) + time.perf_counter() - t0
         state.stage = "finished"
         save()
 
-    summary = _summary(args, state, the_plan)
-    torch.save({"model": args.model, "num_classes": data.num_classes, "in_channels": data.in_channels,
-                "state_dict": model.state_dict(), "masks": state.results["masks"]}, out / "model.pt")
+    summary = _summary(args, state, planned_cost, structured, len(the_plan.pruned))
+    save_model(model, out / "model.pt", masks=None if structured else state.results["masks"])
     with open(out / "summary.json", "w") as fh:
         json.dump(summary, fh, indent=2)
     plots.accuracy(state.records, out / "accuracy.png", summary["dense"]["test_acc"])
@@ -306,20 +315,46 @@ class _Tracer:
                 "score_kept": masks[self.layer.name].reshape(-1).cpu()[self.subset]}
 
 
-def _summary(args, state: RunState, the_plan) -> dict:
-    cost = the_plan.cost()
+def measure(model, example, batches=(1, 64), repeats=15) -> dict:
+    """Parameters, FLOPs (torch.utils.flop_counter, one example) and median CPU inference latency."""
+    from torch.utils.flop_counter import FlopCounterMode
+    model_cpu = copy.deepcopy(model).cpu().eval()
+    x = example[0].cpu()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model_cpu(x)
+    out = {"params": sum(p.numel() for p in model_cpu.parameters()), "flops": counter.get_total_flops()}
+    with torch.no_grad():
+        for b in batches:
+            xb = x.expand(b, *x.shape[1:]).contiguous()
+            times = []
+            for i in range(repeats + 2):
+                t = time.perf_counter()
+                model_cpu(xb)
+                if i >= 2:
+                    times.append(time.perf_counter() - t)
+            out[f"latency_ms_batch{b}"] = 1e3 * statistics.median(times)
+    return out
+
+
+def _summary(args, state: RunState, cost: dict, structured: bool, n_pruned: int) -> dict:
     r = state.results
+    dense, final = r["dense"], r["final"]
+    # structured: measured on the compacted model; unstructured: the planned count of kept weights
+    params = final["params"] if structured else cost["params_after"]
+    flops = final["flops"] if structured else cost["flops_after"]
     return {
         "model": args.model, "data": args.data, "method": args.method, "granularity": args.granularity,
         "ratio": args.ratio, "stage_ratios": args.stage_ratios,
-        "dense": {"test_acc": r["dense"]["test_acc"], "params": cost["params_before"],
-                  "flops": cost["flops_before"]},
-        "pruned": {"test_acc_before_finetune": r["pruned"]["test_acc"], "test_acc": r["final"]["test_acc"],
-                   "params": cost["params_after"], "flops": cost["flops_after"]},
-        "flops_reduction": cost["flops_before"] / max(cost["flops_after"], 1),
-        "params_reduction": cost["params_before"] / max(cost["params_after"], 1),
+        "dense": {k: dense[k] for k in ("test_acc", "params", "flops", "latency_ms_batch1", "latency_ms_batch64")},
+        "pruned": {"test_acc_before_finetune": r["pruned"]["test_acc"], "test_acc": final["test_acc"],
+                   "params": params, "flops": flops, "compacted": structured,
+                   "latency_ms_batch1": final["latency_ms_batch1"],
+                   "latency_ms_batch64": final["latency_ms_batch64"]},
+        "flops_reduction": dense["flops"] / max(flops, 1),
+        "params_reduction": dense["params"] / max(params, 1),
+        "speedup_batch64": dense["latency_ms_batch64"] / final["latency_ms_batch64"],
         "regularization_iterations": r["regularization"]["iterations"],
-        "layers_pruned": len(the_plan.pruned),
+        "layers_pruned": n_pruned,
         "wall_time_s": {**{k: round(v, 2) for k, v in state.seconds.items()},
                         "total": round(sum(state.seconds.values()), 2)},
     }
@@ -334,6 +369,9 @@ def format_table(s: dict) -> str:
          f"{s['pruned']['test_acc']:.2f} (before fine-tune {s['pruned']['test_acc_before_finetune']:.2f})"),
         ("parameters", f"{s['dense']['params']:,}", f"{s['pruned']['params']:,} ({s['params_reduction']:.2f}x fewer)"),
         ("FLOPs", f"{s['dense']['flops']:,}", f"{s['pruned']['flops']:,} ({s['flops_reduction']:.2f}x fewer)"),
+        ("CPU latency b1 (ms)", f"{s['dense']['latency_ms_batch1']:.2f}", f"{s['pruned']['latency_ms_batch1']:.2f}"),
+        ("CPU latency b64 (ms)", f"{s['dense']['latency_ms_batch64']:.2f}",
+         f"{s['pruned']['latency_ms_batch64']:.2f} ({s['speedup_batch64']:.2f}x faster)"),
     ]
     w = s["wall_time_s"]
     rows.append(("wall time (s)", f"pretrain {w.get('pretrain', 0):.1f}",

@@ -119,6 +119,7 @@ def create(name: str, num_classes: int = 10, *, in_channels: int = 3) -> nn.Modu
     else:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(names())}")
     model.greg_input_size = (in_channels, size, size)
+    model.greg_arch = {"name": name, "num_classes": num_classes, "in_channels": in_channels}  # for greg_fast.load
     return model
 
 

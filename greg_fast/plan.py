@@ -94,6 +94,10 @@ class Plan:
     def module(self, name: str) -> nn.Module:
         return self._modules[name]
 
+    def norms_of(self, name: str) -> list[str]:
+        """The BatchNorms that carry layer ``name``'s filters (cut with them)."""
+        return list(self._deps[name].norms)
+
     def check_model(self, model: nn.Module) -> None:
         """Raise unless the planned layers are modules of ``model`` (not of a copy or another model)."""
         for layer in self.layers:
