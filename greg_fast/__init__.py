@@ -1,6 +1,6 @@
 """greg_fast: growing-regularization pruning (GReg-1 / GReg-2) for PyTorch convnets."""
 from . import models
-from .compact import compact
+from .compaction import compact
 from .io import load, save
 from .dispatch import backends
 from .eager import apply_masks

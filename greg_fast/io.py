@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from . import models
-from .compact import _set_widths
+from .compaction import _set_widths
 from .graph import LAYER_TYPES
 
 FORMAT = "greg_fast.model/1"

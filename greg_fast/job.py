@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from . import data as datasets
 from . import models, plots
-from .compact import compact
+from .compaction import compact
 from .eager import apply_masks, group_scores
 from .io import save as save_model
 from .engine import GrowingReg
