@@ -225,10 +225,11 @@ def run_set(device: torch.device, model_names=MODELS, providers=PENALTY_PROVIDER
 
 
 def with_ratios(records: list[dict]) -> list[dict]:
-    """Add each record's speed-up over the reference style and over our eager, same model, same run."""
+    """Add each record's speed-up over the baselines of the same model in the same run: the
+    reference style and our eager path (penalty step), torch's fused SGD, the PyTorch gather."""
     base = {(r["model"], r["provider"]): r["seconds"] for r in records}
     for r in records:
-        for ref in ("reference", "eager", "torch_sgd"):
+        for ref in ("reference", "eager", "torch_sgd", "compact_torch"):
             if (r["model"], ref) in base:
                 r[f"x_{ref}"] = base[(r["model"], ref)] / r["seconds"]
     return records
@@ -243,11 +244,14 @@ def write_results(records: list[dict], directory: Path, device: torch.device) ->
 
 
 def table(records: list[dict]) -> str:
-    rows = [("model", "provider", "ms", "GB/s", "of copy", "x reference", "x eager")]
+    def fmt(r, key, spec):
+        return format(r[key], spec) if key in r else "-"
+    rows = [("model", "provider", "ms", "GB/s", "of copy", "x reference", "x eager", "x baseline")]
     for r in records:
-        rows.append((r["model"], r["provider"], f"{1e3 * r['seconds']:.3f}", f"{r['gb_per_s']:.1f}",
-                     f"{r['copy_fraction']:.2f}", f"{r.get('x_reference', float('nan')):.2f}",
-                     f"{r.get('x_eager', r.get('x_torch_sgd', float('nan'))):.2f}"))
+        baseline = r.get("x_torch_sgd", r.get("x_compact_torch"))
+        rows.append((r["model"], r["provider"], f"{1e3 * r['seconds']:.3f}", fmt(r, "gb_per_s", ".1f"),
+                     fmt(r, "copy_fraction", ".2f"), fmt(r, "x_reference", ".2f"), fmt(r, "x_eager", ".2f"),
+                     "-" if baseline is None else f"{baseline:.2f}"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.rjust(w) if i > 1 else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
              for row in rows]

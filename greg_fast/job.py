@@ -24,6 +24,7 @@ from . import models, plots
 from .compaction import compact
 from .eager import apply_masks, group_scores
 from .io import save as save_model
+from .sparse import pack_model
 from .engine import GrowingReg
 from .plan import plan as make_plan, stage_ratios
 from .train import epoch_generator, evaluate, lr_at, n_batches, parse_lr_schedule, train_epoch
@@ -245,6 +246,10 @@ def run(args) -> dict:
 
     summary = _summary(args, state, planned_cost, structured, len(the_plan.pruned))
     save_model(model, out / "model.pt", masks=None if structured else state.results["masks"])
+    if not structured:  # unstructured: the kept weights in a compact format beside the dense file
+        packed = pack_model(model, masks, the_plan, "bitmap")
+        torch.save(packed, out / "sparse.pt")
+        summary["sparse_bytes"] = {"dense": packed["bytes_dense"], "bitmap": packed["bytes_packed"]}
     with open(out / "summary.json", "w") as fh:
         json.dump(summary, fh, indent=2)
     plots.accuracy(state.records, out / "accuracy.png", summary["dense"]["test_acc"])

@@ -84,9 +84,13 @@ def unpack(packed: Mapping) -> torch.Tensor:
         out[mask] = values
         return out.view(shape)
     if packed["format"] == "csr":
-        rows = shape[0]
-        dense = torch.sparse_csr_tensor(packed["crow_indices"], packed["col_indices"], values,
-                                        (rows, numel // rows)).to_dense()
+        rows, crow, col = shape[0], packed["crow_indices"], packed["col_indices"]
+        counts = crow.diff()
+        if len(crow) != rows + 1 or crow[0] != 0 or bool((counts < 0).any()) or crow[-1] != len(values) \
+                or len(col) != len(values) or (len(col) and not 0 <= int(col.min()) <= int(col.max()) < numel // rows):
+            raise ValueError("corrupt CSR pack: crow_indices, col_indices and values do not agree with the shape")
+        dense = torch.zeros(rows, numel // rows, dtype=values.dtype)
+        dense[torch.repeat_interleave(torch.arange(rows), counts), col] = values
         return dense.view(shape)
     raise ValueError(f"unknown packed format {packed.get('format')!r}")
 

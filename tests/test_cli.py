@@ -5,6 +5,7 @@ import torch
 
 import greg_fast as gf
 import greg_fast.data
+import greg_fast.sparse
 from greg_fast.cli import main
 
 TINY = ["--model", "resnet20", "--data", "digits", "--granularity", "filter", "--ratio", "0.5",
@@ -95,6 +96,17 @@ def test_cli_errors_are_clear(tmp_path, capsys):
     cmd[cmd.index("--pretrain-epochs"):cmd.index("--pretrain-epochs") + 2] = ["--checkpoint", str(tmp_path / "bad.pt")]
     assert main(cmd) == 2
     assert "does not match model CifarResNet" in capsys.readouterr().err
+
+
+def test_unstructured_run_keeps_masks_and_exports_packed_weights(tmp_path):
+    out, s = run(tmp_path, "l1", "--granularity", "weight")
+    assert not s["pruned"]["compacted"] and s["sparse_bytes"]["bitmap"] < s["sparse_bytes"]["dense"]
+    model = gf.load(out / "model.pt")
+    packed = torch.load(out / "sparse.pt", weights_only=True)
+    for name, p in packed["layers"].items():
+        w = model.get_submodule(name).weight.detach()
+        assert torch.equal(gf.sparse.unpack(p), w)
+        assert int((w == 0).sum()) >= gf.n_prune_for(0.5, w.numel())
 
 
 def test_checkpoint_starts_from_given_dense_weights(tmp_path):

@@ -56,3 +56,10 @@ def test_bad_arguments():
         sparse.pack(torch.randn(3, 3), format="coo")
     with pytest.raises(ValueError, match="bool tensor of the weight's shape"):
         sparse.pack(torch.randn(3, 3), torch.ones(9, dtype=torch.bool))
+
+
+def test_corrupt_csr_is_refused():
+    packed = sparse.pack(torch.randn(4, 6), torch.rand(4, 6) > 0.5, "csr")
+    packed["col_indices"] = packed["col_indices"] + 6
+    with pytest.raises(ValueError, match="corrupt CSR pack"):
+        sparse.unpack(packed)

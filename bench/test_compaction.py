@@ -1,0 +1,58 @@
+"""Physical compaction of ResNet-50 / ResNet-152 at ratio 0.5 (random masks): our C++ gather, the
+pure-PyTorch gather, and Torch-Pruning's dependency-graph pruner on the same model and masks."""
+import copy
+import importlib.util
+
+import pytest
+import torch
+
+import greg_fast as gf
+from greg_fast import bench, models
+
+X = torch.zeros(1, 3, 64, 64)
+_BASE = {}
+
+
+def base(model):
+    if model not in _BASE:
+        _BASE.clear()
+        m = models.create(model).eval()
+        p = gf.plan(m, 0.5, example_inputs=X)
+        g = torch.Generator().manual_seed(0)
+        masks = {l.name: torch.randperm(l.n_groups, generator=g) >= l.n_prune for l in p.layers}
+        _BASE[model] = (m, masks)
+    return _BASE[model]
+
+
+@pytest.mark.parametrize("model_name", ["resnet50", "resnet152"])
+@pytest.mark.parametrize("provider", ["cpp", "torch", "torch_pruning"])
+def test_compaction(benchmark, model_name, provider, device, records):
+    if device.type != "cpu":
+        pytest.skip("compaction is measured on the CPU")
+    if provider == "torch_pruning" and importlib.util.find_spec("torch_pruning") is None:
+        pytest.skip("Torch-Pruning is not installed (pip install greg-fast[bench])")
+    model, masks = base(model_name)
+
+    def fresh():  # untimed: a copy of the model and its plan (or dependency graph)
+        m = copy.deepcopy(model)
+        if provider != "torch_pruning":
+            return (m, gf.plan(m, 0.5, example_inputs=X)), {}
+        import torch_pruning as tp
+        return (m, tp.DependencyGraph().build_dependency(m, example_inputs=X)), {}
+
+    def ours(m, p):
+        gf.compact(m, masks, p, backend=provider)
+
+    def theirs(m, dg):
+        import torch_pruning as tp
+        for name, kept in masks.items():
+            removed = (~kept).nonzero().flatten().tolist()
+            if removed:
+                dg.get_pruning_group(m.get_submodule(name), tp.prune_conv_out_channels, idxs=removed).prune()
+
+    benchmark.pedantic(theirs if provider == "torch_pruning" else ours, setup=fresh, rounds=5, warmup_rounds=1)
+    seconds = benchmark.stats.stats.median
+    rec = {"model": model_name, "provider": f"compact_{provider}", "seconds": seconds,
+           "device": bench.device_name(device), "date": bench.datetime.date.today().isoformat()}
+    benchmark.extra_info.update(rec)
+    records.append(rec)
