@@ -3,7 +3,9 @@
 //
 // Every layer's weight is viewed as [A, G, B] (groups on the middle axis; see LayerPlan.view).
 // One pass per element: read w and grad, write grad (penalty) — or, fused with SGD, read w, grad
-// and momentum, write w and momentum. Group scores (mean |w|) come out of the same pass.
+// and momentum, write w and momentum. Group scores (mean |w|) come out of the same pass. Groups
+// whose λ is 0 (GReg-1's kept groups) are not touched by the penalty at all: w is read only when
+// scores are wanted, the gradient never.
 // Work items are (layer, block of groups) so that one item owns its groups across A and B and the
 // scores need no atomics; items run in parallel (at::parallel_for: OpenMP, torch's thread count).
 #include <ATen/ATen.h>
@@ -58,6 +60,11 @@ void run_item(const Layer& L, int64_t g0, int64_t g1, Mode mode, bool mask) {
       } else if (mode == Mode::Penalty) {
         if (zero) {
           for (int64_t b = 0; b < L.B; ++b) w[base + b] = T(0), g[base + b] = T(0);
+        } else if (lam == 0.f) {  // nothing to add: leave the gradient untouched (GReg-1's kept groups)
+          if (L.scores) {
+#pragma omp simd reduction(+ : s)
+            for (int64_t b = 0; b < L.B; ++b) s += std::abs(static_cast<float>(w[base + b]));
+          }
         } else {
 #pragma omp simd reduction(+ : s)
           for (int64_t b = 0; b < L.B; ++b) {

@@ -1,9 +1,9 @@
 """Workloads and providers of the regularization-step benchmarks (bench/ and ``greg-fast bench``).
 
-A workload is one model's regularized conv weights with random gradients under a 50% filter plan;
-a provider is a callable doing one penalty step over them. Every record states the bytes the step
-must move (read w, read grad, write grad; fused SGD: read w, grad, momentum, write w, momentum),
-the effective GB/s and its fraction of the copy bandwidth measured in the same run.
+A workload is one model's regularized conv weights with random gradients under a 50% filter plan
+(GReg-1, past its first λ update); a provider is a callable doing one step over them. Every record
+states the bytes the step must move (see ``Workload.bytes_moved``), the effective GB/s and its
+fraction of the copy bandwidth measured in the same run.
 """
 from __future__ import annotations
 
@@ -67,15 +67,21 @@ class Workload:
     model: torch.nn.Module
     plan: Plan
     device: torch.device
-    numel: int = 0
-    copy_bw: float = 0.0  # bytes/s of a copy with the same footprint as weights + gradients
+    numel: int = 0         # elements of the regularized weights
+    penalized: int = 0     # elements of the groups whose λ is not 0 (GReg-1: the selected ones)
+    copy_bw: float = 0.0   # bytes/s of a copy with the same footprint as weights + gradients
 
     @property
     def weights(self) -> list[torch.Tensor]:
         return [l.weight for l in self.plan.pruned]
 
-    def bytes_moved(self, passes: int) -> int:
-        return passes * self.numel * self.weights[0].element_size()
+    def bytes_moved(self, provider: str) -> int:
+        """What the step must move: the penalty reads w and grad and writes grad of the groups
+        whose λ is not 0 (GReg-1 leaves kept groups at λ = 0); fused SGD reads w, grad and momentum
+        and writes w and momentum of every weight."""
+        if provider in SGD_PROVIDERS:
+            return 5 * self.numel * self.weights[0].element_size()
+        return 3 * self.penalized * self.weights[0].element_size()
 
 
 def workload(name: str, device: torch.device, dtype=torch.float32) -> Workload:
@@ -87,7 +93,9 @@ def workload(name: str, device: torch.device, dtype=torch.float32) -> Workload:
     for param in model.parameters():
         param.grad = torch.randn_like(param) * 1e-3
     numel = sum(l.weight.numel() for l in p.pruned)
-    return Workload(name, model, p, device, numel=numel, copy_bw=copy_bandwidth(device, numel, dtype))
+    penalized = sum(l.n_prune * l.view[0] * l.view[2] for l in p.pruned)
+    return Workload(name, model, p, device, numel=numel, penalized=penalized,
+                    copy_bw=copy_bandwidth(device, numel, dtype))
 
 
 def _greg(work: Workload, backend: str, fused: bool = False, momentum: float = 0.9) -> GrowingReg:
@@ -183,13 +191,8 @@ def unavailable(name: str, device: torch.device) -> str | None:
     return None
 
 
-def passes(name: str) -> int:
-    """Minimum passes over the weights' bytes: penalty 3 (r w, r g, w g); SGD 5 (r w, g, m; w w, m)."""
-    return 5 if name in SGD_PROVIDERS else 3
-
-
 def record(work: Workload, name: str, seconds: float) -> dict:
-    moved, copy_bw = work.bytes_moved(passes(name)), work.copy_bw
+    moved, copy_bw = work.bytes_moved(name), work.copy_bw
     return {"model": work.name, "provider": name, "seconds": seconds, "bytes": moved,
             "gb_per_s": moved / seconds / 1e9, "copy_fraction": moved / seconds / copy_bw,
             "copy_gb_per_s": copy_bw / 1e9, "device": device_name(work.device),
@@ -224,12 +227,22 @@ def run_set(device: torch.device, model_names=MODELS, providers=PENALTY_PROVIDER
     return with_ratios(records)
 
 
+_BASELINES = {"penalty": ("reference", "eager"), "sgd": ("torch_sgd",), "compaction": ("compact_torch",)}
+
+
+def kind(provider: str) -> str:
+    if provider in SGD_PROVIDERS:
+        return "sgd"
+    return "compaction" if provider.startswith("compact_") else "penalty"
+
+
 def with_ratios(records: list[dict]) -> list[dict]:
-    """Add each record's speed-up over the baselines of the same model in the same run: the
-    reference style and our eager path (penalty step), torch's fused SGD, the PyTorch gather."""
+    """Add each record's speed-up over its kind's baselines, same model, same run: the reference
+    style and our eager path (penalty), torch's fused SGD (sgd), the PyTorch gather (compaction)."""
     base = {(r["model"], r["provider"]): r["seconds"] for r in records}
     for r in records:
-        for ref in ("reference", "eager", "torch_sgd", "compact_torch"):
+        r["kind"] = kind(r["provider"])
+        for ref in _BASELINES[r["kind"]]:
             if (r["model"], ref) in base:
                 r[f"x_{ref}"] = base[(r["model"], ref)] / r["seconds"]
     return records
@@ -246,6 +259,7 @@ def write_results(records: list[dict], directory: Path, device: torch.device) ->
 def table(records: list[dict]) -> str:
     def fmt(r, key, spec):
         return format(r[key], spec) if key in r else "-"
+    # x baseline: fused SGD against torch's fused SGD, compaction against the PyTorch gather
     rows = [("model", "provider", "ms", "GB/s", "of copy", "x reference", "x eager", "x baseline")]
     for r in records:
         baseline = r.get("x_torch_sgd", r.get("x_compact_torch"))

@@ -6,8 +6,8 @@ x inner elements and loops over B (and over A_STEP rows of A). Per element it re
 and writes grad (MODE_PENALTY: grad += λ_g w), or reads w, grad and the momentum buffer and
 writes w and the buffer (MODE_SGD: d = grad + λ_g w + wd w; m = μ m + d; w -= lr m), all in fp32.
 Scores (sum |w| per group) leave the same pass through one atomic add per group and program.
-Traffic: penalty 3 passes (r w, r g, w g), fused SGD 5 (r w, r g, r m, w m, w w), plus the
-mask-only writes; tables and λ are O(layers).
+Traffic: penalty 3 passes (r w, r g, w g) over the groups whose λ is not 0 (plus r w of the others
+when scores are wanted), fused SGD 5 (r w, r g, r m, w m, w w); tables and λ are O(layers).
 """
 import triton
 import triton.language as tl
@@ -58,16 +58,24 @@ def _greg_step_kernel(
             offs_b = b0 + tl.arange(0, BLOCK_B).to(tl.int64)
             inside = g_in[:, None] & (offs_b < B)[None, :]
             idx = row[:, None] + offs_b[None, :]
-            w = tl.load(w_ptr + idx, mask=inside, other=0.0).to(tl.float32)
+            if MODE == 1:
+                # groups with λ = 0 (GReg-1's kept ones) need no gradient traffic; masked-off lanes
+                # touch no memory, so they cost nothing but the scores' read of w
+                touched = inside & (lam != 0.0)[:, None]
+                if MASK:
+                    touched = touched | (inside & ~kept[:, None])
+                w = tl.load(w_ptr + idx, mask=inside if SCORES else touched, other=0.0).to(tl.float32)
+            else:
+                w = tl.load(w_ptr + idx, mask=inside, other=0.0).to(tl.float32)
             if SCORES:
                 acc += tl.sum(tl.abs(w), axis=1)
             if MODE == 1:
-                g = tl.load(g_ptr + idx, mask=inside, other=0.0).to(tl.float32)
+                g = tl.load(g_ptr + idx, mask=touched, other=0.0).to(tl.float32)
                 g = g + w * lam[:, None]
                 if MASK:
                     g = tl.where(kept[:, None], g, 0.0)
                     tl.store(w_ptr + idx, tl.zeros_like(w).to(ELEM), mask=inside & ~kept[:, None])
-                tl.store(g_ptr + idx, g.to(ELEM), mask=inside)
+                tl.store(g_ptr + idx, g.to(ELEM), mask=touched)
             elif MODE == 2:
                 g = tl.load(g_ptr + idx, mask=inside, other=0.0).to(tl.float32)
                 d = g + w * lam[:, None]

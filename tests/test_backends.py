@@ -63,6 +63,7 @@ def test_kernel_matches_eager_on_random_shapes(backend, granularity, dtype, op):
     layers = [fake_layer(s, granularity, dtype, device, sp) for s, sp in SHAPES[granularity]]
     kept = [torch.rand(l.n_groups, device=device) < 0.6 for l in layers]
     lam_kept = torch.rand(len(layers), device=device) * 0.1 - 0.05
+    lam_kept[::2] = 0  # GReg-1's kept groups: the gradient is left alone
     lam_sel = torch.rand(len(layers), device=device)
     ref = clone_layers(layers)
     mask = op.endswith("masked")

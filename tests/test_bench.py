@@ -25,9 +25,11 @@ def test_bench_command_writes_records_with_bandwidth_fractions(tmp_path, monkeyp
     names = {r["provider"] for r in records}
     assert {"reference", "eager", "foreach", "compile", "cpp", "torch_sgd", "greg_fused_sgd"} <= names
     assert "triton" not in names  # GPU only
-    numel = sum(w.numel() for w in bench.workload("resnet20", torch.device("cpu")).weights)
-    for r in records:  # penalty: read w, read grad, write grad; fused SGD adds the momentum, writes w
-        assert r["bytes"] == bench.passes(r["provider"]) * 4 * numel
+    work = bench.workload("resnet20", torch.device("cpu"))
+    numel = sum(w.numel() for w in work.weights)
+    assert work.penalized * 2 == numel  # every conv of the plan halves its filters
+    for r in records:  # penalty: r w, r grad, w grad of the selected half; fused SGD: 5 passes over all
+        assert r["bytes"] == (5 * numel if "sgd" in r["provider"] else 3 * work.penalized) * 4
         assert r["copy_fraction"] == r["bytes"] / r["seconds"] / (r["copy_gb_per_s"] * 1e9)
         assert r["x_reference"] == 1.0 and r["device"] and r["date"]
     assert "of copy" in capsys.readouterr().out
