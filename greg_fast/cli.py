@@ -63,6 +63,8 @@ def _add_prune_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
     t.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--out", required=req, help="output folder")
     p.add_argument("--resume", default=None, metavar="DIR", help="continue the run whose --out is DIR")
+    p.add_argument("--checkpoint-every", type=int, default=500, metavar="STEPS",
+                   help="checkpoint interval in steps (also at every phase change and epoch end)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bars or plan table")
 
@@ -120,13 +122,14 @@ def main(argv=None) -> int:
         print(f"wrote {bench.write_results(records, Path(args.out), device)}")
         return 0
     if args.command == "demo":
-        Path(args.out, "checkpoint.pt").unlink(missing_ok=True)  # a demo always starts afresh
+        for old in Path(args.out, "checkpoints").glob("ckpt-*.pt"):  # a demo always starts afresh
+            old.unlink()
         args = prune.parse_args(DEMO_ARGS + ["--out", args.out] + (["--quiet"] if args.quiet else []))
     else:
         _check_dense_source(args, prune)
     try:
         run(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as err:
         print(f"greg-fast: error: {err}", file=sys.stderr)
         return 2
     return 0

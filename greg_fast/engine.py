@@ -20,6 +20,7 @@ import torch
 from . import dispatch
 from .eager import check_masks, masked_tensors
 from .plan import Plan
+from .train import grads_finite
 
 METHODS = ("greg1", "greg2", "l1")
 PHASES = ("pick", "grow", "stabilize", "done")
@@ -29,6 +30,28 @@ _SMOOTHING = 0.9  # h = 0.9 h + 0.1 ratio, as in the reference
 def _reached(value: float, threshold: float) -> bool:
     """value >= threshold, forgiving float products (1000 * 1e-5 vs 1e-2)."""
     return value >= threshold * (1 - 1e-9) if threshold > 0 else value >= threshold
+
+
+def check_hyper(method: str, *, delta: float, interval: int, ceiling: float, stabilize: int,
+                pick_delta: float, pick_ceiling: float, mag_ratio_limit: float, **_) -> None:
+    """Raise ValueError naming the first bad schedule setting."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if not isinstance(interval, int) or interval < 1:
+        raise ValueError(f"interval must be an integer >= 1, got {interval!r}")
+    if not isinstance(stabilize, int) or stabilize < 0:
+        raise ValueError(f"stabilize must be an integer >= 0, got {stabilize!r}")
+    for key, value in (("delta", delta), ("ceiling", ceiling), ("pick_delta", pick_delta),
+                       ("pick_ceiling", pick_ceiling), ("mag_ratio_limit", mag_ratio_limit)):
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"{key} must be a finite number >= 0, got {value!r}")
+    if method == "greg2":
+        if pick_delta <= 0:
+            raise ValueError("pick_delta must be > 0 for greg2")
+        if pick_ceiling > ceiling:
+            raise ValueError(f"pick_ceiling ({pick_ceiling}) must not exceed ceiling ({ceiling})")
+    if method != "l1" and delta <= 0:
+        raise ValueError(f"delta must be > 0 for {method}")
 
 
 class GrowingReg(torch.optim.Optimizer):
@@ -45,24 +68,10 @@ class GrowingReg(torch.optim.Optimizer):
     def __init__(self, optimizer: torch.optim.Optimizer, plan: Plan, *, method: str = "greg1",
                  delta: float = 1e-4, interval: int = 10, ceiling: float = 1.0, stabilize: int = 10000,
                  pick_delta: float = 1e-5, pick_ceiling: float = 1e-2, recover: float = -1e-4,
-                 mag_ratio_limit: float = 1000.0, backend: str = "auto", fused: bool = False):
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-        if not isinstance(interval, int) or interval < 1:
-            raise ValueError(f"interval must be an integer >= 1, got {interval!r}")
-        if not isinstance(stabilize, int) or stabilize < 0:
-            raise ValueError(f"stabilize must be an integer >= 0, got {stabilize!r}")
-        for key, value in (("delta", delta), ("ceiling", ceiling), ("pick_delta", pick_delta),
-                           ("pick_ceiling", pick_ceiling), ("mag_ratio_limit", mag_ratio_limit)):
-            if not math.isfinite(value) or value < 0:
-                raise ValueError(f"{key} must be a finite number >= 0, got {value!r}")
-        if method == "greg2":
-            if pick_delta <= 0:
-                raise ValueError("pick_delta must be > 0 for greg2")
-            if pick_ceiling > ceiling:
-                raise ValueError(f"pick_ceiling ({pick_ceiling}) must not exceed ceiling ({ceiling})")
-        if method != "l1" and delta <= 0:
-            raise ValueError(f"delta must be > 0 for {method}")
+                 mag_ratio_limit: float = 1000.0, backend: str = "auto", fused: bool = False,
+                 nan_guard: bool = True):
+        check_hyper(method, delta=delta, interval=interval, ceiling=ceiling, stabilize=stabilize,
+                    pick_delta=pick_delta, pick_ceiling=pick_ceiling, mag_ratio_limit=mag_ratio_limit)
         self.optimizer = optimizer
         self.plan = plan
         self.method = method
@@ -78,6 +87,8 @@ class GrowingReg(torch.optim.Optimizer):
         self.device = devices.pop() if devices else torch.device("cpu")
         self.backend = dispatch.resolve(backend, self.device)
         self.fused = fused
+        self.nan_guard = nan_guard
+        self.skipped_steps = 0  # steps refused for non-finite gradients
         self._group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
         if fused:
             self._check_fusable()
@@ -146,6 +157,9 @@ class GrowingReg(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self.nan_guard and not grads_finite(self.optimizer):
+            self.skipped_steps += 1  # nothing reaches λ, the schedule or the weights
+            return loss
         if self.fused:
             self._regularize(fused=True)
             self._step_others()
@@ -312,6 +326,7 @@ class GrowingReg(torch.optim.Optimizer):
                 "method": self.method, "hyper": dict(self.hyper), "phase": self._phase,
                 "layers": [l.name for l in self.layers], "n_groups": [l.n_groups for l in self.layers],
                 "iteration": self.iteration, "n_updates": self._n_updates, "n_pick": self._n_pick,
+                "skipped_steps": self.skipped_steps,
                 "picked": self._picked, "stabilize_end": self._stabilize_end,
                 "n_grow": self._n_grow.clone(), "finished": self._finished.clone(), "hist": self._hist.clone(),
                 "kept": [k.clone() for k in self._kept],
@@ -343,6 +358,7 @@ class GrowingReg(torch.optim.Optimizer):
         self.optimizer.load_state_dict(opt)
         self._phase, self.iteration, self._n_updates = g["phase"], g["iteration"], g["n_updates"]
         self._n_pick, self._picked, self._stabilize_end = g["n_pick"], g["picked"], g["stabilize_end"]
+        self.skipped_steps = g.get("skipped_steps", 0)
         self._n_grow = g["n_grow"].to(dev, torch.int64)
         self._finished = g["finished"].to(dev, torch.bool)
         self._hist = g["hist"].to(dev, torch.float64)

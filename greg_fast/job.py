@@ -2,8 +2,9 @@
 
 Writes to ``out``: ``metrics.jsonl`` (one record per epoch and per trace point), ``summary.json``,
 ``model.pt`` (``torch.load(..., weights_only=True)``), ``regularization.pt`` (λ and score traces),
-``lambda_schedule.png``, ``score_distribution.png``, ``accuracy.png`` and ``checkpoint.pt``
-(written atomically after every epoch; ``--resume`` continues from it).
+``lambda_schedule.png``, ``score_distribution.png``, ``accuracy.png`` and ``checkpoints/`` (the
+last two, each written atomically every ``--checkpoint-every`` steps, at every phase change and
+after every epoch; ``--resume`` continues from the newest one that loads).
 """
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ import copy
 import json
 import math
 import os
+import signal
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,9 +28,9 @@ from .compaction import compact
 from .eager import apply_masks, group_scores
 from .io import save as save_model
 from .sparse import pack_model
-from .engine import GrowingReg
+from .engine import GrowingReg, check_hyper
 from .plan import plan as make_plan, stage_ratios
-from .train import epoch_generator, evaluate, lr_at, n_batches, parse_lr_schedule, train_epoch
+from .train import epoch_metrics, evaluate, lr_at, n_batches, parse_lr_schedule, train_epoch
 
 STAGES = ("pretrain", "regularize", "finetune", "finished")
 # Arguments that must agree between a run and its resume.
@@ -42,6 +45,11 @@ class RunState:
     """Everything a resumed run needs besides model and optimizer tensors."""
     stage: str = "pretrain"
     epoch: int = 0                       # next epoch to run within the stage
+    batch: int = 0                       # next batch of that epoch
+    step: int = 0                        # steps done in the stage
+    sums: dict | None = None             # running totals of the unfinished epoch
+    saves: int = 0                       # checkpoints written
+    skipped_steps: int = 0               # steps skipped for non-finite gradients
     records: list = field(default_factory=list)
     trace: list = field(default_factory=list)
     phase_changes: list = field(default_factory=list)
@@ -50,8 +58,18 @@ class RunState:
 
 
 def _save_atomic(obj, path: Path) -> None:
+    """Write to a temporary file, flush it to disk, then rename: a crash leaves the old file or the new."""
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
+    with open(tmp, "wb") as fh:
+        torch.save(obj, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
     os.replace(tmp, path)
 
 
@@ -69,19 +87,46 @@ def _max_regularization_iterations(args) -> int:
     return (picks + grows - 1) * args.interval + args.stabilize + 1
 
 
+def _checkpoints(out: Path) -> list[Path]:
+    return sorted((out / "checkpoints").glob("ckpt-*.pt"))
+
+
+def _load_latest(out: Path, device) -> dict:
+    """The newest checkpoint that loads completely (a torn or corrupt file falls back to the one before)."""
+    paths = _checkpoints(out)
+    if not paths:
+        raise FileNotFoundError(f"--resume {out}: no checkpoints/ckpt-*.pt there")
+    errors = []
+    for path in reversed(paths):
+        try:
+            obj = torch.load(path, map_location=device, weights_only=True)
+            if isinstance(obj, dict) and {"identity", "state", "model", "optimizer", "rng"} <= obj.keys():
+                return obj
+            errors.append(f"{path.name}: not a greg-fast checkpoint")
+        except Exception as err:  # truncated, corrupt, unreadable
+            errors.append(f"{path.name}: {type(err).__name__}: {err}")
+        print(f"greg-fast: skipping unusable checkpoint {errors[-1]}", file=sys.stderr)
+    raise ValueError(f"--resume {out}: no usable checkpoint ({'; '.join(errors)})")
+
+
+def _fault_injection(stage: str, step: int) -> None:
+    """Test hook: GREG_FAST_KILL_AT=stage:step kills this process (SIGKILL) after that step."""
+    target = os.environ.get("GREG_FAST_KILL_AT")
+    if target and target == f"{stage}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def run(args) -> dict:
     out = Path(args.out)
     if args.resume is not None and Path(args.resume) != out:
         raise ValueError("--resume DIR must be the run's --out DIR")
-    ckpt_path = out / "checkpoint.pt"
-    if args.resume is None and ckpt_path.exists():
-        raise FileExistsError(f"{ckpt_path} exists: pass --resume {out} to continue that run, "
+    if args.resume is None and _checkpoints(out):
+        raise FileExistsError(f"{out} holds checkpoints of a run: pass --resume {out} to continue it, "
                               "or choose another --out")
-    ratio_err = None
     if (args.ratio is None) == (args.stage_ratios is None):
-        ratio_err = "give exactly one of --ratio and --stage-ratios"
-    if ratio_err:
-        raise ValueError(ratio_err)
+        raise ValueError("give exactly one of --ratio and --stage-ratios")
+    if args.checkpoint_every < 1:
+        raise ValueError(f"--checkpoint-every must be >= 1, got {args.checkpoint_every}")
     lr_ft = parse_lr_schedule(args.lr_ft)
     data = datasets.load(args.data, args.data_dir)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -93,12 +138,14 @@ def run(args) -> dict:
                          example_inputs=example)
     planned_cost = the_plan.cost()  # before compaction changes the planned modules
     structured = args.granularity != "weight"
+    greg_kwargs = dict(method=args.method, delta=args.delta, interval=args.interval, ceiling=args.ceiling,
+                       stabilize=args.stabilize, pick_delta=args.pick_delta, pick_ceiling=args.pick_ceiling,
+                       recover=args.recover, mag_ratio_limit=args.mag_ratio_limit, nan_guard=False)
+    check_hyper(**greg_kwargs)  # a bad schedule fails now, before anything is written
     state = RunState()
     checkpoint = None
     if args.resume is not None:
-        if not ckpt_path.exists():
-            raise FileNotFoundError(f"--resume {out}: no checkpoint.pt there")
-        checkpoint = torch.load(ckpt_path, map_location=device, weights_only=True)
+        checkpoint = _load_latest(out, device)
         saved = checkpoint["identity"]
         diff = {k: (saved.get(k), v) for k, v in _identity(args).items() if saved.get(k) != v}
         if diff:
@@ -109,46 +156,63 @@ def run(args) -> dict:
             compact(model, state.results["masks"], the_plan)
         model.load_state_dict(checkpoint["model"])
         torch.set_rng_state(checkpoint["rng"])
-    out.mkdir(parents=True, exist_ok=True)
+    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
     quiet = args.quiet
     say = (lambda *a: None) if quiet else print
+    clock = [time.perf_counter()]
 
     def save(optimizer=None):
+        """Atomically write the next checkpoint (keeping the previous one) and the metrics so far."""
+        now = time.perf_counter()
+        state.seconds[state.stage] = state.seconds.get(state.stage, 0) + now - clock[0]
+        clock[0] = now
+        state.saves += 1
         _save_atomic({"identity": _identity(args), "state": state.__dict__, "model": model.state_dict(),
                       "optimizer": optimizer.state_dict() if optimizer is not None else None,
-                      "rng": torch.get_rng_state()}, ckpt_path)
-        with open(out / "metrics.jsonl", "w") as fh:
-            fh.writelines(json.dumps(r) + "\n" for r in state.records)
+                      "rng": torch.get_rng_state()}, out / "checkpoints" / f"ckpt-{state.saves:07d}.pt")
+        for old in _checkpoints(out)[:-2]:
+            old.unlink()
+        _write_atomic(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in state.records))
 
-    def log_epoch(stage, epoch, train_metrics, lr, **extra):
-        rec = {"type": "epoch", "stage": stage, "epoch": epoch, "lr": lr, **train_metrics,
-               **evaluate(model, data, device), **extra}
-        state.records.append(rec)
-        return rec
+    def next_stage(stage):
+        save_time = time.perf_counter()
+        state.seconds[state.stage] = state.seconds.get(state.stage, 0) + save_time - clock[0]
+        clock[0] = save_time
+        state.stage, state.epoch, state.batch, state.step, state.sums = stage, 0, 0, 0, None
+        save()
 
-    def run_epochs(stage, opt, epochs, lr_of_epoch, after_step=None):
-        """Epochs ``state.epoch..epochs-1`` of a plain training stage, checkpointing after each."""
-        t0 = time.perf_counter()
-        with tqdm(total=epochs * steps_per_epoch, initial=state.epoch * steps_per_epoch, desc=stage,
-                  disable=quiet, dynamic_ncols=True) as bar:
-            for epoch in range(state.epoch, epochs):
-                lr = lr_of_epoch(epoch)
+    def train_stage(stage, opt, epochs, lr_of_epoch, after_step=None, stop=lambda: False, extra=dict):
+        """The stage's epochs from where the state says, checkpointing every ``--checkpoint-every``
+        steps, when ``after_step`` reports a phase change, and after each epoch."""
+        total = epochs * steps_per_epoch if epochs is not None else _max_regularization_iterations(args)
+        with tqdm(total=total, initial=min(state.step, total), desc=stage, disable=quiet,
+                  dynamic_ncols=True) as bar:
+            while (epochs is None or state.epoch < epochs) and not stop():
+                lr = lr_of_epoch(state.epoch)
                 for g in opt.param_groups:
                     g["lr"] = lr
 
-                def tick(loss, acc):
-                    if after_step is not None:
-                        after_step()
+                def tick(next_batch, sums):
+                    state.batch, state.sums = next_batch, sums
+                    state.step += 1
+                    changed = after_step() if after_step is not None else False
                     bar.update()
-                    bar.set_postfix(loss=f"{loss:.3f}", acc=f"{100 * acc:.1f}", refresh=False)
+                    bar.set_postfix(loss=f"{sums['last_loss']:.3f}", acc=f"{100 * sums['last_acc']:.1f}",
+                                    **extra(), refresh=False)
+                    _fault_injection(stage, state.step)
+                    if changed or state.step % args.checkpoint_every == 0:
+                        save(opt)
+                    return stop()
 
-                m = train_epoch(model, data, opt, device, batch_size=args.batch_size,
-                                generator=epoch_generator(args.seed, stage, epoch), after_step=tick)
-                rec = log_epoch(stage, epoch, m, lr)
-                bar.set_postfix(loss=f"{m['train_loss']:.3f}", test_acc=f"{rec['test_acc']:.2f}")
-                state.epoch = epoch + 1
-                state.seconds[stage] = state.seconds.get(stage, 0) + time.perf_counter() - t0
-                t0 = time.perf_counter()
+                sums = train_epoch(model, data, opt, device, batch_size=args.batch_size, seed=args.seed,
+                                   stage=stage, epoch=state.epoch, start_batch=state.batch, sums=state.sums,
+                                   after_step=tick)
+                rec = {"type": "epoch", "stage": stage, "epoch": state.epoch, "lr": lr, **epoch_metrics(sums),
+                       **evaluate(model, data, device), **extra()}
+                state.records.append(rec)
+                state.skipped_steps += sums["skipped"]
+                bar.set_postfix(test_acc=f"{rec['test_acc']:.2f}", **extra())
+                state.epoch, state.batch, state.sums = state.epoch + 1, 0, None
                 save(opt)
 
     steps_per_epoch = n_batches(data.train, args.batch_size)
@@ -162,53 +226,26 @@ def run(args) -> dict:
                               weight_decay=args.weight_decay, nesterov=True)
         if checkpoint is not None and checkpoint["optimizer"] is not None:
             opt.load_state_dict(checkpoint["optimizer"])
-        run_epochs("pretrain", opt, args.pretrain_epochs,
-                   lambda e: args.lr_pretrain * 0.5 * (1 + math.cos(math.pi * e / args.pretrain_epochs)))
-        t0 = time.perf_counter()
+        train_stage("pretrain", opt, args.pretrain_epochs,
+                    lambda e: args.lr_pretrain * 0.5 * (1 + math.cos(math.pi * e / args.pretrain_epochs)))
         state.results["dense"] = {**evaluate(model, data, device), **measure(model, example)}
-        state.seconds["pretrain"] = state.seconds.get("pretrain", 0) + time.perf_counter() - t0
-        state.stage, state.epoch = "regularize", 0
-        checkpoint = None
-        save()
         say(f"dense model: test accuracy {state.results['dense']['test_acc']:.2f}%")
-
-    if state.stage == "regularize" and state.epoch == 0 and not quiet:
-        print(the_plan)
+        checkpoint = None
+        next_stage("regularize")
+        if not quiet:
+            print(the_plan)
 
     # ---- regularize, then prune ----
     if state.stage == "regularize":
-        t0 = time.perf_counter()
         opt = torch.optim.SGD(model.parameters(), lr=args.lr_reg, momentum=args.momentum,
                               weight_decay=args.weight_decay)
-        greg = GrowingReg(opt, the_plan, method=args.method, delta=args.delta, interval=args.interval,
-                          ceiling=args.ceiling, stabilize=args.stabilize, pick_delta=args.pick_delta,
-                          pick_ceiling=args.pick_ceiling, recover=args.recover,
-                          mag_ratio_limit=args.mag_ratio_limit)
+        greg = GrowingReg(opt, the_plan, **greg_kwargs)
         if checkpoint is not None and checkpoint["optimizer"] is not None:
             greg.load_state_dict(checkpoint["optimizer"])
         tracer = _Tracer(greg, args, state)
-        total = _max_regularization_iterations(args)
-        with tqdm(total=total, initial=min(greg.iteration, total), desc="regularize", disable=quiet,
-                  dynamic_ncols=True) as bar:
-            epoch = state.epoch
-            while not greg.done:
-                def tick(loss, acc):
-                    tracer.after_step()
-                    bar.update()
-                    if greg.iteration % 10 == 0 or greg.done:
-                        bar.set_postfix(phase=greg.phase, lam=f"{tracer.lam_max:.2e}", loss=f"{loss:.3f}",
-                                        acc=f"{100 * acc:.1f}", refresh=False)
-                    return greg.done
-
-                m = train_epoch(model, data, greg, device, batch_size=args.batch_size,
-                                generator=epoch_generator(args.seed, "regularize", epoch), after_step=tick)
-                log_epoch("regularize", epoch, m, args.lr_reg, iteration=greg.iteration, phase=greg.phase,
-                          lambda_max=tracer.lam_max)
-                epoch += 1
-                state.epoch = epoch
-                state.seconds["regularize"] = state.seconds.get("regularize", 0) + time.perf_counter() - t0
-                t0 = time.perf_counter()
-                save(greg)
+        train_stage("regularize", greg, None, lambda e: args.lr_reg, after_step=tracer.after_step,
+                    stop=lambda: greg.done,
+                    extra=lambda: {"phase": greg.phase, "lam": f"{tracer.lam_max:.2e}"})
         masks = greg.masks()
         apply_masks(model, masks, the_plan)
         state.results["masks"] = {k: v.cpu() for k, v in masks.items()}
@@ -221,37 +258,30 @@ def run(args) -> dict:
             plots.score_distribution(trace, out / "score_distribution.png")
         if structured:  # remove the pruned groups for real: a smaller dense model from here on
             compact(model, masks, the_plan)
-        state.seconds["regularize"] = state.seconds.get("regularize", 0) + time.perf_counter() - t0
-        state.stage, state.epoch = "finetune", 0
-        checkpoint = None
-        save()
         say(f"pruned ({args.method}), before fine-tuning: test accuracy "
             f"{state.results['pruned']['test_acc']:.2f}%")
+        checkpoint = None
+        next_stage("finetune")
 
-    # ---- fine-tune with the removed groups held at zero ----
+    # ---- fine-tune: the compacted model, or (unstructured) with the removed weights held at zero ----
     masks = {k: v.to(device) for k, v in state.results["masks"].items()}
     if state.stage == "finetune":
         opt = torch.optim.SGD(model.parameters(), lr=lr_ft[0][1], momentum=args.momentum,
                               weight_decay=args.weight_decay)
         if checkpoint is not None and checkpoint["optimizer"] is not None:
             opt.load_state_dict(checkpoint["optimizer"])
-        # unstructured: the removed weights are held at zero after every step
-        run_epochs("finetune", opt, args.finetune_epochs, lambda e: lr_at(lr_ft, e),
-                   after_step=None if structured else lambda: apply_masks(model, masks, the_plan))
-        t0 = time.perf_counter()
+        train_stage("finetune", opt, args.finetune_epochs, lambda e: lr_at(lr_ft, e),
+                    after_step=None if structured else lambda: apply_masks(model, masks, the_plan))
         state.results["final"] = {**evaluate(model, data, device), **measure(model, example)}
-        state.seconds["finetune"] = state.seconds.get("finetune", 0) + time.perf_counter() - t0
-        state.stage = "finished"
-        save()
+        next_stage("finished")
 
     summary = _summary(args, state, planned_cost, structured, len(the_plan.pruned))
     save_model(model, out / "model.pt", masks=None if structured else state.results["masks"])
     if not structured:  # unstructured: the kept weights in a compact format beside the dense file
         packed = pack_model(model, masks, the_plan, "bitmap")
-        torch.save(packed, out / "sparse.pt")
+        _save_atomic(packed, out / "sparse.pt")
         summary["sparse_bytes"] = {"dense": packed["bytes_dense"], "bitmap": packed["bytes_packed"]}
-    with open(out / "summary.json", "w") as fh:
-        json.dump(summary, fh, indent=2)
+    _write_atomic(out / "summary.json", json.dumps(summary, indent=2))
     plots.accuracy(state.records, out / "accuracy.png", summary["dense"]["test_acc"])
     print(format_table(summary))
     return summary
@@ -291,7 +321,8 @@ class _Tracer:
             self.layer = None
         self.lam_max = 0.0
         self.last_phase = state.phase_changes[-1][1] if state.phase_changes else None
-        self.sample()
+        if not state.trace:  # a resumed run has its trace already
+            self.sample()
 
     def sample(self) -> None:
         greg = self.greg
@@ -307,9 +338,12 @@ class _Tracer:
                                  "lambda_kept": [v[1] for v in lam.values()],
                                  "scores": group_scores(self.layer)[self.subset.to(self.layer.weight.device)].cpu()})
 
-    def after_step(self) -> None:
-        if self.greg.iteration % self.every == 0 or self.greg.done or self.greg.phase != self.last_phase:
+    def after_step(self) -> bool:
+        """Sample when due; True when the phase changed (a checkpoint is due too)."""
+        changed = self.greg.phase != self.last_phase
+        if self.greg.iteration % self.every == 0 or self.greg.done or changed:
             self.sample()
+        return changed
 
     def meta(self, masks) -> dict:
         if self.layer is None:
@@ -359,6 +393,7 @@ def _summary(args, state: RunState, cost: dict, structured: bool, n_pruned: int)
         "params_reduction": dense["params"] / max(params, 1),
         "speedup_batch64": dense["latency_ms_batch64"] / final["latency_ms_batch64"],
         "regularization_iterations": r["regularization"]["iterations"],
+        "skipped_steps": state.skipped_steps,
         "layers_pruned": n_pruned,
         "wall_time_s": {**{k: round(v, 2) for k, v in state.seconds.items()},
                         "total": round(sum(state.seconds.values()), 2)},

@@ -30,11 +30,11 @@ class LayerPlan:
     norms: list[str] = field(default_factory=list)      # BatchNorms cut with the filters
     consumers: list[str] = field(default_factory=list)  # layers whose input channels are cut with them
     producer: str | None = None                          # channel granularity: whose filters are cut too
-    weight: torch.Tensor | None = None                   # module.weight, held directly: read every step
 
-    def __post_init__(self):
-        if self.weight is None:
-            self.weight = self.module.weight
+    @property
+    def weight(self) -> torch.Tensor:
+        # read every step: a dict lookup, not Module.__getattr__; always the module's current weight
+        return self.module._parameters["weight"]
 
 
 def n_prune_for(ratio: float, n_groups: int) -> int:

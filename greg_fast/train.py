@@ -1,6 +1,7 @@
 """Training and evaluation loops shared by every stage of the ``greg-fast`` job."""
 from __future__ import annotations
 
+import math
 from typing import Callable, Iterator
 
 import torch
@@ -29,11 +30,20 @@ def lr_at(schedule: list[tuple[int, float]], epoch: int) -> float:
     return [lr for start, lr in schedule if start <= epoch][-1]
 
 
-def epoch_generator(seed: int, stage: str, epoch: int) -> torch.Generator:
-    """Data order and augmentation depend only on (seed, stage, epoch): a resumed run sees the
-    same batches as an uninterrupted one."""
+def epoch_generator(seed: int, stage: str, epoch: int, batch: int | None = None) -> torch.Generator:
+    """Data order (per epoch) and augmentation (per batch) depend only on (seed, stage, epoch,
+    batch): a run resumed mid-epoch sees the same batches as an uninterrupted one."""
     stage_id = {"pretrain": 1, "regularize": 2, "finetune": 3}[stage]
-    return torch.Generator().manual_seed(seed * 1_000_003 + stage_id * 10_007 + epoch)
+    key = seed * 1_000_003 + stage_id * 10_007 + epoch
+    if batch is not None:
+        key = key * 100_003 + batch + 1
+    return torch.Generator().manual_seed(key % (2 ** 63))
+
+
+def grads_finite(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether every gradient the optimizer would apply is finite (one fused norm, one host sync)."""
+    grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    return not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads, 2.0)))
 
 
 def batches(dataset, batch_size: int, *, shuffle: bool, generator: torch.Generator | None = None,
@@ -70,27 +80,45 @@ def evaluate(model: nn.Module, data: Data, device: torch.device, batch_size: int
 
 
 def train_epoch(model: nn.Module, data: Data, optimizer: torch.optim.Optimizer, device: torch.device, *,
-                batch_size: int, generator: torch.Generator,
-                after_step: Callable[[float, float], bool] | None = None) -> dict[str, float]:
-    """One pass over the training set. ``after_step(loss, batch_acc)`` runs after each step and may
-    return True to stop early (the regularization stage ends mid-epoch when its schedule is done)."""
+                batch_size: int, seed: int, stage: str, epoch: int, start_batch: int = 0,
+                sums: dict | None = None, after_step: Callable[[int, dict], bool] | None = None) -> dict:
+    """Batches ``start_batch..`` of one epoch. A step whose gradients are not finite is skipped and
+    counted (never applied, BatchNorm statistics restored). ``sums`` carries the epoch's running totals across a resume;
+    ``after_step(next_batch, sums)`` runs after each batch and may return True to stop early."""
     model.train()
-    seen = correct = 0
-    total_loss = 0.0
-    for x, y in batches(data.train, batch_size, shuffle=True, generator=generator):
+    sums = dict(sums or {"loss": 0.0, "correct": 0, "seen": 0, "skipped": 0})
+    # BatchNorm statistics move in the forward pass: a skipped step must not keep them
+    stats = [b for b in model.buffers() if b.is_floating_point()]
+    order = epoch_generator(seed, stage, epoch)
+    for i, (x, y) in enumerate(batches(data.train, batch_size, shuffle=True, generator=order)):
+        if i < start_batch:
+            continue
         if data.augment is not None:
-            x = data.augment(x, generator)
+            x = data.augment(x, epoch_generator(seed, stage, epoch, i))
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        saved = torch._foreach_mul(stats, 1.0) if stats else []
         out = model(x)
         loss = F.cross_entropy(out, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step()
-        batch_correct = (out.argmax(1) == y).sum()
-        loss_value, acc = loss.item(), batch_correct.item() / len(y)
-        total_loss += loss_value * len(y)
-        correct += batch_correct.item()
-        seen += len(y)
-        if after_step is not None and after_step(loss_value, acc):
+        if grads_finite(optimizer):
+            optimizer.step()
+        else:
+            sums["skipped"] += 1
+            if stats:
+                torch._foreach_copy_(stats, saved)
+        sums["last_loss"] = loss.item()
+        sums["last_acc"] = (out.argmax(1) == y).float().mean().item()
+        if math.isfinite(sums["last_loss"]):
+            sums["loss"] += sums["last_loss"] * len(y)
+        sums["correct"] += round(sums["last_acc"] * len(y))
+        sums["seen"] += len(y)
+        if after_step is not None and after_step(i + 1, sums):
             break
-    return {"train_loss": total_loss / max(seen, 1), "train_acc": 100.0 * correct / max(seen, 1)}
+    return sums
+
+
+def epoch_metrics(sums: dict) -> dict[str, float]:
+    seen = max(sums["seen"], 1)
+    return {"train_loss": sums["loss"] / seen, "train_acc": 100.0 * sums["correct"] / seen,
+            "skipped_steps": sums["skipped"]}

@@ -1,4 +1,8 @@
 import json
+import os
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -23,8 +27,9 @@ def run(tmp_path, method, *extra):
 @pytest.mark.parametrize("method", ["greg1", "greg2", "l1"])
 def test_prune_end_to_end_on_digits(tmp_path, method, capsys):
     out, s = run(tmp_path, method)
-    for f in ("metrics.jsonl", "summary.json", "model.pt", "checkpoint.pt", "accuracy.png", "regularization.pt"):
+    for f in ("metrics.jsonl", "summary.json", "model.pt", "accuracy.png", "regularization.pt"):
         assert (out / f).is_file(), f
+    assert len(list((out / "checkpoints").glob("ckpt-*.pt"))) == 2  # the last two are kept
     if method != "l1":
         assert (out / "lambda_schedule.png").is_file() and (out / "score_distribution.png").is_file()
         assert s["regularization_iterations"] > 0
@@ -52,32 +57,52 @@ def test_prune_end_to_end_on_digits(tmp_path, method, capsys):
         assert trace["lambda_selected"].shape[1] == 9 and trace["scores"].shape[0] == len(trace["iteration"])
 
 
-def test_resume_continues_an_interrupted_run_to_the_same_result(tmp_path, monkeypatch):
-    out, reference = run(tmp_path, "greg1")
-    # interrupt a second run after its first fine-tune checkpoint: crash inside the next save
-    import greg_fast.job as job
-    calls = {"n": 0}
-    original = job._save_atomic
-
-    def crash_late(obj, path):
-        original(obj, path)
-        if obj["state"]["stage"] == "finetune":
-            calls["n"] += 1
-            raise KeyboardInterrupt
-    monkeypatch.setattr(job, "_save_atomic", crash_late)
-    other = tmp_path / "other"
-    with pytest.raises(KeyboardInterrupt):
-        main(["prune", "--method", "greg1", *TINY, "--out", str(other)])
-    monkeypatch.setattr(job, "_save_atomic", original)
-    assert main(["prune", "--method", "greg1", *TINY, "--out", str(other), "--resume", str(other)]) == 0
-    resumed = json.loads((other / "summary.json").read_text())
-    assert resumed["regularization_iterations"] == reference["regularization_iterations"]
+def same_result(a, b):
+    sa, sb = (json.loads((d / "summary.json").read_text()) for d in (a, b))
+    assert sa["regularization_iterations"] == sb["regularization_iterations"]
+    assert sa["skipped_steps"] == sb["skipped_steps"]
     for part in ("dense", "pruned"):  # everything but the measured latencies
         for key in ("test_acc", "params", "flops"):
-            assert resumed[part][key] == reference[part][key]
-    a = torch.load(out / "model.pt", weights_only=True)["state_dict"]
-    b = torch.load(other / "model.pt", weights_only=True)["state_dict"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
+            assert sa[part][key] == sb[part][key], (part, key)
+    wa = torch.load(a / "model.pt", weights_only=True)["state_dict"]
+    wb = torch.load(b / "model.pt", weights_only=True)["state_dict"]
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.parametrize("kill_at", ["pretrain:5", "regularize:4", "regularize:10", "finetune:6"])
+def test_killed_run_resumes_to_the_same_result(tmp_path, kill_at):
+    """SIGKILL during pretrain, grow, stabilize and fine-tune; --resume ends where the
+    uninterrupted run ends (deterministic CPU settings: same data order, same RNG state)."""
+    args = ["prune", "--method", "greg1", *TINY, "--checkpoint-every", "3"]
+    reference = tmp_path / "reference"
+    assert main([*args, "--out", str(reference)]) == 0
+    killed = tmp_path / "killed"
+    env = {**os.environ, "GREG_FAST_KILL_AT": kill_at, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    proc = subprocess.run([sys.executable, "-m", "greg_fast.cli", *args, "--out", str(killed)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert not (killed / "summary.json").exists()
+    stage = kill_at.split(":")[0]
+    last = torch.load(sorted((killed / "checkpoints").glob("ckpt-*.pt"))[-1], weights_only=True)
+    assert last["state"]["stage"] == stage  # it died inside that stage
+    assert main([*args, "--out", str(killed), "--resume", str(killed)]) == 0
+    same_result(reference, killed)
+
+
+def test_resume_skips_a_corrupt_latest_checkpoint(tmp_path, capsys):
+    args = ["prune", "--method", "greg1", *TINY, "--checkpoint-every", "3"]
+    out = tmp_path / "run"
+    env = {**os.environ, "GREG_FAST_KILL_AT": "regularize:7"}
+    proc = subprocess.run([sys.executable, "-m", "greg_fast.cli", *args, "--out", str(out)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL
+    newest = sorted((out / "checkpoints").glob("ckpt-*.pt"))[-1]
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # torn write
+    assert main([*args, "--out", str(out), "--resume", str(out)]) == 0
+    assert "skipping unusable checkpoint" in capsys.readouterr().err
+    reference = tmp_path / "reference"
+    assert main([*args, "--out", str(reference)]) == 0
+    same_result(reference, out)
 
 
 def test_cli_errors_are_clear(tmp_path, capsys):
