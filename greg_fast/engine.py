@@ -57,6 +57,11 @@ def check_hyper(method: str, *, delta: float, interval: int, ceiling: float, sta
 class GrowingReg(torch.optim.Optimizer):
     """Wrap ``optimizer`` so that ``step()`` adds the growing-regularization penalty.
 
+    With ``nan_guard`` (the default), a step whose gradients are not all finite is skipped and
+    counted in ``skipped_steps``: nothing reaches λ, the schedule or the weights. The check is the
+    only host sync outside λ updates; ``nan_guard=False`` (e.g. under a GradScaler, which guards
+    itself) makes ordinary steps sync-free.
+
     ``step()`` after ``loss.backward()``: :meth:`apply_penalty` (λ update every ``interval``
     iterations, then ``grad += λ_g * w``; after pruning, zero the removed groups' gradients), the
     inner optimizer's step, then the schedule advances. Phases: ``pick`` (GReg-2 only), ``grow``,
