@@ -32,6 +32,20 @@ def _reached(value: float, threshold: float) -> bool:
     return value >= threshold * (1 - 1e-9) if threshold > 0 else value >= threshold
 
 
+def _from_rank0(*tensors: torch.Tensor) -> None:
+    """Under torch.distributed, make every rank hold rank 0's decisions (selections, finished
+    layers, smoothed ratios): identical by construction, guaranteed regardless of rounding."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    if torch.distributed.get_world_size() == 1:
+        return
+    for t in tensors:
+        wire = t.to(torch.uint8) if t.dtype == torch.bool else t  # not every backend sends bool
+        torch.distributed.broadcast(wire, src=0)
+        if wire is not t:
+            t.copy_(wire.bool())
+
+
 def check_hyper(method: str, *, delta: float, interval: int, ceiling: float, stabilize: int,
                 pick_delta: float, pick_ceiling: float, mag_ratio_limit: float, **_) -> None:
     """Raise ValueError naming the first bad schedule setting."""
@@ -237,6 +251,7 @@ class GrowingReg(torch.optim.Optimizer):
         else:  # too costly per element in the reference, and not part of the method there
             finish = over_ceiling
         self._finished |= active & finish
+        _from_rank0(self._finished, self._hist)
         if bool(self._finished.all()):
             self._phase = "stabilize"
             self._stabilize_end = self.iteration + h["stabilize"] + 1
@@ -272,6 +287,7 @@ class GrowingReg(torch.optim.Optimizer):
             order = torch.sort(scores[i], stable=True).indices
             self._kept[i].fill_(True)
             self._kept[i][order[: self.layers[i].n_prune]] = False
+        _from_rank0(self._kept_flat)
 
     def _prune(self) -> None:
         self._phase = "done"
