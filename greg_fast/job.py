@@ -109,6 +109,30 @@ def _load_latest(out: Path, device) -> dict:
     raise ValueError(f"--resume {out}: no usable checkpoint ({'; '.join(errors)})")
 
 
+def _init_distributed(device: torch.device) -> tuple[torch.device, int]:
+    """Under torchrun (WORLD_SIZE > 1): join the process group (nccl on CUDA, gloo on CPU) and
+    use this rank's GPU. Returns (device, rank)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return device, 0
+    import torch.distributed as dist
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device, dist.get_rank()
+
+
+def _ddp(model: torch.nn.Module) -> torch.nn.Module:
+    """The model to train: wrapped in DistributedDataParallel under torch.distributed (wrapped anew
+    for each stage, since compaction replaces parameters)."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return model
+    return torch.nn.parallel.DistributedDataParallel(model)
+
+
 def _fault_injection(stage: str, step: int) -> None:
     """Test hook: GREG_FAST_KILL_AT=stage:step kills this process (SIGKILL) after that step."""
     target = os.environ.get("GREG_FAST_KILL_AT")
@@ -130,6 +154,8 @@ def run(args) -> dict:
     lr_ft = parse_lr_schedule(args.lr_ft)
     data = datasets.load(args.data, args.data_dir)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device, rank = _init_distributed(device)
+    main_rank = rank == 0
     torch.manual_seed(args.seed)
     model = models.create(args.model, data.num_classes, in_channels=data.in_channels).to(device)
     example = (data.train[0][0].unsqueeze(0).to(device),)
@@ -156,8 +182,9 @@ def run(args) -> dict:
             compact(model, state.results["masks"], the_plan)
         model.load_state_dict(checkpoint["model"])
         torch.set_rng_state(checkpoint["rng"])
-    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
-    quiet = args.quiet
+    if main_rank:
+        (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+    quiet = args.quiet or not main_rank  # rank 0 alone reports and writes
     say = (lambda *a: None) if quiet else print
     clock = [time.perf_counter()]
 
@@ -167,6 +194,8 @@ def run(args) -> dict:
         state.seconds[state.stage] = state.seconds.get(state.stage, 0) + now - clock[0]
         clock[0] = now
         state.saves += 1
+        if not main_rank:
+            return
         _save_atomic({"identity": _identity(args), "state": state.__dict__, "model": model.state_dict(),
                       "optimizer": optimizer.state_dict() if optimizer is not None else None,
                       "rng": torch.get_rng_state()}, out / "checkpoints" / f"ckpt-{state.saves:07d}.pt")
@@ -185,6 +214,7 @@ def run(args) -> dict:
         """The stage's epochs from where the state says, checkpointing every ``--checkpoint-every``
         steps, when ``after_step`` reports a phase change, and after each epoch."""
         total = epochs * steps_per_epoch if epochs is not None else _max_regularization_iterations(args)
+        trained = _ddp(model)
         with tqdm(total=total, initial=min(state.step, total), desc=stage, disable=quiet,
                   dynamic_ncols=True) as bar:
             while (epochs is None or state.epoch < epochs) and not stop():
@@ -204,7 +234,7 @@ def run(args) -> dict:
                         save(opt)
                     return stop()
 
-                sums = train_epoch(model, data, opt, device, batch_size=args.batch_size, seed=args.seed,
+                sums = train_epoch(trained, data, opt, device, batch_size=args.batch_size, seed=args.seed,
                                    stage=stage, epoch=state.epoch, start_batch=state.batch, sums=state.sums,
                                    after_step=tick)
                 rec = {"type": "epoch", "stage": stage, "epoch": state.epoch, "lr": lr, **epoch_metrics(sums),
@@ -252,8 +282,9 @@ def run(args) -> dict:
         state.results["regularization"] = {"iterations": greg.iteration, "lambda": greg.lambdas()}
         state.results["pruned"] = evaluate(model, data, device)
         trace = plots.stack_trace(state.trace, tracer.meta(masks))
-        torch.save(trace, out / "regularization.pt")
-        if state.trace:
+        if main_rank:
+            torch.save(trace, out / "regularization.pt")
+        if state.trace and main_rank:
             plots.lambda_schedule(trace, out / "lambda_schedule.png")
             plots.score_distribution(trace, out / "score_distribution.png")
         if structured:  # remove the pruned groups for real: a smaller dense model from here on
@@ -276,6 +307,8 @@ def run(args) -> dict:
         next_stage("finished")
 
     summary = _summary(args, state, planned_cost, structured, len(the_plan.pruned))
+    if not main_rank:
+        return summary
     save_model(model, out / "model.pt", masks=None if structured else state.results["masks"])
     if not structured:  # unstructured: the kept weights in a compact format beside the dense file
         packed = pack_model(model, masks, the_plan, "bitmap")

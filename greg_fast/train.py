@@ -40,6 +40,12 @@ def epoch_generator(seed: int, stage: str, epoch: int, batch: int | None = None)
     return torch.Generator().manual_seed(key % (2 ** 63))
 
 
+def distributed_rank_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
 def grads_finite(optimizer: torch.optim.Optimizer) -> bool:
     """Whether every gradient the optimizer would apply is finite (one fused norm, one host sync)."""
     grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
@@ -83,9 +89,12 @@ def train_epoch(model: nn.Module, data: Data, optimizer: torch.optim.Optimizer, 
                 batch_size: int, seed: int, stage: str, epoch: int, start_batch: int = 0,
                 sums: dict | None = None, after_step: Callable[[int, dict], bool] | None = None) -> dict:
     """Batches ``start_batch..`` of one epoch. A step whose gradients are not finite is skipped and
-    counted (never applied, BatchNorm statistics restored). ``sums`` carries the epoch's running totals across a resume;
-    ``after_step(next_batch, sums)`` runs after each batch and may return True to stop early."""
+    counted (never applied, BatchNorm statistics restored). ``sums`` carries the epoch's running
+    totals across a resume; ``after_step(next_batch, sums)`` runs after each batch and may return
+    True to stop early. Under torch.distributed each rank trains on its slice of every global batch
+    (``batch_size`` is the global batch), so the averaged gradient is the global batch's."""
     model.train()
+    rank, world = distributed_rank_world()
     sums = dict(sums or {"loss": 0.0, "correct": 0, "seen": 0, "skipped": 0})
     # BatchNorm statistics move in the forward pass: a skipped step must not keep them
     stats = [b for b in model.buffers() if b.is_floating_point()]
@@ -95,6 +104,9 @@ def train_epoch(model: nn.Module, data: Data, optimizer: torch.optim.Optimizer, 
             continue
         if data.augment is not None:
             x = data.augment(x, epoch_generator(seed, stage, epoch, i))
+        if world > 1:
+            part = slice(rank * len(y) // world, (rank + 1) * len(y) // world)
+            x, y = x[part], y[part]
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         saved = torch._foreach_mul(stats, 1.0) if stats else []
         out = model(x)

@@ -81,3 +81,23 @@ def test_two_gloo_ranks_agree_with_one_process_over_the_global_batch(tmp_path, m
     for key, value in net.state_dict().items():
         torch.testing.assert_close(ranks[0]["state"][key], value, rtol=1e-5, atol=1e-5)
         assert torch.equal(ranks[0]["state"][key], ranks[1]["state"][key])
+
+
+def test_prune_job_runs_under_torchrun_with_rank0_writing(tmp_path):
+    import json
+    import subprocess
+    import sys
+    out = tmp_path / "ddp"
+    args = ["--model", "resnet20", "--data", "digits", "--method", "greg1", "--ratio", "0.5",
+            "--pretrain-epochs", "1", "--lr-pretrain", "0.05", "--batch-size", "128", "--lr-reg", "0.01",
+            "--delta", "0.25", "--interval", "2", "--stabilize", "3", "--finetune-epochs", "1",
+            "--lr-ft", "0:0.01", "--quiet", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "greg_fast.cli", "prune", *args], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("test accuracy (%)") == 1  # one table: rank 0 reports
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["layers_pruned"] == 9 and summary["pruned"]["params"] < summary["dense"]["params"]
+    assert gf.load(out / "model.pt").layer3[0].conv1.out_channels == 32
