@@ -28,7 +28,8 @@ struct Layer {
   void* w;
   void* g;
   void* buf;           // momentum buffer or nullptr
-  const bool* kept;    // [G]
+  const bool* kept;    // [G], or
+  const uint8_t* kept_bits;  // [ceil(G / 8)]: unstructured layers, bit k of byte b is group 8b + k
   int64_t A, G, B;
   float lam_kept, lam_selected, lr, momentum, weight_decay;
   float* scores;       // [G] or nullptr
@@ -50,7 +51,7 @@ void run_item(const Layer& L, int64_t g0, int64_t g1, Mode mode, bool mask) {
   for (int64_t a = 0; a < L.A; ++a) {
     for (int64_t gi = g0; gi < g1; ++gi) {
       const int64_t base = (a * L.G + gi) * L.B;
-      const bool keep = L.kept == nullptr || L.kept[gi];
+      const bool keep = L.kept_bits ? ((L.kept_bits[gi >> 3] >> (gi & 7)) & 1) : (L.kept == nullptr || L.kept[gi]);
       const float lam = keep ? L.lam_kept : L.lam_selected;
       const bool zero = mask && !keep;
       float s = 0.f;
@@ -154,7 +155,7 @@ std::vector<Layer> make_layers(at::TensorList weights, at::IntArrayRef views, co
     const int64_t A = views[3 * i], G = views[3 * i + 1], B = views[3 * i + 2];
     TORCH_CHECK(A * G * B == w.numel(), "views[", i, "] = [", A, ", ", G, ", ", B, "] does not cover the ",
                 w.numel(), " elements of weights[", i, "]");
-    layers[i] = Layer{w.scalar_type(), w.data_ptr(), nullptr, nullptr, nullptr, A, G, B,
+    layers[i] = Layer{w.scalar_type(), w.data_ptr(), nullptr, nullptr, nullptr, nullptr, A, G, B,
                       0.f, 0.f, 0.f, 0.f, 0.f, want_scores ? scores.data_ptr<float>() + offset : nullptr};
     offset += G;
   }
@@ -174,11 +175,18 @@ void set_penalty(std::vector<Layer>& layers, at::TensorList grads, at::TensorLis
   const float* ls = lam_selected.data_ptr<float>();
   for (int64_t i = 0; i < n; ++i) {
     check_tensor(grads[i], "grads", i, weights[i]);
-    TORCH_CHECK(kept[i].scalar_type() == at::kBool && kept[i].is_contiguous() && kept[i].device().is_cpu() &&
-                    kept[i].numel() == layers[i].G, "kept[", i, "] must be a CPU bool tensor of ", layers[i].G,
-                " elements");
+    const int64_t G = layers[i].G;
+    const bool bits = kept[i].scalar_type() == at::kByte;
+    TORCH_CHECK(kept[i].is_contiguous() && kept[i].device().is_cpu() &&
+                    ((kept[i].scalar_type() == at::kBool && kept[i].numel() == G) ||
+                     (bits && kept[i].numel() == (G + 7) / 8)),
+                "kept[", i, "] must be a CPU bool tensor of ", G, " elements or uint8 bits of ", (G + 7) / 8);
     layers[i].g = grads[i].data_ptr();
-    layers[i].kept = kept[i].data_ptr<bool>();
+    if (bits) {
+      layers[i].kept_bits = kept[i].data_ptr<uint8_t>();
+    } else {
+      layers[i].kept = kept[i].data_ptr<bool>();
+    }
     layers[i].lam_kept = lk[i];
     layers[i].lam_selected = ls[i];
   }

@@ -239,8 +239,10 @@ def kind(provider: str) -> str:
 def with_ratios(records: list[dict]) -> list[dict]:
     """Add each record's speed-up over its kind's baselines, same model, same run: the reference
     style and our eager path (penalty), torch's fused SGD (sgd), the PyTorch gather (compaction)."""
-    base = {(r["model"], r["provider"]): r["seconds"] for r in records}
+    base = {(r["model"], r["provider"]): r["seconds"] for r in records if "seconds" in r}
     for r in records:
+        if "seconds" not in r:
+            continue
         r["kind"] = kind(r["provider"])
         for ref in _BASELINES[r["kind"]]:
             if (r["model"], ref) in base:
@@ -256,12 +258,44 @@ def write_results(records: list[dict], directory: Path, device: torch.device) ->
     return path
 
 
+def memory_records(name: str = "resnet50") -> list[dict]:
+    """The engine's schedule state next to the reference's λ (a [N, C] tensor per layer for
+    filter/channel, a full copy of the weight for unstructured), per granularity."""
+    out = []
+    for granularity in ("filter", "channel", "weight"):
+        torch.manual_seed(0)
+        model = models.create(name)
+        p = plan(model, 0.5, granularity=granularity, example_inputs=torch.zeros(1, 3, 64, 64))
+        greg = GrowingReg(torch.optim.SGD(model.parameters(), lr=0.0), p)
+        for param in model.parameters():
+            param.grad = torch.zeros_like(param)
+        greg.step()  # past the first λ update: scores cached where they are kept
+        weights = [l.weight for l in p.pruned]
+        reference = sum((w.numel() if granularity == "weight" else w.shape[0] * w.shape[1]) * 4 for w in weights)
+        out.append({"kind": "memory", "model": name, "granularity": granularity, "layers": len(weights),
+                    "groups": sum(l.n_groups for l in p.pruned), "weights": sum(w.numel() for w in weights),
+                    "engine_bytes": greg.state_bytes(), "reference_lambda_bytes": reference,
+                    "bits_per_weight": 8 * greg.state_bytes() / sum(w.numel() for w in weights)})
+    return out
+
+
+def memory_table(records: list[dict]) -> str:
+    lines = [f"{'model':<10} {'granularity':<11} {'groups':>10} {'engine bytes':>13} {'reference λ bytes':>18} "
+             f"{'bits/weight':>11}"]
+    for r in records:
+        lines.append(f"{r['model']:<10} {r['granularity']:<11} {r['groups']:>10,} {r['engine_bytes']:>13,} "
+                     f"{r['reference_lambda_bytes']:>18,} {r['bits_per_weight']:>11.3f}")
+    return "\n".join(lines)
+
+
 def table(records: list[dict]) -> str:
     def fmt(r, key, spec):
         return format(r[key], spec) if key in r else "-"
     # x baseline: fused SGD against torch's fused SGD, compaction against the PyTorch gather
     rows = [("model", "provider", "ms", "GB/s", "of copy", "x reference", "x eager", "x baseline")]
     for r in records:
+        if "seconds" not in r:
+            continue
         baseline = r.get("x_torch_sgd", r.get("x_compact_torch"))
         rows.append((r["model"], r["provider"], f"{1e3 * r['seconds']:.3f}", fmt(r, "gb_per_s", ".1f"),
                      fmt(r, "copy_fraction", ".2f"), fmt(r, "x_reference", ".2f"), fmt(r, "x_eager", ".2f"),

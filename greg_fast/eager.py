@@ -15,6 +15,26 @@ from .plan import LayerPlan, Plan
 name = "eager"
 
 
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """bool [n] -> uint8 [ceil(n / 8)]; bit k of byte b is element 8b + k (numpy's bitorder="little")."""
+    flat = mask.reshape(-1)
+    padded = torch.zeros(-(-flat.numel() // 8) * 8, dtype=torch.uint8, device=flat.device)
+    padded[: flat.numel()] = flat.to(torch.uint8)
+    return (padded.view(-1, 8) << torch.arange(8, dtype=torch.uint8, device=flat.device)).sum(1, dtype=torch.uint8)
+
+
+def unpack_bits(bits: torch.Tensor, n: int) -> torch.Tensor:
+    """The inverse of :func:`pack_bits`: the first ``n`` bits as a bool tensor."""
+    shifts = torch.arange(8, dtype=torch.uint8, device=bits.device)
+    return ((bits.view(-1, 1) >> shifts) & 1).reshape(-1)[:n].bool()
+
+
+def kept_bool(layer: LayerPlan, kept: torch.Tensor) -> torch.Tensor:
+    """A layer's kept mask as bool ``[n_groups]``: unstructured layers keep theirs packed, one bit
+    per weight (see :func:`pack_bits`)."""
+    return unpack_bits(kept, layer.n_groups) if kept.dtype == torch.uint8 else kept
+
+
 def expand_groups(layer: LayerPlan, values: torch.Tensor) -> torch.Tensor:
     """Shape per-group ``values`` ``[n_groups]`` so that they broadcast against the weight
     (whatever its strides, so that in-place ops on the weight or its gradient never copy)."""
@@ -55,11 +75,11 @@ def penalty(layers: Sequence[LayerPlan], kept: Sequence[torch.Tensor], lam_kept:
     """
     out = scores(layers) if want_scores else None
     for i, layer in enumerate(layers):
-        w, g = layer.weight, layer.weight.grad
+        w, g, keep = layer.weight, layer.weight.grad, kept_bool(layer, kept[i])
         if g is not None:
-            g.addcmul_(w, expand_groups(layer, _group_lambda(kept[i], lam_kept[i], lam_selected[i])))
+            g.addcmul_(w, expand_groups(layer, _group_lambda(keep, lam_kept[i], lam_selected[i])))
         if mask:
-            removed = ~expand_groups(layer, kept[i])
+            removed = ~expand_groups(layer, keep)
             w.masked_fill_(removed, 0)
             if g is not None:
                 g.masked_fill_(removed, 0)
@@ -79,8 +99,9 @@ def fused_sgd(layers: Sequence[LayerPlan], kept: Sequence[torch.Tensor], lam_kep
         w, g, buf = layer.weight, layer.weight.grad, momentum_buffers[i]
         if g is None:
             continue
-        keep = expand_groups(layer, kept[i])
-        d = g.addcmul(w, expand_groups(layer, _group_lambda(kept[i], lam_kept[i], lam_selected[i])))
+        k = kept_bool(layer, kept[i])
+        keep = expand_groups(layer, k)
+        d = g.addcmul(w, expand_groups(layer, _group_lambda(k, lam_kept[i], lam_selected[i])))
         if mask:
             d.masked_fill_(~keep, 0)
         if weight_decay[i] != 0:
@@ -100,6 +121,7 @@ def masked_tensors(plan: Plan, layer: LayerPlan, kept: torch.Tensor) -> list[tup
     """``(tensor, kept mask broadcastable to it)`` for everything through which a removed group
     still reaches the output: the weight's groups, and for filters the bias and the following
     BatchNorms' weight and bias (so the channel is exactly zero downstream)."""
+    kept = kept_bool(layer, kept)
     pairs = [(layer.weight, expand_groups(layer, kept))]
     if layer.granularity == "filter":
         if layer.module.bias is not None:

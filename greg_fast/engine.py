@@ -18,7 +18,7 @@ from typing import Any, Callable
 import torch
 
 from . import dispatch
-from .eager import check_masks, masked_tensors
+from .eager import kept_bool, masked_tensors, pack_bits
 from .plan import Plan
 from .train import grads_finite
 
@@ -117,12 +117,19 @@ class GrowingReg(torch.optim.Optimizer):
         self._structured = plan.layers[0].granularity != "weight" if plan.layers else True
 
         n, dev = len(self.layers), self.device
-        # all kept masks are views of one flat buffer, so that cross-layer reductions are single ops
+        # all kept masks are views of one flat buffer, so that cross-layer reductions are single ops;
+        # unstructured layers keep theirs bit-packed: one bit per weight
         sizes = [l.n_groups for l in self.layers]
-        self._kept_flat = torch.ones(sum(sizes), dtype=torch.bool, device=dev)
-        self._kept = list(self._kept_flat.split(sizes))
-        self._segment = torch.repeat_interleave(torch.arange(n, device=dev),
-                                                torch.tensor(sizes, dtype=torch.int64, device=dev))
+        if self._structured:
+            self._kept_flat = torch.ones(sum(sizes), dtype=torch.bool, device=dev)
+            self._kept = list(self._kept_flat.split(sizes))
+        else:
+            packed = [pack_bits(torch.ones(g, dtype=torch.bool)).numel() for g in sizes]
+            self._kept_flat = torch.full((sum(packed),), 255, dtype=torch.uint8, device=dev)
+            self._kept = list(self._kept_flat.split(packed))
+        # layer index of every group, for the magnitude ratios (structured layers only)
+        self._segment = torch.repeat_interleave(torch.arange(n, device=dev), torch.tensor(
+            sizes if self._structured else [0] * n, dtype=torch.int64, device=dev))
         self._n_grow = torch.zeros(n, dtype=torch.int64, device=dev)
         self._finished = torch.zeros(n, dtype=torch.bool, device=dev)
         self._hist = torch.full((n,), math.nan, dtype=torch.float64, device=dev)
@@ -203,15 +210,17 @@ class GrowingReg(torch.optim.Optimizer):
         done = self._phase == "done"
         update = self._phase in ("pick", "grow") and self.iteration % self.hyper["interval"] == 0
         pick_now = self._advance_counts() if update else False
+        # per-weight scores only when a pick needs them: kept they would cost 32 bits per weight
+        want_scores = update and (self._structured or pick_now)
         args = (self.layers, self._kept, self._lam_kept32, self._lam_selected32)
         if fused:
             groups = self._fused_groups
             buffers = [self._momentum_buffer(l.weight, g) for l, g in zip(self.layers, groups)]
             scores = self.backend.fused_sgd(*args, buffers, [g["lr"] for g in groups],
                                             [g["momentum"] for g in groups], [g["weight_decay"] for g in groups],
-                                            want_scores=update, mask=done)
+                                            want_scores=want_scores, mask=done)
         else:
-            scores = self.backend.penalty(*args, want_scores=update, mask=done)
+            scores = self.backend.penalty(*args, want_scores=want_scores, mask=done)
         if done:
             self._zero_removed(grads=True)
         if update:
@@ -233,7 +242,8 @@ class GrowingReg(torch.optim.Optimizer):
     def _decide(self, scores: list[torch.Tensor], pick_now: bool) -> None:
         """The score-dependent half: picks, magnitude ratios, finishing; one host sync."""
         h = self.hyper
-        self._scores = scores
+        if self._structured:
+            self._scores = scores
         if pick_now:
             self._select(range(len(self.layers)), scores)  # on the current weights
         if not self._picked:
@@ -285,8 +295,9 @@ class GrowingReg(torch.optim.Optimizer):
         """Each layer drops its ``n_prune`` lowest-score groups (ties: lowest index first)."""
         for i in indices:
             order = torch.sort(scores[i], stable=True).indices
-            self._kept[i].fill_(True)
-            self._kept[i][order[: self.layers[i].n_prune]] = False
+            kept = torch.ones(self.layers[i].n_groups, dtype=torch.bool, device=self.device)
+            kept[order[: self.layers[i].n_prune]] = False
+            self._kept[i].copy_(kept if self._structured else pack_bits(kept))
         _from_rank0(self._kept_flat)
 
     def _prune(self) -> None:
@@ -296,11 +307,16 @@ class GrowingReg(torch.optim.Optimizer):
 
     @torch.no_grad()
     def _zero_removed(self, grads: bool) -> None:
-        """Zero removed groups: in the gradients (every step after pruning), or once at pruning in
-        the weights and in every optimizer state tensor shaped like them, so that SGD (momentum,
-        weight decay), Adam and AdamW leave those entries exactly zero."""
+        """Zero removed groups: in the gradients of biases and BatchNorms every step after pruning
+        (the backend's masked pass does the weights), or once at pruning in the weights and in every
+        optimizer state tensor shaped like them, so that SGD (momentum, weight decay), Adam and
+        AdamW leave those entries exactly zero."""
         for layer, kept in zip(self.layers, self._kept):
+            if grads and layer.granularity == "weight":
+                continue  # nothing but the weight, which the backend has masked
             for tensor, keep in masked_tensors(self.plan, layer, kept):
+                if grads and tensor is layer.weight:
+                    continue
                 if grads:
                     if tensor.grad is not None:
                         tensor.grad.masked_fill_(~keep, 0)
@@ -310,17 +326,26 @@ class GrowingReg(torch.optim.Optimizer):
                     if isinstance(value, torch.Tensor) and value.shape == tensor.shape:
                         value.masked_fill_(~keep, 0)
 
+    def state_bytes(self) -> int:
+        """Bytes the schedule keeps on the device besides the optimizer: masks (a bool per group,
+        or a bit per weight for unstructured layers), per-layer counts, ratios and λ, and the
+        latest group scores of structured layers."""
+        tensors = [self._kept_flat, self._n_grow, self._finished, self._hist, self._segment,
+                   self._lam_selected, self._lam_kept, self._lam_selected32, self._lam_kept32]
+        tensors += [s for s in self._scores if s is not None]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
     # ---- views of the state ----
     def masks(self) -> dict[str, torch.Tensor]:
         """``{layer: bool [n_groups]}``, True = kept, for every planned layer (all True where
         nothing is selected yet or nothing is pruned)."""
         out = {l.name: torch.ones(l.n_groups, dtype=torch.bool, device=self.device) for l in self.plan.layers}
-        out.update({l.name: k.clone() for l, k in zip(self.layers, self._kept)})
+        out.update({l.name: kept_bool(l, k).clone() for l, k in zip(self.layers, self._kept)})
         return out
 
     def penalties(self) -> dict[str, torch.Tensor]:
         """Current λ per group, ``{layer: float64 [n_groups]}``, for the regularized layers."""
-        return {l.name: torch.where(k, self._lam_kept[i], self._lam_selected[i])
+        return {l.name: torch.where(kept_bool(l, k), self._lam_kept[i], self._lam_selected[i])
                 for i, (l, k) in enumerate(zip(self.layers, self._kept))}
 
     def lambdas(self) -> dict[str, tuple[float, float]]:
@@ -330,8 +355,8 @@ class GrowingReg(torch.optim.Optimizer):
 
     def scores(self) -> dict[str, torch.Tensor]:
         """Per-group scores (mean |w|) computed at the latest λ update (now, if none yet)."""
-        if any(s is None for s in self._scores):
-            self._scores = self.backend.scores(self.layers)
+        if not self._structured or any(s is None for s in self._scores):
+            return dict(zip((l.name for l in self.layers), self.backend.scores(self.layers)))
         return dict(zip((l.name for l in self.layers), self._scores))
 
     def magnitude_ratios(self) -> dict[str, float]:
@@ -374,8 +399,9 @@ class GrowingReg(torch.optim.Optimizer):
         if g["phase"] not in PHASES:
             raise ValueError(f"checkpoint has unknown phase {g['phase']!r}")
         dev = self.device
-        kept = [k.to(dev, torch.bool) for k in g["kept"]]
-        check_masks(self.plan, dict(zip(names, kept)))
+        kept = [k.to(dev) for k in g["kept"]]
+        if [(k.dtype, k.shape) for k in kept] != [(v.dtype, v.shape) for v in self._kept]:
+            raise ValueError("checkpoint masks do not match this plan's layers")
         self.optimizer.load_state_dict(opt)
         self._phase, self.iteration, self._n_updates = g["phase"], g["iteration"], g["n_updates"]
         self._n_pick, self._picked, self._stabilize_end = g["n_pick"], g["picked"], g["stabilize_end"]

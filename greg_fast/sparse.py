@@ -15,7 +15,7 @@ from typing import Mapping
 import torch
 import torch.nn as nn
 
-from .eager import expand_groups
+from .eager import expand_groups, pack_bits, unpack_bits
 from .plan import Plan
 
 FORMATS = ("csr", "bitmap")
@@ -45,10 +45,7 @@ def pack_reference(weight: torch.Tensor, mask: torch.Tensor | None = None, forma
     m = mask.cpu().contiguous()
     if format == "bitmap":
         flat = m.reshape(-1)
-        padded = torch.zeros(-(-flat.numel() // 8) * 8, dtype=torch.int64)
-        padded[: flat.numel()] = flat.to(torch.int64)
-        bits = (padded.view(-1, 8) << torch.arange(8)).sum(1).to(torch.uint8)
-        return {**_header(weight, format), "bits": bits, "values": w.reshape(-1)[flat]}
+        return {**_header(weight, format), "bits": pack_bits(flat), "values": w.reshape(-1)[flat]}
     w2, m2 = w.reshape(w.shape[0], -1), m.reshape(m.shape[0], -1)
     crow = torch.zeros(w2.shape[0] + 1, dtype=torch.int64)
     crow[1:] = m2.sum(1).cumsum(0)
@@ -78,8 +75,7 @@ def unpack(packed: Mapping) -> torch.Tensor:
     for s in shape:
         numel *= s
     if packed["format"] == "bitmap":
-        bits = packed["bits"].to(torch.int64)
-        mask = ((bits[:, None] >> torch.arange(8)) & 1).reshape(-1)[:numel].bool()
+        mask = unpack_bits(packed["bits"], numel)
         out = torch.zeros(numel, dtype=values.dtype)
         out[mask] = values
         return out.view(shape)

@@ -123,8 +123,10 @@ def _launch(layers, kept, lam_kept, lam_selected, *, mode, want_scores, mask, bu
             if has_momentum:
                 m_table = _table(tuple(b.data_ptr() for b in bufs), device)
             hyper_table = _table(tuple(float(v) for i in idx for v in hyper[i]), device, torch.float32)
+        packed = kept is not None and kept[idx[0]].dtype == torch.uint8
         k.launch(out, w_table, g_table, m_table, kept_table, dims, offsets, lk, ls, hyper_table, work,
-                 elem=_elem(dtype), mode=mode, mask=mask, want_scores=want_scores, has_momentum=has_momentum,
+                 elem=_elem(dtype), mode=mode, mask=mask, want_scores=want_scores, packed=packed,
+                 has_momentum=has_momentum,
                  block_g=bg, block_b=bb, a_step=astep)
     if not want_scores:
         return None

@@ -19,13 +19,13 @@ MODE_SCORES, MODE_PENALTY, MODE_SGD = 0, 1, 2
 def _greg_step_kernel(
     scores_ptr,                      # fp32 [sum G], zeroed: per-group sum |w| (atomics)
     w_table, g_table, m_table,       # int64 [L]: addresses of weights, grads, momentum buffers
-    kept_table,                      # int64 [L]: addresses of bool masks [G]
+    kept_table,                      # int64 [L]: addresses of bool masks [G] (PACKED: uint8 bits [G/8])
     dims_ptr,                        # int64 [L, 3]: A, G, B
     score_off_ptr,                   # int64 [L]: offset of the layer's groups in scores
     lam_kept_ptr, lam_sel_ptr,       # fp32 [L]
     hyper_ptr,                       # fp32 [L, 3]: lr, momentum, weight decay (MODE_SGD)
     work_ptr,                        # int64 [programs, 3]: layer, g0, a0
-    ELEM: tl.constexpr, MODE: tl.constexpr, MASK: tl.constexpr, SCORES: tl.constexpr,
+    ELEM: tl.constexpr, MODE: tl.constexpr, MASK: tl.constexpr, SCORES: tl.constexpr, PACKED: tl.constexpr,
     HAS_MOMENTUM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_B: tl.constexpr, A_STEP: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
@@ -41,8 +41,13 @@ def _greg_step_kernel(
     g_in = offs_g < G
     if MODE != 0:
         g_ptr = tl.load(g_table + layer).to(tl.pointer_type(ELEM))
-        kept_ptr = tl.load(kept_table + layer).to(tl.pointer_type(tl.int8))
-        kept = tl.load(kept_ptr + offs_g, mask=g_in, other=1) != 0
+        if PACKED:  # one bit per weight: bit k of byte b is group 8b + k
+            kept_ptr = tl.load(kept_table + layer).to(tl.pointer_type(tl.uint8))
+            byte = tl.load(kept_ptr + (offs_g >> 3), mask=g_in, other=255)
+            kept = ((byte >> (offs_g & 7).to(tl.uint8)) & 1) != 0
+        else:
+            kept_ptr = tl.load(kept_table + layer).to(tl.pointer_type(tl.int8))
+            kept = tl.load(kept_ptr + offs_g, mask=g_in, other=1) != 0
         lam = tl.where(kept, tl.load(lam_kept_ptr + layer), tl.load(lam_sel_ptr + layer))
         if MODE == 2:
             lr = tl.load(hyper_ptr + layer * 3)
@@ -97,10 +102,10 @@ def _greg_step_kernel(
 
 
 def launch(scores, w_table, g_table, m_table, kept_table, dims, score_off, lam_kept, lam_sel, hyper, work, *,
-           elem, mode, mask, want_scores, has_momentum, block_g, block_b, a_step, num_warps=4):
+           elem, mode, mask, want_scores, packed, has_momentum, block_g, block_b, a_step, num_warps=4):
     """One launch over the whole work list (``work``: int64 [programs, 3])."""
     grid = (work.shape[0],)
     _greg_step_kernel[grid](scores, w_table, g_table, m_table, kept_table, dims, score_off, lam_kept, lam_sel,
-                            hyper, work, ELEM=elem, MODE=mode, MASK=mask, SCORES=want_scores,
+                            hyper, work, ELEM=elem, MODE=mode, MASK=mask, SCORES=want_scores, PACKED=packed,
                             HAS_MOMENTUM=has_momentum, BLOCK_G=block_g, BLOCK_B=block_b, A_STEP=a_step,
                             num_warps=num_warps)

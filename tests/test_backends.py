@@ -62,6 +62,8 @@ def test_kernel_matches_eager_on_random_shapes(backend, granularity, dtype, op):
     device = DEVICE[backend]
     layers = [fake_layer(s, granularity, dtype, device, sp) for s, sp in SHAPES[granularity]]
     kept = [torch.rand(l.n_groups, device=device) < 0.6 for l in layers]
+    if granularity == "weight":  # unstructured layers keep their masks bit-packed
+        kept = [eager.pack_bits(k) for k in kept]
     lam_kept = torch.rand(len(layers), device=device) * 0.1 - 0.05
     lam_kept[::2] = 0  # GReg-1's kept groups: the gradient is left alone
     lam_sel = torch.rand(len(layers), device=device)

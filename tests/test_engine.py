@@ -391,3 +391,15 @@ def test_apply_masks_zeroes_filters_and_their_batchnorm():
         gf.apply_masks(net, {"conv2": torch.ones(4, dtype=torch.bool)}, plan)
     with pytest.raises(KeyError, match="not a layer of the plan"):
         gf.apply_masks(net, {"fc2": torch.ones(5, dtype=torch.bool)}, plan)
+
+
+@pytest.mark.parametrize("granularity", gf.GRANULARITIES)
+def test_schedule_memory_is_per_group_or_one_bit_per_weight(granularity):
+    net, plan, greg = setup(granularity=granularity, delta=0.1, interval=1)
+    train_steps(net, greg, make_batches(), 2)
+    groups = sum(l.n_groups for l in plan.pruned)
+    layers = len(plan.pruned)
+    if granularity == "weight":  # the mask: one bit per weight, plus O(layers)
+        assert greg.state_bytes() <= groups // 8 + layers + 8 * 8 * layers
+    else:  # a bool, a layer index and a float score per group, plus O(layers)
+        assert greg.state_bytes() <= groups * (1 + 8 + 4) + 8 * 8 * layers
