@@ -16,6 +16,7 @@
 #include <cmath>
 #include <cstring>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 namespace greg_fast {
@@ -80,25 +81,27 @@ void run_item(const Layer& L, int64_t g0, int64_t g1, Mode mode, bool mask) {
             w[base + b] = T(0);
             if (buf) buf[base + b] = T(0);
           }
-        } else if (buf) {
-#pragma omp simd reduction(+ : s)
-          for (int64_t b = 0; b < L.B; ++b) {
-            const float wv = static_cast<float>(w[base + b]);
-            s += std::abs(wv);
-            float d = static_cast<float>(g[base + b]) + wv * lam;
-            d = d + wv * wd;
-            const T m = static_cast<T>(static_cast<float>(buf[base + b]) * mu + d);
-            buf[base + b] = m;
-            w[base + b] = static_cast<T>(wv - lr * static_cast<float>(m));
-          }
         } else {
+          auto update = [&](auto has_momentum) {  // one loop, compiled with and without a buffer
+            constexpr bool kMomentum = decltype(has_momentum)::value;
 #pragma omp simd reduction(+ : s)
-          for (int64_t b = 0; b < L.B; ++b) {
-            const float wv = static_cast<float>(w[base + b]);
-            s += std::abs(wv);
-            float d = static_cast<float>(g[base + b]) + wv * lam;
-            d = d + wv * wd;
-            w[base + b] = static_cast<T>(wv - lr * d);
+            for (int64_t b = 0; b < L.B; ++b) {
+              const float wv = static_cast<float>(w[base + b]);
+              s += std::abs(wv);
+              float d = static_cast<float>(g[base + b]) + wv * lam;
+              d = d + wv * wd;
+              if constexpr (kMomentum) {
+                const T m = static_cast<T>(static_cast<float>(buf[base + b]) * mu + d);
+                buf[base + b] = m;
+                d = static_cast<float>(m);
+              }
+              w[base + b] = static_cast<T>(wv - lr * d);
+            }
+          };
+          if (buf) {
+            update(std::true_type{});
+          } else {
+            update(std::false_type{});
           }
         }
       }

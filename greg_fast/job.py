@@ -32,7 +32,6 @@ from .engine import GrowingReg, check_hyper
 from .plan import plan as make_plan, stage_ratios
 from .train import epoch_metrics, evaluate, lr_at, n_batches, parse_lr_schedule, train_epoch
 
-STAGES = ("pretrain", "regularize", "finetune", "finished")
 # Arguments that must agree between a run and its resume.
 _RUN_IDENTITY = ("model", "data", "method", "granularity", "ratio", "stage_ratios", "delta", "interval",
                  "ceiling", "stabilize", "pick_delta", "pick_ceiling", "recover", "mag_ratio_limit",
