@@ -124,7 +124,7 @@ class GrowingReg(torch.optim.Optimizer):
             self._kept_flat = torch.ones(sum(sizes), dtype=torch.bool, device=dev)
             self._kept = list(self._kept_flat.split(sizes))
         else:
-            packed = [pack_bits(torch.ones(g, dtype=torch.bool)).numel() for g in sizes]
+            packed = [-(-g // 8) for g in sizes]  # bytes of each layer's bits
             self._kept_flat = torch.full((sum(packed),), 255, dtype=torch.uint8, device=dev)
             self._kept = list(self._kept_flat.split(packed))
         # layer index of every group, for the magnitude ratios (structured layers only)
