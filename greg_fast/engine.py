@@ -108,8 +108,8 @@ class GrowingReg(torch.optim.Optimizer):
         self.fused = fused
         self.nan_guard = nan_guard
         self.skipped_steps = 0  # steps refused for non-finite gradients
-        self._group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
         if fused:
+            self._group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
             self._check_fusable()
             fused_ids = {id(l.weight) for l in self.layers}
             self._others = [p for g in optimizer.param_groups for p in g["params"] if id(p) not in fused_ids]
@@ -135,7 +135,6 @@ class GrowingReg(torch.optim.Optimizer):
         self._hist = torch.full((n,), math.nan, dtype=torch.float64, device=dev)
         self._scores: list[torch.Tensor | None] = [None] * n
         self.iteration = 0           # completed steps
-        self._n_updates = 0          # λ updates so far
         self._n_pick = 0             # GReg-2 uniform increments (identical for all layers)
         self._picked = method != "greg2"
         self._stabilize_end: int | None = None  # iteration at which the phase becomes "done"
@@ -228,7 +227,6 @@ class GrowingReg(torch.optim.Optimizer):
 
     def _advance_counts(self) -> bool:
         """The score-independent half of a λ update; True when GReg-2 picks at this update."""
-        self._n_updates += 1
         pick_now = False
         if not self._picked:
             self._n_pick += 1
@@ -371,7 +369,7 @@ class GrowingReg(torch.optim.Optimizer):
             "greg": {
                 "method": self.method, "hyper": dict(self.hyper), "phase": self._phase,
                 "layers": [l.name for l in self.layers], "n_groups": [l.n_groups for l in self.layers],
-                "iteration": self.iteration, "n_updates": self._n_updates, "n_pick": self._n_pick,
+                "iteration": self.iteration, "n_pick": self._n_pick,
                 "skipped_steps": self.skipped_steps,
                 "picked": self._picked, "stabilize_end": self._stabilize_end,
                 "n_grow": self._n_grow.clone(), "finished": self._finished.clone(), "hist": self._hist.clone(),
@@ -403,7 +401,7 @@ class GrowingReg(torch.optim.Optimizer):
         if [(k.dtype, k.shape) for k in kept] != [(v.dtype, v.shape) for v in self._kept]:
             raise ValueError("checkpoint masks do not match this plan's layers")
         self.optimizer.load_state_dict(opt)
-        self._phase, self.iteration, self._n_updates = g["phase"], g["iteration"], g["n_updates"]
+        self._phase, self.iteration = g["phase"], g["iteration"]
         self._n_pick, self._picked, self._stabilize_end = g["n_pick"], g["picked"], g["stabilize_end"]
         self.skipped_steps = g.get("skipped_steps", 0)
         self._n_grow = g["n_grow"].to(dev, torch.int64)

@@ -187,11 +187,14 @@ def run(args) -> dict:
     say = (lambda *a: None) if quiet else print
     clock = [time.perf_counter()]
 
-    def save(optimizer=None):
-        """Atomically write the next checkpoint (keeping the previous one) and the metrics so far."""
+    def account_time():
         now = time.perf_counter()
         state.seconds[state.stage] = state.seconds.get(state.stage, 0) + now - clock[0]
         clock[0] = now
+
+    def save(optimizer=None):
+        """Atomically write the next checkpoint (keeping the previous one) and the metrics so far."""
+        account_time()
         state.saves += 1
         if not main_rank:
             return
@@ -203,9 +206,7 @@ def run(args) -> dict:
         _write_atomic(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in state.records))
 
     def next_stage(stage):
-        save_time = time.perf_counter()
-        state.seconds[state.stage] = state.seconds.get(state.stage, 0) + save_time - clock[0]
-        clock[0] = save_time
+        account_time()  # the time so far belongs to the stage that ends
         state.stage, state.epoch, state.batch, state.step, state.sums = stage, 0, 0, 0, None
         save()
 
