@@ -13,11 +13,9 @@ def test_step(benchmark, name, workload, device, records):
     if reason:
         pytest.skip(reason)
     fn = bench.provider(name, workload)
-
-    def timed():
-        fn()
-        bench.synchronize(device)
-    benchmark.pedantic(timed, rounds=20, warmup_rounds=3, iterations=1)
-    rec = bench.record(workload, name, benchmark.stats.stats.median)
+    calls = bench.calls_per_round(fn, device)
+    benchmark.pedantic(bench.repeated(fn, calls, device), rounds=20, warmup_rounds=3, iterations=1)
+    rec = bench.record(workload, name, benchmark.stats.stats.median / calls)
+    rec["calls_per_round"] = calls
     benchmark.extra_info.update(rec)
     records.append(rec)

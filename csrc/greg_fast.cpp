@@ -131,12 +131,23 @@ void run(std::vector<Layer>& layers, Mode mode, bool mask) {
   });
 }
 
-void check_tensor(const at::Tensor& t, const char* what, int64_t i, const at::Tensor& like) {
+// Can the kernel walk t (the weight, its gradient or a buffer) as the layer's [A, G, B] view in
+// memory order? Row-major always can; for filter groups (A == 1) so can channels_last, which keeps
+// each filter one block of B elements (the work inside a filter is elementwise or a sum, blind to
+// the order), when t has the weight's strides. Mirrors greg_fast.native.walkable.
+bool walkable(const at::Tensor& t, const at::Tensor& w, int64_t A, int64_t B) {
+  if (t.is_contiguous() && w.is_contiguous()) return true;
+  return A == 1 && w.dim() == 4 && w.stride(0) == B && t.strides() == w.strides() &&
+         w.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+void check_tensor(const at::Tensor& t, const char* what, int64_t i, const at::Tensor& like, const Layer& layer) {
   TORCH_CHECK(t.device().is_cpu(), what, "[", i, "] must be a CPU tensor, got ", t.device());
-  TORCH_CHECK(t.is_contiguous(), what, "[", i, "] must be contiguous");
   TORCH_CHECK(t.scalar_type() == like.scalar_type(), what, "[", i, "] has dtype ", t.scalar_type(),
               " but the weight has ", like.scalar_type());
   TORCH_CHECK(t.numel() == like.numel(), what, "[", i, "] has ", t.numel(), " elements, the weight ", like.numel());
+  TORCH_CHECK(walkable(t, like, layer.A, layer.B), what, "[", i,
+              "] must be contiguous (or, for filter groups, channels_last like the weight)");
 }
 
 std::vector<Layer> make_layers(at::TensorList weights, at::IntArrayRef views, const at::Tensor& scores) {
@@ -154,12 +165,12 @@ std::vector<Layer> make_layers(at::TensorList weights, at::IntArrayRef views, co
   int64_t offset = 0;
   for (int64_t i = 0; i < n; ++i) {
     const at::Tensor& w = weights[i];
-    check_tensor(w, "weights", i, w);
     const int64_t A = views[3 * i], G = views[3 * i + 1], B = views[3 * i + 2];
     TORCH_CHECK(A * G * B == w.numel(), "views[", i, "] = [", A, ", ", G, ", ", B, "] does not cover the ",
                 w.numel(), " elements of weights[", i, "]");
     layers[i] = Layer{w.scalar_type(), w.data_ptr(), nullptr, nullptr, nullptr, nullptr, A, G, B,
                       0.f, 0.f, 0.f, 0.f, 0.f, want_scores ? scores.data_ptr<float>() + offset : nullptr};
+    check_tensor(w, "weights", i, w, layers[i]);
     offset += G;
   }
   return layers;
@@ -177,7 +188,7 @@ void set_penalty(std::vector<Layer>& layers, at::TensorList grads, at::TensorLis
   const float* lk = lam_kept.data_ptr<float>();
   const float* ls = lam_selected.data_ptr<float>();
   for (int64_t i = 0; i < n; ++i) {
-    check_tensor(grads[i], "grads", i, weights[i]);
+    check_tensor(grads[i], "grads", i, weights[i], layers[i]);
     const int64_t G = layers[i].G;
     const bool bits = kept[i].scalar_type() == at::kByte;
     TORCH_CHECK(kept[i].is_contiguous() && kept[i].device().is_cpu() &&
@@ -219,7 +230,7 @@ void fused_sgd_(at::TensorList weights, at::TensorList grads, at::TensorList mom
               "momentum_buffers, lr, momentum and weight_decay must have one entry per layer");
   for (size_t i = 0; i < n; ++i) {
     if (momentum_buffers[i].numel() > 0) {  // an empty tensor: plain SGD for this layer
-      check_tensor(momentum_buffers[i], "momentum_buffers", i, weights[i]);
+      check_tensor(momentum_buffers[i], "momentum_buffers", i, weights[i], layers[i]);
       layers[i].buf = momentum_buffers[i].data_ptr();
     }
     layers[i].lr = static_cast<float>(lr[i]);

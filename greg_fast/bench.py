@@ -45,20 +45,36 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def copy_bandwidth(device: torch.device, numel: int, dtype=torch.float32, repeats: int = 10) -> float:
+def copy_bandwidth(device: torch.device, numel: int, dtype=torch.float32) -> float:
     """Bytes per second of ``dst.copy_(src)``, counted STREAM-style as read + write of ``numel``
     elements (the write-allocate read a CPU also does is not counted, so a kernel that only writes
     what it has read can exceed 1.0 of it)."""
     src = torch.randn(numel, device=device).to(dtype)
     dst = torch.empty_like(src)
-    times = []
-    for _ in range(repeats + 2):
+    return 2 * src.numel() * src.element_size() / time_call(lambda: dst.copy_(src), device, rounds=10, warmup=2)
+
+
+def calls_per_round(fn: Callable[[], None], device: torch.device, target_s: float = 2e-3) -> int:
+    """How many back-to-back calls one timed round makes: 1 on the CPU; on a GPU enough to fill
+    ~2 ms, so that the round's one host sync (tens of µs) does not count against kernels that
+    themselves take tens of µs (ResNet-50's penalty step on an H100)."""
+    if device.type != "cuda":
+        return 1
+    fn()
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return max(1, min(1000, int(target_s / (time.perf_counter() - start))))
+
+
+def repeated(fn: Callable[[], None], calls: int, device: torch.device) -> Callable[[], None]:
+    """One timed round: ``calls`` calls of ``fn``, then a sync."""
+    def round_():
+        for _ in range(calls):
+            fn()
         synchronize(device)
-        t = time.perf_counter()
-        dst.copy_(src)
-        synchronize(device)
-        times.append(time.perf_counter() - t)
-    return 2 * src.numel() * src.element_size() / statistics.median(times[2:])
+    return round_
 
 
 @dataclass
@@ -202,16 +218,17 @@ def record(work: Workload, name: str, seconds: float) -> dict:
 
 
 def time_call(fn: Callable[[], None], device: torch.device, rounds: int = 20, warmup: int = 3) -> float:
-    """Median seconds of ``fn`` (for ``greg-fast bench``; bench/ uses pytest-benchmark)."""
+    """Median seconds per call of ``fn`` (for ``greg-fast bench``; bench/ uses pytest-benchmark)."""
+    calls = calls_per_round(fn, device)
+    round_ = repeated(fn, calls, device)
     times = []
     for i in range(warmup + rounds):
         synchronize(device)
         t = time.perf_counter()
-        fn()
-        synchronize(device)
+        round_()
         if i >= warmup:
             times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return statistics.median(times) / calls
 
 
 def run_set(device: torch.device, model_names=MODELS, providers=PENALTY_PROVIDERS + SGD_PROVIDERS,

@@ -25,11 +25,13 @@ def unavailable(device: torch.device) -> str | None:
 
 def scores(layers) -> list[torch.Tensor]:
     layers = list(layers)
-    contiguous = all(l.weight.is_contiguous() for l in layers)
-    if not layers or not contiguous:
-        return eager.scores(layers)
+    if not layers:
+        return []
     out = native.score_buffer(layers, True, "cpu")
-    torch.ops.greg_fast.scores_([l.weight.detach() for l in layers], native.flat_views(layers), out)
+    try:
+        torch.ops.greg_fast.scores_([l.weight.detach() for l in layers], native.flat_views(layers), out)
+    except (RuntimeError, TypeError):  # a layout the op refuses: see native.walkable
+        return eager.scores(layers)
     return native.split_scores(out, layers)
 
 

@@ -24,14 +24,25 @@ def split_scores(scores: torch.Tensor, layers: Sequence[LayerPlan]) -> list[torc
     return list(scores.split([l.n_groups for l in layers]))
 
 
-def _same_layout(t: torch.Tensor | None, w: torch.Tensor) -> bool:
-    return t is None or (t.is_contiguous() and t.dtype == w.dtype and t.device == w.device)
+def walkable(t: torch.Tensor | None, w: torch.Tensor, view) -> bool:
+    """Can a kernel walk ``t`` (the weight, its gradient or a buffer of it) as the layer's
+    ``[A, G, B]`` view in memory order? Row-major always can; for filter groups (A == 1), so can
+    channels_last, which keeps each filter one block of B elements (the work inside a filter is
+    elementwise or a sum, blind to the order), provided ``t`` has the weight's strides. Gradient
+    and buffer dtypes and devices match the weight's: autograd and torch's optimizers see to it."""
+    if t is None:
+        return False
+    if t.is_contiguous() and w.is_contiguous():
+        return True
+    return (view[0] == 1 and w.dim() == 4 and w.stride(0) == view[2] and t.stride() == w.stride()
+            and w.is_contiguous(memory_format=torch.channels_last))
 
 
 def eligible(layer: LayerPlan, buffer: torch.Tensor | None = None) -> bool:
     w = layer.weight
-    return (w.is_contiguous() and w.grad is not None and w.dtype in (torch.float32, torch.float16, torch.bfloat16)
-            and _same_layout(w.grad, w) and _same_layout(buffer, w))
+    return (w.dtype in (torch.float32, torch.float16, torch.bfloat16) and walkable(w, w, layer.view)
+            and walkable(w.grad, w, layer.view)
+            and (buffer is None or (buffer.dtype == w.dtype and walkable(buffer, w, layer.view))))
 
 
 def run(native: Callable, eager_fn: Callable, layers, kept, lam_kept, lam_selected, *extras,

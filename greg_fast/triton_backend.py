@@ -33,14 +33,27 @@ def _kernels():
     return greg_step
 
 
+TILE = 1024  # elements per program and iteration: 8 per thread at 4 warps, no register spills
+
+
 def _blocks(granularity: str, max_b: int) -> tuple[int, int, int]:
-    """(BLOCK_G, BLOCK_B, A_STEP): ~4K-element tiles shaped for each granularity's [A, G, B]."""
-    if granularity == _FILTER:    # A = 1, B = fan-in: rows of the weight, looped in 256-wide chunks
-        return 16, 256, 1
+    """(BLOCK_G, BLOCK_B, A_STEP): TILE-element tiles shaped for each granularity's [A, G, B]."""
+    if granularity == _FILTER:    # A = 1, B = fan-in: rows of the weight, looped in 128-wide chunks
+        return TILE // 128, 128, 1
     if granularity == _CHANNEL:   # B = kernel area: whole groups in a tile, 16 rows of A per program
-        block_b = min(256, triton_next_pow2(max_b))
-        return max(1, 4096 // block_b), block_b, 16
-    return 4096, 1, 1             # weight: one element per group
+        block_b = min(128, triton_next_pow2(max_b))
+        return TILE // block_b, block_b, 16
+    return TILE, 1, 1             # weight: one element per group
+
+
+def _vec(addresses: tuple, views, granularity: str, element_size: int) -> int:
+    """Elements per 128-bit access when every address is 16-byte aligned and every contiguous
+    run (B, or G for single weights) is a whole number of them; else 1."""
+    vec = 16 // element_size
+    runs = (v[1] if granularity == _WEIGHT else v[2] for v in views)
+    if all(r % vec == 0 for r in runs) and all(a % 16 == 0 for a in addresses):
+        return vec
+    return 1
 
 
 def triton_next_pow2(n: int) -> int:
@@ -79,6 +92,7 @@ def _table(values: tuple, device: torch.device, dtype=torch.int64) -> torch.Tens
 
 
 _ELEM = {}
+_SUPPORTED = {torch.float32, torch.float16, torch.bfloat16}
 
 
 def _elem(dtype: torch.dtype):
@@ -88,46 +102,84 @@ def _elem(dtype: torch.dtype):
     return _ELEM[dtype]
 
 
+class _NeedsEager(Exception):
+    """A layer the kernel cannot address flat (see native.eligible): the caller sorts them out."""
+
+
+_PLACEHOLDERS: dict = {}
+
+
+def _placeholder(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A one-element tensor for pointer arguments that a specialization never reads."""
+    key = (device, dtype)
+    if key not in _PLACEHOLDERS:
+        _PLACEHOLDERS[key] = torch.zeros(1, dtype=dtype, device=device)
+    return _PLACEHOLDERS[key]
+
+
+def _addresses(tensors, weights, views, dtype: torch.dtype) -> tuple:
+    """data_ptr of each tensor; raises _NeedsEager for one the kernel cannot take (this runs every
+    step, so it is the lean form of native.eligible)."""
+    out = []
+    for t, w, view in zip(tensors, weights, views):
+        if t is None or t.dtype is not dtype or not native.walkable(t, w, view):
+            raise _NeedsEager
+        out.append(t.data_ptr())
+    return tuple(out)
+
+
 def _launch(layers, kept, lam_kept, lam_selected, *, mode, want_scores, mask, buffers=None, hyper=None):
+    """One kernel launch per weight dtype over ``layers`` (usually exactly one)."""
+    if not layers:
+        return [] if want_scores else None
     k = _kernels()
-    device = layers[0].weight.device
-    out = torch.empty(0, dtype=torch.float32, device=device)
+    weights = [l.weight for l in layers]
+    device = weights[0].device
+    out = _placeholder(device, torch.float32)
     if want_scores:
         out = torch.zeros(sum(l.n_groups for l in layers), dtype=torch.float32, device=device)
-    by_dtype: dict = {}
-    for i, layer in enumerate(layers):
-        by_dtype.setdefault(layer.weight.dtype, []).append(i)
-    zero = torch.zeros(1, dtype=torch.int64, device=device)
-    for dtype, idx in by_dtype.items():  # one launch per weight dtype (usually exactly one)
+    dtypes = {w.dtype for w in weights}
+    if not dtypes <= _SUPPORTED:
+        raise _NeedsEager
+    for dtype in dtypes:
+        idx = range(len(layers)) if len(dtypes) == 1 else [i for i, w in enumerate(weights) if w.dtype is dtype]
         sub = [layers[i] for i in idx]
-        views = tuple(tuple(l.view) for l in sub)
+        views = tuple(l.view for l in sub)
         dims, offsets, work, (bg, bb, astep) = _static(views, sub[0].granularity, device)
-        if len(idx) < len(layers):  # score offsets of this subset inside the full buffer
+        if len(idx) < len(layers):  # this subset's score offsets inside the full buffer
             starts = [sum(l.n_groups for l in layers[:i]) for i in idx]
             offsets = _table(tuple(starts), device)
-        w_table = _table(tuple(l.weight.data_ptr() for l in sub), device)
-        g_table = m_table = kept_table = hyper_table = zero
-        lk = ls = torch.zeros(1, dtype=torch.float32, device=device)
+        ws = [weights[i] for i in idx]
+        addresses = _addresses(ws, ws, views, dtype)
+        w_table = _table(addresses, device)
+        g_table = m_table = kept_table = hyper_table = _placeholder(device, torch.int64)
+        lk = ls = _placeholder(device, torch.float32)
         has_momentum = False
         if mode != k.MODE_SCORES:
-            g_table = _table(tuple(l.weight.grad.data_ptr() for l in sub), device)
+            grads = _addresses([w.grad for w in ws], ws, views, dtype)
+            addresses += grads
+            g_table = _table(grads, device)
             kept_table = _table(tuple(kept[i].data_ptr() for i in idx), device)
-            sel = idx if len(idx) < len(layers) else None
-            lk = lam_kept if sel is None else lam_kept[torch.tensor(sel, device=device)]
-            ls = lam_selected if sel is None else lam_selected[torch.tensor(sel, device=device)]
+            lk, ls = lam_kept, lam_selected
+            if len(idx) < len(layers):
+                sel = torch.tensor(idx, device=device)
+                lk, ls = lam_kept[sel], lam_selected[sel]
         if mode == k.MODE_SGD:
             bufs = [buffers[i] for i in idx]
-            has_momentum = all(b is not None for b in bufs)
-            if not has_momentum and any(b is not None for b in bufs):
+            has_momentum = bufs[0] is not None
+            if any((b is not None) != has_momentum for b in bufs):
                 raise ValueError("fused SGD on the triton backend needs momentum on all or none of the layers")
             if has_momentum:
-                m_table = _table(tuple(b.data_ptr() for b in bufs), device)
+                momenta = _addresses(bufs, ws, views, dtype)
+                addresses += momenta
+                m_table = _table(momenta, device)
             hyper_table = _table(tuple(float(v) for i in idx for v in hyper[i]), device, torch.float32)
-        packed = kept is not None and kept[idx[0]].dtype == torch.uint8
+        granularity = sub[0].granularity
         k.launch(out, w_table, g_table, m_table, kept_table, dims, offsets, lk, ls, hyper_table, work,
-                 elem=_elem(dtype), mode=mode, mask=mask, want_scores=want_scores, packed=packed,
-                 has_momentum=has_momentum,
-                 block_g=bg, block_b=bb, a_step=astep)
+                 elem=_elem(dtype), mode=mode, mask=mask, want_scores=want_scores,
+                 packed=kept is not None and kept[idx[0]].dtype == torch.uint8, has_momentum=has_momentum,
+                 block_g=bg, block_b=bb, a_step=astep, vec=_vec(addresses, views, granularity, dtype.itemsize),
+                 unit_b=granularity == _WEIGHT)
     if not want_scores:
         return None
     sums = native.split_scores(out, layers)
@@ -136,9 +188,10 @@ def _launch(layers, kept, lam_kept, lam_selected, *, mode, want_scores, mask, bu
 
 def scores(layers) -> list[torch.Tensor]:
     layers = list(layers)
-    if not layers or not all(l.weight.is_contiguous() for l in layers):
+    try:
+        return _launch(layers, None, None, None, mode=_kernels().MODE_SCORES, want_scores=True, mask=False)
+    except _NeedsEager:
         return eager.scores(layers)
-    return _launch(layers, None, None, None, mode=_kernels().MODE_SCORES, want_scores=True, mask=False)
 
 
 def _penalty(layers, kept, lam_kept, lam_selected, *, want_scores, mask):
@@ -151,11 +204,20 @@ def _fused_sgd(layers, kept, lam_kept, lam_selected, buffers, lr, momentum, weig
                    mask=mask, buffers=buffers, hyper=list(zip(lr, momentum, weight_decay)))
 
 
+# Try every layer in one launch first: the per-layer sorting of native.run costs more host time
+# than a GPU spends on the whole step, and is needed only when some layer is refused.
 def penalty(layers, kept, lam_kept, lam_selected, *, want_scores, mask):
-    return native.run(_penalty, eager.penalty, layers, kept, lam_kept, lam_selected,
-                      want_scores=want_scores, mask=mask)
+    try:
+        return _penalty(layers, kept, lam_kept, lam_selected, want_scores=want_scores, mask=mask)
+    except _NeedsEager:
+        return native.run(_penalty, eager.penalty, layers, kept, lam_kept, lam_selected,
+                          want_scores=want_scores, mask=mask)
 
 
 def fused_sgd(layers, kept, lam_kept, lam_selected, buffers, lr, momentum, weight_decay, *, want_scores, mask):
-    return native.run(_fused_sgd, eager.fused_sgd, layers, kept, lam_kept, lam_selected, buffers, lr, momentum,
-                      weight_decay, want_scores=want_scores, mask=mask)
+    try:
+        return _fused_sgd(layers, kept, lam_kept, lam_selected, buffers, lr, momentum, weight_decay,
+                          want_scores=want_scores, mask=mask)
+    except _NeedsEager:
+        return native.run(_fused_sgd, eager.fused_sgd, layers, kept, lam_kept, lam_selected, buffers, lr,
+                          momentum, weight_decay, want_scores=want_scores, mask=mask)

@@ -8,11 +8,24 @@ writes w and the buffer (MODE_SGD: d = grad + λ_g w + wd w; m = μ m + d; w -= 
 Scores (sum |w| per group) leave the same pass through one atomic add per group and program.
 Traffic: penalty 3 passes (r w, r g, w g) over the groups whose λ is not 0 (plus r w of the others
 when scores are wanted), fused SGD 5 (r w, r g, r m, w m, w w); tables and λ are O(layers).
+
+The tensors' addresses come from tables, so the compiler knows nothing of their alignment; the
+launcher passes VEC (elements per 16-byte access) when every address and every row length of the
+launch allows it, and the kernel restates that as hints so that loads and stores are 128-bit.
+UNIT_B (weight granularity: B = 1) makes the group axis the contiguous one.
 """
 import triton
 import triton.language as tl
 
 MODE_SCORES, MODE_PENALTY, MODE_SGD = 0, 1, 2
+
+
+@triton.jit
+def _aligned(address, ELEM: tl.constexpr, VEC: tl.constexpr):
+    ptr = address.to(tl.pointer_type(ELEM))
+    if VEC > 1:
+        ptr = tl.multiple_of(ptr, 16)
+    return ptr
 
 
 @triton.jit
@@ -27,20 +40,26 @@ def _greg_step_kernel(
     work_ptr,                        # int64 [programs, 3]: layer, g0, a0
     ELEM: tl.constexpr, MODE: tl.constexpr, MASK: tl.constexpr, SCORES: tl.constexpr, PACKED: tl.constexpr,
     HAS_MOMENTUM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_B: tl.constexpr, A_STEP: tl.constexpr,
+    VEC: tl.constexpr, UNIT_B: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     layer = tl.load(work_ptr + pid * 3)
-    g0 = tl.load(work_ptr + pid * 3 + 1)
+    g0 = tl.multiple_of(tl.load(work_ptr + pid * 3 + 1), BLOCK_G)
     a0 = tl.load(work_ptr + pid * 3 + 2)
     A = tl.load(dims_ptr + layer * 3)
     G = tl.load(dims_ptr + layer * 3 + 1)
-    B = tl.load(dims_ptr + layer * 3 + 2)
-    w_ptr = tl.load(w_table + layer).to(tl.pointer_type(ELEM))
+    # `x // VEC * VEC` is x itself (the launcher checked): it tells the compiler x % VEC == 0
+    if UNIT_B:
+        B = 1
+        G = G // VEC * VEC
+    else:
+        B = tl.load(dims_ptr + layer * 3 + 2) // VEC * VEC
+    w_ptr = _aligned(tl.load(w_table + layer), ELEM, VEC)
 
     offs_g = g0 + tl.arange(0, BLOCK_G).to(tl.int64)
     g_in = offs_g < G
     if MODE != 0:
-        g_ptr = tl.load(g_table + layer).to(tl.pointer_type(ELEM))
+        g_ptr = _aligned(tl.load(g_table + layer), ELEM, VEC)
         if PACKED:  # one bit per weight: bit k of byte b is group 8b + k
             kept_ptr = tl.load(kept_table + layer).to(tl.pointer_type(tl.uint8))
             byte = tl.load(kept_ptr + (offs_g >> 3), mask=g_in, other=255)
@@ -54,7 +73,7 @@ def _greg_step_kernel(
             mu = tl.load(hyper_ptr + layer * 3 + 1)
             wd = tl.load(hyper_ptr + layer * 3 + 2)
             if HAS_MOMENTUM:
-                m_ptr = tl.load(m_table + layer).to(tl.pointer_type(ELEM))
+                m_ptr = _aligned(tl.load(m_table + layer), ELEM, VEC)
     acc = tl.zeros([BLOCK_G], dtype=tl.float32)
     a_end = tl.minimum(a0 + A_STEP, A)
     for a in range(a0, a_end):
@@ -64,11 +83,14 @@ def _greg_step_kernel(
             inside = g_in[:, None] & (offs_b < B)[None, :]
             idx = row[:, None] + offs_b[None, :]
             if MODE == 1:
-                # groups with λ = 0 (GReg-1's kept ones) need no gradient traffic; masked-off lanes
-                # touch no memory, so they cost nothing but the scores' read of w
-                touched = inside & (lam != 0.0)[:, None]
-                if MASK:
-                    touched = touched | (inside & ~kept[:, None])
+                if UNIT_B:  # single weights: their sectors are fetched anyway, and a per-lane mask
+                    touched = inside  # would stop 128-bit access
+                else:
+                    # groups with λ = 0 (GReg-1's kept ones) need no gradient traffic; masked-off
+                    # lanes touch no memory, so they cost nothing but the scores' read of w
+                    touched = inside & (lam != 0.0)[:, None]
+                    if MASK:
+                        touched = touched | (inside & ~kept[:, None])
                 w = tl.load(w_ptr + idx, mask=inside if SCORES else touched, other=0.0).to(tl.float32)
             else:
                 w = tl.load(w_ptr + idx, mask=inside, other=0.0).to(tl.float32)
@@ -102,10 +124,10 @@ def _greg_step_kernel(
 
 
 def launch(scores, w_table, g_table, m_table, kept_table, dims, score_off, lam_kept, lam_sel, hyper, work, *,
-           elem, mode, mask, want_scores, packed, has_momentum, block_g, block_b, a_step, num_warps=4):
+           elem, mode, mask, want_scores, packed, has_momentum, block_g, block_b, a_step, vec, unit_b, num_warps=4):
     """One launch over the whole work list (``work``: int64 [programs, 3])."""
     grid = (work.shape[0],)
     _greg_step_kernel[grid](scores, w_table, g_table, m_table, kept_table, dims, score_off, lam_kept, lam_sel,
                             hyper, work, ELEM=elem, MODE=mode, MASK=mask, SCORES=want_scores, PACKED=packed,
                             HAS_MOMENTUM=has_momentum, BLOCK_G=block_g, BLOCK_B=block_b, A_STEP=a_step,
-                            num_warps=num_warps)
+                            VEC=vec, UNIT_B=unit_b, num_warps=num_warps)

@@ -1,4 +1,5 @@
 import copy
+import math
 import os
 
 import pytest
@@ -8,6 +9,8 @@ import torch.nn as nn
 # Without a GPU the Triton kernels run in Triton's interpreter; it must be set before triton loads.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from greg_fast.plan import LayerPlan, _group_view  # noqa: E402  (after TRITON_INTERPRET)
 
 
 class SmallNet(nn.Module):
@@ -57,3 +60,37 @@ def train_steps(model, opt, batches, steps, start=0):
 
 def clone(model):
     return copy.deepcopy(model)
+
+
+def fake_layer(shape, granularity, dtype, device, spatial=1, misaligned=False):
+    """A LayerPlan over a fresh random weight of ``shape`` (conv if 4-d, linear if 2-d); with
+    ``misaligned``, weight and gradient are views one element into flat buffers (as parameters and
+    gradients in bucketed or flattened storage can be), so not 16-byte aligned."""
+    module = nn.Conv2d(shape[1], shape[0], shape[2]) if len(shape) == 4 else nn.Linear(shape[1], shape[0])
+    module = module.to(device=device, dtype=dtype)
+
+    def fresh():
+        if not misaligned:
+            return torch.randn(shape, device=device).to(dtype)
+        return torch.randn(math.prod(shape) + 1, device=device).to(dtype)[1:].view(shape)
+    module.weight = nn.Parameter(fresh())
+    module.weight.grad = fresh()
+    view = _group_view(module, granularity, spatial)
+    return LayerPlan(name=f"l{shape}", module=module, granularity=granularity, n_groups=view[1],
+                     n_prune=view[1] // 2, ratio=0.5, view=view)
+
+
+SHAPES = {  # (shape, spatial) per layout and granularity
+    # primes, one-group layers, conv and linear, flatten-before-linear
+    "odd": {
+        "filter": [((7, 3, 3, 3), 1), ((1, 5, 3, 3), 1), ((13, 11), 1), ((64, 32, 1, 1), 1), ((3, 300), 1)],
+        "channel": [((7, 3, 3, 3), 1), ((5, 1, 3, 3), 1), ((13, 11), 1), ((6, 20), 4), ((17, 23, 5, 5), 1)],
+        "weight": [((7, 3, 3, 3), 1), ((1, 1), 1), ((13, 11), 1), ((5, 4097), 1)],
+    },
+    # every contiguous run (B; G for single weights) a multiple of 8: the triton backend's 128-bit path
+    "aligned": {
+        "filter": [((16, 8, 3, 3), 1), ((8, 32, 1, 1), 1), ((5, 40), 1), ((1, 16, 2, 2), 1)],
+        "channel": [((4, 3, 4, 4), 1), ((6, 64), 8), ((5, 96), 16)],
+        "weight": [((8, 4, 3, 3), 1), ((16, 24), 1), ((1, 8), 1)],
+    },
+}

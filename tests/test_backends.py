@@ -8,9 +8,9 @@ import torch.nn as nn
 
 import greg_fast as gf
 from greg_fast import cpp, dispatch, eager, triton_backend
-from greg_fast.plan import LayerPlan, _group_view
+from greg_fast.plan import LayerPlan
 
-from conftest import SmallNet, make_batches, train_steps
+from conftest import SHAPES, SmallNet, fake_layer, make_batches, train_steps
 
 CUDA = torch.cuda.is_available()
 DEVICE = {"cpp": torch.device("cpu"), "triton": torch.device("cuda" if CUDA else "cpu")}
@@ -23,25 +23,6 @@ TOL = {torch.float32: dict(rtol=1e-6, atol=1e-6), torch.bfloat16: dict(rtol=1.6e
 def test_the_compiled_backends_are_here():
     """CI builds the extension and has triton: a silent skip of every comparison is a failure."""
     assert "cpp" in BACKENDS and "triton" in BACKENDS
-
-
-def fake_layer(shape, granularity, dtype, device, spatial=1):
-    """A LayerPlan over a fresh random weight of ``shape`` (conv if 4-d, linear if 2-d)."""
-    module = nn.Conv2d(shape[1], shape[0], shape[2]) if len(shape) == 4 else nn.Linear(shape[1], shape[0])
-    module = module.to(device=device, dtype=dtype)
-    with torch.no_grad():
-        module.weight.copy_(torch.randn(shape))
-    module.weight.grad = torch.randn(shape, device=device, dtype=dtype)
-    view = _group_view(module, granularity, spatial)
-    return LayerPlan(name=f"l{shape}", module=module, granularity=granularity, n_groups=view[1],
-                     n_prune=view[1] // 2, ratio=0.5, view=view)
-
-
-SHAPES = {  # (shape, spatial): primes, one-group layers, conv and linear, flatten-before-linear
-    "filter": [((7, 3, 3, 3), 1), ((1, 5, 3, 3), 1), ((13, 11), 1), ((64, 32, 1, 1), 1), ((3, 300), 1)],
-    "channel": [((7, 3, 3, 3), 1), ((5, 1, 3, 3), 1), ((13, 11), 1), ((6, 20), 4), ((17, 23, 5, 5), 1)],
-    "weight": [((7, 3, 3, 3), 1), ((1, 1), 1), ((13, 11), 1), ((5, 4097), 1)],
-}
 
 
 def clone_layers(layers):
@@ -58,9 +39,11 @@ def clone_layers(layers):
 @pytest.mark.parametrize("granularity", gf.GRANULARITIES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("op", ["penalty", "penalty_masked", "sgd", "sgd_masked", "sgd_plain"])
-def test_kernel_matches_eager_on_random_shapes(backend, granularity, dtype, op):
+@pytest.mark.parametrize("layout", ["odd", "aligned", "misaligned"])
+def test_kernel_matches_eager_on_random_shapes(backend, granularity, dtype, op, layout):
     device = DEVICE[backend]
-    layers = [fake_layer(s, granularity, dtype, device, sp) for s, sp in SHAPES[granularity]]
+    shapes = SHAPES["aligned" if layout == "misaligned" else layout][granularity]
+    layers = [fake_layer(s, granularity, dtype, device, sp, misaligned=layout == "misaligned") for s, sp in shapes]
     kept = [torch.rand(l.n_groups, device=device) < 0.6 for l in layers]
     if granularity == "weight":  # unstructured layers keep their masks bit-packed
         kept = [eager.pack_bits(k) for k in kept]
@@ -94,7 +77,8 @@ def test_kernel_matches_eager_on_random_shapes(backend, granularity, dtype, op):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_scores_match_eager(backend):
-    layers = [fake_layer(s, g, torch.float32, DEVICE[backend], sp) for g in SHAPES for s, sp in SHAPES[g][:2]]
+    layers = [fake_layer(s, g, torch.float32, DEVICE[backend], sp)
+              for shapes in SHAPES.values() for g in shapes for s, sp in shapes[g][:2]]
     module = {"cpp": cpp, "triton": triton_backend}[backend]
     for layer in layers:  # one granularity per call, as in a plan
         torch.testing.assert_close(module.scores([layer])[0], eager.scores([layer])[0], rtol=1e-5, atol=1e-7)
@@ -104,9 +88,12 @@ SCHEDULE = dict(delta=0.2, interval=2, ceiling=0.5, stabilize=3, pick_delta=0.1,
                 recover=-0.02, mag_ratio_limit=1e9)
 
 
-def run(backend, granularity, method, fused, steps=16, dtype=torch.float32, device="cpu", ratio=0.5):
+def run(backend, granularity, method, fused, steps=16, dtype=torch.float32, device="cpu", ratio=0.5,
+        channels_last=False):
     torch.manual_seed(0)
     net = SmallNet().to(device=device, dtype=dtype)
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
     plan = gf.plan(net, ratio, granularity=granularity, example_inputs=torch.zeros(1, 3, 6, 6, device=device,
                                                                                     dtype=dtype))
     opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
@@ -153,23 +140,65 @@ def test_empty_plan_and_bf16_runs(backend):
         torch.testing.assert_close(b.detach().cpu(), a.detach(), rtol=0.05, atol=0.02)
 
 
+LAYOUTS = {  # how the middle one of three layers is stored -> (granularity, does the kernel take it)
+    "channels_last filters": ("filter", True),         # each filter is still one block
+    "channels_last channels": ("channel", False),
+    "channels_last single weights": ("weight", False),  # mask bits follow the NCHW order
+    "gradient not like the weight": ("filter", False),
+    "transposed linear": ("filter", False),
+}
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_non_contiguous_weights_fall_back_to_eager_for_those_layers(backend):
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("mask", [False, True])
+def test_other_layouts_run_in_the_kernel_or_fall_back_to_eager_for_that_layer(backend, layout, mask, monkeypatch):
     device = DEVICE[backend]
-    layers = [fake_layer((8, 6, 3, 3), "filter", torch.float32, device) for _ in range(3)]
+    granularity, in_kernel = LAYOUTS[layout]
+    shape = (6, 8) if layout == "transposed linear" else (8, 6, 3, 3)
+    layers = [fake_layer(s, granularity, torch.float32, device) for s in [(8, 6, 3, 3), shape, (8, 6, 3, 3)]]
     w = layers[1].module.weight
-    w.data = w.data.to(memory_format=torch.channels_last)  # not contiguous in NCHW order
-    w.grad = w.grad.to(memory_format=torch.channels_last)
+    if layout == "transposed linear":
+        w.data, w.grad = w.data.t().contiguous().t(), w.grad.t().contiguous().t()
+    else:
+        w.data = w.data.to(memory_format=torch.channels_last)
+        if layout != "gradient not like the weight":
+            w.grad = w.grad.to(memory_format=torch.channels_last)
     assert not w.is_contiguous()
-    kept = [torch.rand(8, device=device) < 0.5 for _ in layers]
+    kept = [torch.rand(l.n_groups, device=device) < 0.5 for l in layers]
+    if granularity == "weight":
+        kept = [eager.pack_bits(k) for k in kept]
     lam = torch.rand(3, device=device), torch.rand(3, device=device)
     ref = clone_layers(layers)
+    assert ref[1].weight.stride() == w.stride()
+    eager_layers = []
+    real_penalty = eager.penalty
+
+    def spy(ls, *args, **kwargs):
+        eager_layers.extend(l.name for l in ls)
+        return real_penalty(ls, *args, **kwargs)
+    monkeypatch.setattr(eager, "penalty", spy)
     module = {"cpp": cpp, "triton": triton_backend}[backend]
-    got = module.penalty(layers, kept, *lam, want_scores=True, mask=False)
-    want = eager.penalty(ref, kept, *lam, want_scores=True, mask=False)
-    for l, r, g, s in zip(layers, ref, got, want):
+    got = module.penalty(layers, kept, *lam, want_scores=not mask, mask=mask)
+    monkeypatch.setattr(eager, "penalty", real_penalty)
+    assert eager_layers == ([] if in_kernel else [layers[1].name])
+    want = eager.penalty(ref, kept, *lam, want_scores=not mask, mask=mask)
+    for l, r in zip(layers, ref):
         torch.testing.assert_close(l.weight.grad, r.weight.grad)
+        torch.testing.assert_close(l.weight.detach(), r.weight.detach())
+        assert l.weight.stride() == r.weight.stride()
+    for g, s in zip(got or [], want or []):
         torch.testing.assert_close(g, s)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_channels_last_model_matches_eager_through_every_phase(backend, fused):
+    want, _, _ = run("eager", "filter", "greg1", False)
+    got, _, _ = run(backend, "filter", "greg1", fused, device=DEVICE[backend], channels_last=True)
+    assert not got.conv2.weight.is_contiguous()
+    for a, b in zip(want.parameters(), got.parameters()):
+        torch.testing.assert_close(b.detach().cpu(), a.detach(), rtol=1e-5, atol=1e-6)
 
 
 def test_auto_env_and_forced_backends(monkeypatch):

@@ -35,3 +35,21 @@ def test_bench_command_writes_records_with_bandwidth_fractions(tmp_path, monkeyp
         baseline = {"penalty": "x_reference", "sgd": "x_torch_sgd"}[r["kind"]]
         assert r[baseline] == 1.0  # time_call is stubbed: every provider takes 1 ms
     assert "of copy" in capsys.readouterr().out
+
+
+def test_triton_provider_adds_what_eager_adds():
+    """The GPU set's own provider, run here under the interpreter on a small model."""
+    grads = {}
+    for name in ("eager", "triton"):
+        work = bench.workload("resnet20", torch.device("cpu"))
+        bench.provider(name, work)()
+        grads[name] = [w.grad for w in work.weights]
+    for got, want in zip(grads["triton"], grads["eager"]):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+
+
+def test_a_cpu_round_is_one_call():
+    calls = []
+    assert bench.calls_per_round(lambda: calls.append(1), torch.device("cpu")) == 1 and not calls
+    bench.repeated(lambda: calls.append(1), 3, torch.device("cpu"))()
+    assert len(calls) == 3

@@ -1,0 +1,112 @@
+"""The Triton kernel as a GPU would get it, with no GPU: triton compiles ahead of time for a target.
+
+The interpreter, which runs the numerical tests, accepts code that the GPU compiler rejects or turns
+slow. So every specialization the backend launches for our test layouts is recorded (the kernel is
+not run) and built for Hopper (sm_90) and Ampere (sm_80) in a process without the interpreter; none
+may spill registers, and where the launcher promised aligned rows, global loads and stores must be
+128-bit.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import greg_fast as gf
+from greg_fast import eager, triton_backend
+
+from conftest import SHAPES, fake_layer
+
+pytestmark = pytest.mark.skipif(triton_backend.unavailable(torch.device("cpu")) is not None,
+                                reason="triton is not installed")
+ELEM_NAME = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+DTYPES = list(ELEM_NAME)
+
+
+class Recorder:
+    """Stands in for the jitted kernel: keeps each launch's compile-time arguments."""
+
+    def __init__(self):
+        self.specs = []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            spec = {k: v for k, v in kwargs.items() if k != "ELEM"}
+            self.specs.append({"ELEM": str(kwargs["ELEM"]), **spec})
+        return launch
+
+
+def record(layers, packed_masks: bool):
+    """Every launch the backend makes for ``layers``: scores, penalty and fused SGD, each with
+    and without masking and scores, SGD with and without momentum."""
+    recorder = Recorder()
+    kernels = triton_backend._kernels()
+    real, kernels._greg_step_kernel = kernels._greg_step_kernel, recorder
+    try:
+        n = len(layers)
+        kept = [torch.rand(l.n_groups) < 0.5 for l in layers]
+        if packed_masks:
+            kept = [eager.pack_bits(k) for k in kept]
+        lam = torch.full((n,), 0.1)
+        triton_backend._launch(layers, None, None, None, mode=kernels.MODE_SCORES, want_scores=True, mask=False)
+        for mask in (False, True):
+            for want_scores in (False, True):
+                triton_backend._launch(layers, kept, lam, lam, mode=kernels.MODE_PENALTY, want_scores=want_scores,
+                                       mask=mask)
+                for momentum in (0.0, 0.9):
+                    buffers = [torch.zeros_like(l.weight) if momentum else None for l in layers]
+                    triton_backend._launch(layers, kept, lam, lam, mode=kernels.MODE_SGD, want_scores=want_scores,
+                                           mask=mask, buffers=buffers, hyper=[(0.1, momentum, 1e-4)] * n)
+    finally:
+        kernels._greg_step_kernel = real
+    return recorder.specs
+
+
+def specs_of(layout, granularity, dtype):
+    layers = [fake_layer(s, granularity, dtype, torch.device("cpu"), sp) for s, sp in SHAPES[layout][granularity]]
+    return record(layers, packed_masks=granularity == "weight")
+
+
+def unique(specs):
+    return [json.loads(s) for s in sorted({json.dumps(s, sort_keys=True) for s in specs})]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_launcher_promises_128_bit_access_only_where_it_holds(dtype):
+    vec = 16 // dtype.itemsize
+    for granularity in gf.GRANULARITIES:
+        assert {s["VEC"] for s in specs_of("odd", granularity, dtype)} == {1}
+        assert {s["VEC"] for s in specs_of("aligned", granularity, dtype)} == {vec}, granularity
+    # the same aligned shapes at addresses 1 element off a 16-byte boundary
+    misaligned = [fake_layer(s, "filter", dtype, torch.device("cpu"), sp, misaligned=True)
+                  for s, sp in SHAPES["aligned"]["filter"]]
+    assert {s["VEC"] for s in record(misaligned, packed_masks=False)} == {1}
+
+
+def compile_for_gpu(specs, archs):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    job = json.dumps({"archs": archs, "specs": specs})
+    out = subprocess.run([sys.executable, str(Path(__file__).with_name("triton_aot.py"))], input=job, env=env,
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-4000:]
+    return json.loads(out.stdout)
+
+
+def test_every_launched_kernel_compiles_for_gpus_without_spills_and_with_128_bit_access():
+    # every flag combination in fp32; the 16-bit types over the aligned layout (their own conversions)
+    specs = unique(s for layout in SHAPES for g in gf.GRANULARITIES for s in specs_of(layout, g, torch.float32))
+    specs += unique(s for dtype in DTYPES[1:] for g in gf.GRANULARITIES for s in specs_of("aligned", g, dtype)
+                    if s["MASK"] and s["SCORES"])
+    hopper = compile_for_gpu(specs, [90])
+    ampere = compile_for_gpu([s for s in specs if s["VEC"] > 1 and s["MASK"] and s["SCORES"]], [80])
+    for spec, result in zip(specs + [s for s in specs if s["VEC"] > 1 and s["MASK"] and s["SCORES"]],
+                            hopper + ampere):
+        where = f"sm_{result['arch']} {spec}"
+        assert result["stack"] == 0, f"register spills ({result['stack']} bytes of stack): {where}"
+        if spec["VEC"] > 1:
+            assert "ld.global.v4.b32" in result["loads"], f"no 128-bit loads: {where}"
+            if spec["MODE"] != 0:
+                assert "st.global.v4.b32" in result["stores"], f"no 128-bit stores: {where}"
