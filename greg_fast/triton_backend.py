@@ -33,17 +33,18 @@ def _kernels():
     return greg_step
 
 
-TILE = 1024  # elements per program and iteration: 8 per thread at 4 warps, no register spills
+TILE = 1024           # elements per program and iteration: 8 per thread at 4 warps, no register spills
+ROW_CHUNK = 16 * 128  # filter groups: B elements per program, so that long filters are split
 
 
-def _blocks(granularity: str, max_b: int) -> tuple[int, int, int]:
-    """(BLOCK_G, BLOCK_B, A_STEP): TILE-element tiles shaped for each granularity's [A, G, B]."""
-    if granularity == _FILTER:    # A = 1, B = fan-in: rows of the weight, looped in 128-wide chunks
-        return TILE // 128, 128, 1
+def _tiling(granularity: str, max_b: int) -> tuple[int, int, int, int]:
+    """(BLOCK_G, BLOCK_B, A_STEP, B_STEP): TILE-element tiles shaped for each granularity's [A, G, B]."""
+    if granularity == _FILTER:    # A = 1, B = fan-in: rows of the weight in 128-wide steps, ROW_CHUNK per program
+        return TILE // 128, 128, 1, ROW_CHUNK
     if granularity == _CHANNEL:   # B = kernel area: whole groups in a tile, 16 rows of A per program
         block_b = min(128, triton_next_pow2(max_b))
-        return TILE // block_b, block_b, 16
-    return TILE, 1, 1             # weight: one element per group
+        return TILE // block_b, block_b, 16, block_b * -(-max_b // block_b)
+    return TILE, 1, 1, 1          # weight: one element per group
 
 
 def _vec(addresses: tuple, views, granularity: str, element_size: int) -> int:
@@ -62,15 +63,16 @@ def triton_next_pow2(n: int) -> int:
 
 @lru_cache(maxsize=64)
 def _static(views: tuple, granularity: str, device: torch.device):
-    """Shape table, score offsets, work list and block sizes of one layer set (cached)."""
-    block_g, block_b, a_step = _blocks(granularity, max(v[2] for v in views))
+    """Shape table, score offsets, work list and tiling of one layer set (cached)."""
+    tiling = block_g, _, a_step, b_step = _tiling(granularity, max(v[2] for v in views))
     work, offsets, off = [], [], 0
-    for i, (a, g, _) in enumerate(views):
+    for i, (a, g, b) in enumerate(views):
         offsets.append(off)
         off += g
-        work += [(i, g0, a0) for g0 in range(0, g, block_g) for a0 in range(0, a, a_step)]
+        work += [(i, g0, a0, b0) for g0 in range(0, g, block_g) for a0 in range(0, a, a_step)
+                 for b0 in range(0, b, b_step)]
     as_tensor = lambda x: torch.tensor(x, dtype=torch.int64, device=device)  # noqa: E731
-    return as_tensor(views), as_tensor(offsets), as_tensor(work), (block_g, block_b, a_step)
+    return as_tensor(views), as_tensor(offsets), as_tensor(work), tiling
 
 
 _ADDRESS_CACHE: dict = {}
@@ -145,7 +147,7 @@ def _launch(layers, kept, lam_kept, lam_selected, *, mode, want_scores, mask, bu
         idx = range(len(layers)) if len(dtypes) == 1 else [i for i, w in enumerate(weights) if w.dtype is dtype]
         sub = [layers[i] for i in idx]
         views = tuple(l.view for l in sub)
-        dims, offsets, work, (bg, bb, astep) = _static(views, sub[0].granularity, device)
+        dims, offsets, work, tiling = _static(views, sub[0].granularity, device)
         if len(idx) < len(layers):  # this subset's score offsets inside the full buffer
             starts = [sum(l.n_groups for l in layers[:i]) for i in idx]
             offsets = _table(tuple(starts), device)
@@ -178,7 +180,7 @@ def _launch(layers, kept, lam_kept, lam_selected, *, mode, want_scores, mask, bu
         k.launch(out, w_table, g_table, m_table, kept_table, dims, offsets, lk, ls, hyper_table, work,
                  elem=_elem(dtype), mode=mode, mask=mask, want_scores=want_scores,
                  packed=kept is not None and kept[idx[0]].dtype == torch.uint8, has_momentum=has_momentum,
-                 block_g=bg, block_b=bb, a_step=astep, vec=_vec(addresses, views, granularity, dtype.itemsize),
+                 tiling=tiling, vec=_vec(addresses, views, granularity, dtype.itemsize),
                  unit_b=granularity == _WEIGHT)
     if not want_scores:
         return None

@@ -1,8 +1,9 @@
 """The whole regularization step of a model in one Triton launch.
 
 Every layer's weight is viewed as [A, G, B] (groups on the middle axis). The launch walks a work
-list of (layer, first group, first row of A); each program owns a [BLOCK_G, BLOCK_B] tile of groups
-x inner elements and loops over B (and over A_STEP rows of A). Per element it reads w and grad
+list of (layer, first group, first row of A, first element of B); each program owns a [BLOCK_G,
+BLOCK_B] tile of groups x inner elements and loops over up to B_STEP elements of B and A_STEP rows
+of A, so that no program is much longer than the others (a GPU waits for the last one). Per element it reads w and grad
 and writes grad (MODE_PENALTY: grad += λ_g w), or reads w, grad and the momentum buffer and
 writes w and the buffer (MODE_SGD: d = grad + λ_g w + wd w; m = μ m + d; w -= lr m), all in fp32.
 Scores (sum |w| per group) leave the same pass through one atomic add per group and program.
@@ -37,23 +38,25 @@ def _greg_step_kernel(
     score_off_ptr,                   # int64 [L]: offset of the layer's groups in scores
     lam_kept_ptr, lam_sel_ptr,       # fp32 [L]
     hyper_ptr,                       # fp32 [L, 3]: lr, momentum, weight decay (MODE_SGD)
-    work_ptr,                        # int64 [programs, 3]: layer, g0, a0
+    work_ptr,                        # int64 [programs, 4]: layer, g0, a0, b0
     ELEM: tl.constexpr, MODE: tl.constexpr, MASK: tl.constexpr, SCORES: tl.constexpr, PACKED: tl.constexpr,
     HAS_MOMENTUM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_B: tl.constexpr, A_STEP: tl.constexpr,
-    VEC: tl.constexpr, UNIT_B: tl.constexpr,
+    B_STEP: tl.constexpr, VEC: tl.constexpr, UNIT_B: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
-    layer = tl.load(work_ptr + pid * 3)
-    g0 = tl.multiple_of(tl.load(work_ptr + pid * 3 + 1), BLOCK_G)
-    a0 = tl.load(work_ptr + pid * 3 + 2)
+    layer = tl.load(work_ptr + pid * 4)
+    g0 = tl.multiple_of(tl.load(work_ptr + pid * 4 + 1), BLOCK_G)
+    a0 = tl.load(work_ptr + pid * 4 + 2)
     A = tl.load(dims_ptr + layer * 3)
     G = tl.load(dims_ptr + layer * 3 + 1)
     # `x // VEC * VEC` is x itself (the launcher checked): it tells the compiler x % VEC == 0
     if UNIT_B:
         B = 1
         G = G // VEC * VEC
+        b_start = 0
     else:
         B = tl.load(dims_ptr + layer * 3 + 2) // VEC * VEC
+        b_start = tl.multiple_of(tl.load(work_ptr + pid * 4 + 3), BLOCK_B)
     w_ptr = _aligned(tl.load(w_table + layer), ELEM, VEC)
 
     offs_g = g0 + tl.arange(0, BLOCK_G).to(tl.int64)
@@ -76,9 +79,10 @@ def _greg_step_kernel(
                 m_ptr = _aligned(tl.load(m_table + layer), ELEM, VEC)
     acc = tl.zeros([BLOCK_G], dtype=tl.float32)
     a_end = tl.minimum(a0 + A_STEP, A)
+    b_end = tl.minimum(b_start + B_STEP, B)
     for a in range(a0, a_end):
         row = (a * G + offs_g) * B
-        for b0 in range(0, B, BLOCK_B):
+        for b0 in range(b_start, b_end, BLOCK_B):
             offs_b = b0 + tl.arange(0, BLOCK_B).to(tl.int64)
             inside = g_in[:, None] & (offs_b < B)[None, :]
             idx = row[:, None] + offs_b[None, :]
@@ -124,10 +128,11 @@ def _greg_step_kernel(
 
 
 def launch(scores, w_table, g_table, m_table, kept_table, dims, score_off, lam_kept, lam_sel, hyper, work, *,
-           elem, mode, mask, want_scores, packed, has_momentum, block_g, block_b, a_step, vec, unit_b, num_warps=4):
-    """One launch over the whole work list (``work``: int64 [programs, 3])."""
-    grid = (work.shape[0],)
-    _greg_step_kernel[grid](scores, w_table, g_table, m_table, kept_table, dims, score_off, lam_kept, lam_sel,
-                            hyper, work, ELEM=elem, MODE=mode, MASK=mask, SCORES=want_scores, PACKED=packed,
-                            HAS_MOMENTUM=has_momentum, BLOCK_G=block_g, BLOCK_B=block_b, A_STEP=a_step,
-                            VEC=vec, UNIT_B=unit_b, num_warps=num_warps)
+           elem, mode, mask, want_scores, packed, has_momentum, tiling, vec, unit_b, num_warps=4):
+    """One launch over the whole work list (``work``: int64 [programs, 4]; ``tiling``: BLOCK_G,
+    BLOCK_B, A_STEP, B_STEP)."""
+    block_g, block_b, a_step, b_step = tiling
+    _greg_step_kernel[(work.shape[0],)](
+        scores, w_table, g_table, m_table, kept_table, dims, score_off, lam_kept, lam_sel, hyper, work, ELEM=elem,
+        MODE=mode, MASK=mask, SCORES=want_scores, PACKED=packed, HAS_MOMENTUM=has_momentum, BLOCK_G=block_g,
+        BLOCK_B=block_b, A_STEP=a_step, B_STEP=b_step, VEC=vec, UNIT_B=unit_b, num_warps=num_warps)

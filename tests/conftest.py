@@ -81,15 +81,16 @@ def fake_layer(shape, granularity, dtype, device, spatial=1, misaligned=False):
 
 
 SHAPES = {  # (shape, spatial) per layout and granularity
-    # primes, one-group layers, conv and linear, flatten-before-linear
+    # primes, one-group layers, conv and linear, flatten-before-linear, rows longer than a program's share
     "odd": {
-        "filter": [((7, 3, 3, 3), 1), ((1, 5, 3, 3), 1), ((13, 11), 1), ((64, 32, 1, 1), 1), ((3, 300), 1)],
-        "channel": [((7, 3, 3, 3), 1), ((5, 1, 3, 3), 1), ((13, 11), 1), ((6, 20), 4), ((17, 23, 5, 5), 1)],
+        "filter": [((7, 3, 3, 3), 1), ((1, 5, 3, 3), 1), ((13, 11), 1), ((64, 32, 1, 1), 1), ((3, 2300), 1)],
+        "channel": [((7, 3, 3, 3), 1), ((5, 1, 3, 3), 1), ((13, 11), 1), ((6, 20), 4), ((17, 23, 5, 5), 1),
+                    ((3, 600), 150)],
         "weight": [((7, 3, 3, 3), 1), ((1, 1), 1), ((13, 11), 1), ((5, 4097), 1)],
     },
     # every contiguous run (B; G for single weights) a multiple of 8: the triton backend's 128-bit path
     "aligned": {
-        "filter": [((16, 8, 3, 3), 1), ((8, 32, 1, 1), 1), ((5, 40), 1), ((1, 16, 2, 2), 1)],
+        "filter": [((16, 8, 3, 3), 1), ((8, 32, 1, 1), 1), ((5, 40), 1), ((1, 16, 2, 2), 1), ((2, 4160), 1)],
         "channel": [((4, 3, 4, 4), 1), ((6, 64), 8), ((5, 96), 16)],
         "weight": [((8, 4, 3, 3), 1), ((16, 24), 1), ((1, 8), 1)],
     },
