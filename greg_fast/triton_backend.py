@@ -6,9 +6,12 @@ by address, so a step costs one launch and no host sync.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
+import itertools
+import math
+import operator
 import os
-from functools import lru_cache
 
 import torch
 
@@ -47,21 +50,19 @@ def _tiling(granularity: str, max_b: int) -> tuple[int, int, int, int]:
     return TILE, 1, 1, 1          # weight: one element per group
 
 
-def _vec(addresses: tuple, views, granularity: str, element_size: int) -> int:
-    """Elements per 128-bit access when every address is 16-byte aligned and every contiguous
-    run (B, or G for single weights) is a whole number of them; else 1."""
+def _vec(runs_gcd: int, addresses: tuple, element_size: int) -> int:
+    """Elements per 128-bit access when every contiguous run (B, or G for single weights) is a
+    whole number of them and every address is 16-byte aligned; else 1."""
     vec = 16 // element_size
-    runs = (v[1] if granularity == _WEIGHT else v[2] for v in views)
-    if all(r % vec == 0 for r in runs) and all(a % 16 == 0 for a in addresses):
-        return vec
-    return 1
+    aligned = functools.reduce(operator.or_, addresses, 0) % 16 == 0
+    return vec if aligned and runs_gcd % vec == 0 else 1
 
 
 def triton_next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
-@lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=64)
 def _static(views: tuple, granularity: str, device: torch.device):
     """Shape table, score offsets, work list and tiling of one layer set (cached)."""
     tiling = block_g, _, a_step, b_step = _tiling(granularity, max(v[2] for v in views))
@@ -71,8 +72,9 @@ def _static(views: tuple, granularity: str, device: torch.device):
         off += g
         work += [(i, g0, a0, b0) for g0 in range(0, g, block_g) for a0 in range(0, a, a_step)
                  for b0 in range(0, b, b_step)]
+    runs_gcd = math.gcd(*(v[1] if granularity == _WEIGHT else v[2] for v in views))
     as_tensor = lambda x: torch.tensor(x, dtype=torch.int64, device=device)  # noqa: E731
-    return as_tensor(views), as_tensor(offsets), as_tensor(work), tiling
+    return as_tensor(views), as_tensor(offsets), as_tensor(work), tiling, runs_gcd
 
 
 _ADDRESS_CACHE: dict = {}
@@ -119,12 +121,27 @@ def _placeholder(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     return _PLACEHOLDERS[key]
 
 
-def _addresses(tensors, weights, views, dtype: torch.dtype) -> tuple:
-    """data_ptr of each tensor; raises _NeedsEager for one the kernel cannot take (this runs every
-    step, so it is the lean form of native.eligible)."""
+# The two helpers below run every step: they are the lean form of native.eligible.
+def _weight_addresses(weights, views) -> tuple[tuple, list]:
+    """(data_ptrs, layouts): a layout is None for a row-major weight, else its strides (a
+    channels_last filter layer, see native.walkable), which its gradient and buffers must share."""
+    addresses, layouts = [], []
+    for w, view in zip(weights, views):
+        if w.is_contiguous():
+            layouts.append(None)
+        elif native.walkable(w, w, view):
+            layouts.append(w.stride())
+        else:
+            raise _NeedsEager
+        addresses.append(w.data_ptr())
+    return tuple(addresses), layouts
+
+
+def _addresses_like(tensors, layouts, dtype: torch.dtype) -> tuple:
+    """data_ptrs of gradients or buffers, each in its weight's dtype and layout."""
     out = []
-    for t, w, view in zip(tensors, weights, views):
-        if t is None or t.dtype is not dtype or not native.walkable(t, w, view):
+    for t, layout in zip(tensors, layouts):
+        if t is None or t.dtype is not dtype or not (t.is_contiguous() if layout is None else t.stride() == layout):
             raise _NeedsEager
         out.append(t.data_ptr())
     return tuple(out)
@@ -147,18 +164,18 @@ def _launch(layers, kept, lam_kept, lam_selected, *, mode, want_scores, mask, bu
         idx = range(len(layers)) if len(dtypes) == 1 else [i for i, w in enumerate(weights) if w.dtype is dtype]
         sub = [layers[i] for i in idx]
         views = tuple(l.view for l in sub)
-        dims, offsets, work, tiling = _static(views, sub[0].granularity, device)
+        dims, offsets, work, tiling, runs_gcd = _static(views, sub[0].granularity, device)
         if len(idx) < len(layers):  # this subset's score offsets inside the full buffer
             starts = [sum(l.n_groups for l in layers[:i]) for i in idx]
             offsets = _table(tuple(starts), device)
         ws = [weights[i] for i in idx]
-        addresses = _addresses(ws, ws, views, dtype)
+        addresses, layouts = _weight_addresses(ws, views)
         w_table = _table(addresses, device)
         g_table = m_table = kept_table = hyper_table = _placeholder(device, torch.int64)
         lk = ls = _placeholder(device, torch.float32)
         has_momentum = False
         if mode != k.MODE_SCORES:
-            grads = _addresses([w.grad for w in ws], ws, views, dtype)
+            grads = _addresses_like([w.grad for w in ws], layouts, dtype)
             addresses += grads
             g_table = _table(grads, device)
             kept_table = _table(tuple(kept[i].data_ptr() for i in idx), device)
@@ -172,15 +189,16 @@ def _launch(layers, kept, lam_kept, lam_selected, *, mode, want_scores, mask, bu
             if any((b is not None) != has_momentum for b in bufs):
                 raise ValueError("fused SGD on the triton backend needs momentum on all or none of the layers")
             if has_momentum:
-                momenta = _addresses(bufs, ws, views, dtype)
+                momenta = _addresses_like(bufs, layouts, dtype)
                 addresses += momenta
                 m_table = _table(momenta, device)
-            hyper_table = _table(tuple(float(v) for i in idx for v in hyper[i]), device, torch.float32)
+            hyper_table = _table(tuple(map(float, itertools.chain.from_iterable(hyper[i] for i in idx))), device,
+                                 torch.float32)
         granularity = sub[0].granularity
         k.launch(out, w_table, g_table, m_table, kept_table, dims, offsets, lk, ls, hyper_table, work,
                  elem=_elem(dtype), mode=mode, mask=mask, want_scores=want_scores,
                  packed=kept is not None and kept[idx[0]].dtype == torch.uint8, has_momentum=has_momentum,
-                 tiling=tiling, vec=_vec(addresses, views, granularity, dtype.itemsize),
+                 tiling=tiling, vec=_vec(runs_gcd, addresses, dtype.itemsize),
                  unit_b=granularity == _WEIGHT)
     if not want_scores:
         return None

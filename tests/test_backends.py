@@ -76,7 +76,7 @@ def test_kernel_matches_eager_on_random_shapes(backend, granularity, dtype, op, 
 
 
 def test_triton_work_list_splits_long_rows_so_programs_stay_short():
-    (_, _, work, (block_g, block_b, a_step, b_step)) = triton_backend._static(((1, 20, 5000), (1, 7, 9)), "filter",
+    (_, _, work, (block_g, block_b, a_step, b_step), _) = triton_backend._static(((1, 20, 5000), (1, 7, 9)), "filter",
                                                                                torch.device("cpu"))
     assert b_step % block_b == 0 and b_step < 5000
     per_layer = [-(-20 // block_g) * -(-5000 // b_step), -(-7 // block_g)]
