@@ -15,6 +15,12 @@ def pytest_addoption(parser):
     parser.addoption("--models", default=",".join(bench.MODELS), help="comma-separated models")
 
 
+def pytest_configure(config):
+    device = torch.device(config.getoption("--device"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise pytest.UsageError("--device cuda: torch sees no CUDA device on this machine")
+
+
 def pytest_generate_tests(metafunc):
     if "model" in metafunc.fixturenames:
         metafunc.parametrize("model", metafunc.config.getoption("--models").split(","))

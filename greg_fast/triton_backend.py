@@ -41,7 +41,8 @@ ROW_CHUNK = 16 * 128  # filter groups: B elements per program, so that long filt
 
 
 def _tiling(granularity: str, max_b: int) -> tuple[int, int, int, int]:
-    """(BLOCK_G, BLOCK_B, A_STEP, B_STEP): TILE-element tiles shaped for each granularity's [A, G, B]."""
+    """(BLOCK_G, BLOCK_B, A_STEP, B_STEP): TILE-element tiles shaped for each granularity's [A, G, B],
+    and how much of A and B one program walks."""
     if granularity == _FILTER:    # A = 1, B = fan-in: rows of the weight in 128-wide steps, ROW_CHUNK per program
         return TILE // 128, 128, 1, ROW_CHUNK
     if granularity == _CHANNEL:   # B = kernel area: whole groups in a tile, 16 rows of A per program
@@ -63,18 +64,22 @@ def triton_next_pow2(n: int) -> int:
 
 
 @functools.lru_cache(maxsize=64)
-def _static(views: tuple, granularity: str, device: torch.device):
-    """Shape table, score offsets, work list and tiling of one layer set (cached)."""
-    tiling = block_g, _, a_step, b_step = _tiling(granularity, max(v[2] for v in views))
+def _static(views: tuple, granularity: str, device: torch.device, whole: bool):
+    """Shape table, score offsets, work list, tiling and the gcd of the contiguous runs of one layer
+    set (cached). ``whole``: one program per group block over whole A and B (launches with scores:
+    one atomic per group keeps the sums deterministic)."""
+    block_g, block_b, a_step, b_step = _tiling(granularity, max(v[2] for v in views))
+    if whole:
+        a_step = b_step = 0
     work, offsets, off = [], [], 0
     for i, (a, g, b) in enumerate(views):
         offsets.append(off)
         off += g
-        work += [(i, g0, a0, b0) for g0 in range(0, g, block_g) for a0 in range(0, a, a_step)
-                 for b0 in range(0, b, b_step)]
+        work += [(i, g0, a0, b0) for g0 in range(0, g, block_g) for a0 in range(0, a, a_step or a)
+                 for b0 in range(0, b, b_step or b)]
     runs_gcd = math.gcd(*(v[1] if granularity == _WEIGHT else v[2] for v in views))
     as_tensor = lambda x: torch.tensor(x, dtype=torch.int64, device=device)  # noqa: E731
-    return as_tensor(views), as_tensor(offsets), as_tensor(work), tiling, runs_gcd
+    return as_tensor(views), as_tensor(offsets), as_tensor(work), (block_g, block_b, a_step, b_step), runs_gcd
 
 
 _ADDRESS_CACHE: dict = {}
@@ -164,7 +169,7 @@ def _launch(layers, kept, lam_kept, lam_selected, *, mode, want_scores, mask, bu
         idx = range(len(layers)) if len(dtypes) == 1 else [i for i, w in enumerate(weights) if w.dtype is dtype]
         sub = [layers[i] for i in idx]
         views = tuple(l.view for l in sub)
-        dims, offsets, work, tiling, runs_gcd = _static(views, sub[0].granularity, device)
+        dims, offsets, work, tiling, runs_gcd = _static(views, sub[0].granularity, device, want_scores)
         if len(idx) < len(layers):  # this subset's score offsets inside the full buffer
             starts = [sum(l.n_groups for l in layers[:i]) for i in idx]
             offsets = _table(tuple(starts), device)

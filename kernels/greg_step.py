@@ -3,10 +3,12 @@
 Every layer's weight is viewed as [A, G, B] (groups on the middle axis). The launch walks a work
 list of (layer, first group, first row of A, first element of B); each program owns a [BLOCK_G,
 BLOCK_B] tile of groups x inner elements and loops over up to B_STEP elements of B and A_STEP rows
-of A, so that no program is much longer than the others (a GPU waits for the last one). Per element it reads w and grad
+of A, so that no program is much longer than the others (a GPU waits for the last one). Launches
+that want scores take whole axes instead (A_STEP = B_STEP = 0): one program per group, so the
+sums do not depend on the order of atomics and the pruning decisions are reproducible. Per element it reads w and grad
 and writes grad (MODE_PENALTY: grad += λ_g w), or reads w, grad and the momentum buffer and
 writes w and the buffer (MODE_SGD: d = grad + λ_g w + wd w; m = μ m + d; w -= lr m), all in fp32.
-Scores (sum |w| per group) leave the same pass through one atomic add per group and program.
+Scores (sum |w| per group) leave the same pass through one atomic add per group.
 Traffic: penalty 3 passes (r w, r g, w g) over the groups whose λ is not 0 (plus r w of the others
 when scores are wanted), fused SGD 5 (r w, r g, r m, w m, w w); tables and λ are O(layers).
 
@@ -78,8 +80,14 @@ def _greg_step_kernel(
             if HAS_MOMENTUM:
                 m_ptr = _aligned(tl.load(m_table + layer), ELEM, VEC)
     acc = tl.zeros([BLOCK_G], dtype=tl.float32)
-    a_end = tl.minimum(a0 + A_STEP, A)
-    b_end = tl.minimum(b_start + B_STEP, B)
+    if A_STEP == 0:
+        a_end = A
+    else:
+        a_end = tl.minimum(a0 + A_STEP, A)
+    if B_STEP == 0:
+        b_end = B
+    else:
+        b_end = tl.minimum(b_start + B_STEP, B)
     for a in range(a0, a_end):
         row = (a * G + offs_g) * B
         for b0 in range(b_start, b_end, BLOCK_B):

@@ -75,13 +75,16 @@ def test_kernel_matches_eager_on_random_shapes(backend, granularity, dtype, op, 
             torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
 
 
-def test_triton_work_list_splits_long_rows_so_programs_stay_short():
-    (_, _, work, (block_g, block_b, a_step, b_step), _) = triton_backend._static(((1, 20, 5000), (1, 7, 9)), "filter",
-                                                                               torch.device("cpu"))
-    assert b_step % block_b == 0 and b_step < 5000
-    per_layer = [-(-20 // block_g) * -(-5000 // b_step), -(-7 // block_g)]
-    assert work.shape == (sum(per_layer), 4)
+def test_triton_work_list_splits_long_rows_except_when_scores_are_summed():
+    views, cpu = ((1, 20, 5000), (1, 7, 9)), torch.device("cpu")
+    _, _, work, (block_g, block_b, _, b_step), _ = triton_backend._static(views, "filter", cpu, False)
+    assert b_step % block_b == 0 and b_step < 5000  # programs stay short
+    assert work.shape == (-(-20 // block_g) * -(-5000 // b_step) + -(-7 // block_g), 4)
     assert sorted(set(work[work[:, 0] == 0, 3].tolist())) == list(range(0, 5000, b_step))
+    for granularity, views in (("filter", views), ("channel", ((40, 20, 9), (33, 7, 1)))):
+        _, _, work, (block_g, _, a_step, b_step), _ = triton_backend._static(views, granularity, cpu, True)
+        assert a_step == b_step == 0  # one program (one atomic add) per group: deterministic sums
+        assert work[:, 1:].tolist() == [[g0, 0, 0] for _, g, _ in views for g0 in range(0, g, block_g)]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
