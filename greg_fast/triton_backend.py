@@ -165,6 +165,7 @@ def _launch(layers, kept, lam_kept, lam_selected, *, mode, want_scores, mask, bu
     dtypes = {w.dtype for w in weights}
     if not dtypes <= _SUPPORTED:
         raise _NeedsEager
+    pending = []  # every layer is checked before any kernel writes: a refusal leaves nothing half done
     for dtype in dtypes:
         idx = range(len(layers)) if len(dtypes) == 1 else [i for i, w in enumerate(weights) if w.dtype is dtype]
         sub = [layers[i] for i in idx]
@@ -200,11 +201,13 @@ def _launch(layers, kept, lam_kept, lam_selected, *, mode, want_scores, mask, bu
             hyper_table = _table(tuple(map(float, itertools.chain.from_iterable(hyper[i] for i in idx))), device,
                                  torch.float32)
         granularity = sub[0].granularity
-        k.launch(out, w_table, g_table, m_table, kept_table, dims, offsets, lk, ls, hyper_table, work,
-                 elem=_elem(dtype), mode=mode, mask=mask, want_scores=want_scores,
-                 packed=kept is not None and kept[idx[0]].dtype == torch.uint8, has_momentum=has_momentum,
-                 tiling=tiling, vec=_vec(runs_gcd, addresses, dtype.itemsize),
-                 unit_b=granularity == _WEIGHT)
+        pending.append(((out, w_table, g_table, m_table, kept_table, dims, offsets, lk, ls, hyper_table, work),
+                        dict(elem=_elem(dtype), mode=mode, mask=mask, want_scores=want_scores,
+                             packed=kept is not None and kept[idx[0]].dtype == torch.uint8,
+                             has_momentum=has_momentum, tiling=tiling, vec=_vec(runs_gcd, addresses, dtype.itemsize),
+                             unit_b=granularity == _WEIGHT)))
+    for args, kwargs in pending:
+        k.launch(*args, **kwargs)
     if not want_scores:
         return None
     sums = native.split_scores(out, layers)

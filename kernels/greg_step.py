@@ -4,13 +4,15 @@ Every layer's weight is viewed as [A, G, B] (groups on the middle axis). The lau
 list of (layer, first group, first row of A, first element of B); each program owns a [BLOCK_G,
 BLOCK_B] tile of groups x inner elements and loops over up to B_STEP elements of B and A_STEP rows
 of A, so that no program is much longer than the others (a GPU waits for the last one). Launches
-that want scores take whole axes instead (A_STEP = B_STEP = 0): one program per group, so the
-sums do not depend on the order of atomics and the pruning decisions are reproducible. Per element it reads w and grad
-and writes grad (MODE_PENALTY: grad += λ_g w), or reads w, grad and the momentum buffer and
-writes w and the buffer (MODE_SGD: d = grad + λ_g w + wd w; m = μ m + d; w -= lr m), all in fp32.
-Scores (sum |w| per group) leave the same pass through one atomic add per group.
-Traffic: penalty 3 passes (r w, r g, w g) over the groups whose λ is not 0 (plus r w of the others
-when scores are wanted), fused SGD 5 (r w, r g, r m, w m, w w); tables and λ are O(layers).
+that want scores take whole axes instead (A_STEP = B_STEP = 0): one program per group, so the sums
+do not depend on the order of atomics and the pruning decisions are reproducible.
+
+Per element it reads w and grad and writes grad (MODE_PENALTY: grad += λ_g w), or reads w, grad
+and the momentum buffer and writes w and the buffer (MODE_SGD: d = grad + λ_g w + wd w;
+m = μ m + d; w -= lr m), all in fp32. Scores (sum |w| per group) leave the same pass through one
+atomic add per group. Traffic: penalty 3 passes (r w, r g, w g) over the groups whose λ is not 0
+(plus r w of the others when scores are wanted), fused SGD 5 (r w, r g, r m, w m, w w); tables and
+λ are O(layers).
 
 The tensors' addresses come from tables, so the compiler knows nothing of their alignment; the
 launcher passes VEC (elements per 16-byte access) when every address and every row length of the

@@ -204,6 +204,23 @@ def test_other_layouts_run_in_the_kernel_or_fall_back_to_eager_for_that_layer(ba
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bad", [torch.float32, torch.bfloat16])
+def test_mixed_dtypes_with_a_refused_layer_apply_the_penalty_exactly_once(backend, bad):
+    device = DEVICE[backend]
+    layers = [fake_layer((6, 8), "filter", dtype, device) for dtype in (torch.float32, torch.bfloat16) * 2]
+    w = next(l for l in layers if l.weight.dtype == bad).module.weight
+    w.data, w.grad = w.data.t().contiguous().t(), w.grad.t().contiguous().t()  # refused by the kernel
+    kept = [torch.rand(6, device=device) < 0.5 for _ in layers]
+    lam = torch.rand(4, device=device), torch.rand(4, device=device)
+    ref = clone_layers(layers)
+    module = {"cpp": cpp, "triton": triton_backend}[backend]
+    module.penalty(layers, kept, *lam, want_scores=False, mask=False)
+    eager.penalty(ref, kept, *lam, want_scores=False, mask=False)
+    for l, r in zip(layers, ref):
+        torch.testing.assert_close(l.weight.grad, r.weight.grad, **TOL[l.weight.dtype])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("fused", [False, True])
 def test_a_channels_last_model_matches_eager_through_every_phase(backend, fused):
     want, _, _ = run("eager", "filter", "greg1", False)

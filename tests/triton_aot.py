@@ -1,9 +1,9 @@
 """Compile greg_step kernel specializations for a GPU target, no GPU needed (used by
 test_triton_compile.py in a process of its own: the interpreter must be off for the compiler).
 
-stdin: JSON {"archs": [90, ...], "specs": [{constexpr name: value, "ELEM": "fp32", "num_warps": 4}, ...]}
-stdout: JSON, one entry per (arch, spec): registers, stack bytes (spills) and the kinds of global
-loads and stores in the PTX.
+stdin: JSON [{"arch": 90, "spec": {constexpr name: value, "ELEM": "fp32", "num_warps": 4}}, ...]
+stdout: JSON, one report per entry: registers, stack bytes (spills) and the kinds of global loads
+and stores in the PTX.
 """
 import json
 import os
@@ -40,14 +40,13 @@ def compile_one(spec: dict, arch: int) -> dict:
                                check=True).stdout
     regs, stack = map(int, re.search(r"REG:(\d+) STACK:(\d+)", usage).groups())
     ptx = compiled.asm["ptx"]
-    return {"arch": arch, "registers": regs, "stack": stack,
+    return {"registers": regs, "stack": stack,
             "loads": sorted(set(re.findall(r"ld\.global[\w.]*", ptx))),
             "stores": sorted(set(re.findall(r"st\.global[\w.]*", ptx)))}
 
 
 def main() -> None:
-    job = json.load(sys.stdin)
-    json.dump([compile_one(spec, arch) for arch in job["archs"] for spec in job["specs"]], sys.stdout)
+    json.dump([compile_one(job["spec"], job["arch"]) for job in json.load(sys.stdin)], sys.stdout)
 
 
 if __name__ == "__main__":
