@@ -6,6 +6,7 @@ by address, so a step costs one launch and no host sync.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import itertools
@@ -206,8 +207,9 @@ def _launch(layers, kept, lam_kept, lam_selected, *, mode, want_scores, mask, bu
                              packed=kept is not None and kept[idx[0]].dtype == torch.uint8,
                              has_momentum=has_momentum, tiling=tiling, vec=_vec(runs_gcd, addresses, dtype.itemsize),
                              unit_b=granularity == _WEIGHT)))
-    for args, kwargs in pending:
-        k.launch(*args, **kwargs)
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        for args, kwargs in pending:  # triton launches on the current device: make it the weights'
+            k.launch(*args, **kwargs)
     if not want_scores:
         return None
     sums = native.split_scores(out, layers)
