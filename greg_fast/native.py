@@ -24,6 +24,9 @@ def split_scores(scores: torch.Tensor, layers: Sequence[LayerPlan]) -> list[torc
     return list(scores.split([l.n_groups for l in layers]))
 
 
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the compiled kernels take
+
+
 def walkable(t: torch.Tensor | None, w: torch.Tensor, view) -> bool:
     """Can a kernel walk ``t`` (the weight, its gradient or a buffer of it) as the layer's
     ``[A, G, B]`` view in memory order? Row-major always can; for filter groups (A == 1), so can
@@ -40,7 +43,7 @@ def walkable(t: torch.Tensor | None, w: torch.Tensor, view) -> bool:
 
 def eligible(layer: LayerPlan, buffer: torch.Tensor | None = None) -> bool:
     w = layer.weight
-    return (w.dtype in (torch.float32, torch.float16, torch.bfloat16) and walkable(w, w, layer.view)
+    return (w.dtype in DTYPES and walkable(w, w, layer.view)
             and walkable(w.grad, w, layer.view)
             and (buffer is None or (buffer.dtype == w.dtype and walkable(buffer, w, layer.view))))
 

@@ -102,7 +102,6 @@ def _table(values: tuple, device: torch.device, dtype=torch.int64) -> torch.Tens
 
 
 _ELEM = {}
-_SUPPORTED = {torch.float32, torch.float16, torch.bfloat16}
 
 
 def _elem(dtype: torch.dtype):
@@ -164,7 +163,7 @@ def _launch(layers, kept, lam_kept, lam_selected, *, mode, want_scores, mask, bu
     if want_scores:
         out = torch.zeros(sum(l.n_groups for l in layers), dtype=torch.float32, device=device)
     dtypes = {w.dtype for w in weights}
-    if not dtypes <= _SUPPORTED:
+    if not dtypes <= set(native.DTYPES):
         raise _NeedsEager
     pending = []  # every layer is checked before any kernel writes: a refusal leaves nothing half done
     for dtype in dtypes:
