@@ -115,7 +115,10 @@ def _greg_step_kernel(
                 g = g + w * lam[:, None]
                 if MASK:
                     g = tl.where(kept[:, None], g, 0.0)
-                    tl.store(w_ptr + idx, tl.zeros_like(w).to(ELEM), mask=inside & ~kept[:, None])
+                    if UNIT_B:  # rewrite every weight: a per-lane mask would stop 128-bit stores
+                        tl.store(w_ptr + idx, tl.where(kept[:, None], w, 0.0).to(ELEM), mask=inside)
+                    else:
+                        tl.store(w_ptr + idx, tl.zeros_like(w).to(ELEM), mask=inside & ~kept[:, None])
                 tl.store(g_ptr + idx, g.to(ELEM), mask=touched)
             elif MODE == 2:
                 g = tl.load(g_ptr + idx, mask=inside, other=0.0).to(tl.float32)
