@@ -187,7 +187,7 @@ def _launch(layers, kept, lam_kept, lam_selected, *, mode, want_scores, mask, bu
             kept_table = _table(tuple(kept[i].data_ptr() for i in idx), device)
             lk, ls = lam_kept, lam_selected
             if len(idx) < len(layers):
-                sel = torch.tensor(idx, device=device)
+                sel = _table(tuple(idx), device)  # cached: no blocking copy per step
                 lk, ls = lam_kept[sel], lam_selected[sel]
         if mode == k.MODE_SGD:
             bufs = [buffers[i] for i in idx]
