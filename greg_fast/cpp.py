@@ -52,22 +52,15 @@ def _fused_sgd(layers, kept, lam_kept, lam_selected, buffers, lr, momentum, weig
     return native.split_scores(out, layers) if want_scores else None
 
 
-# The op checks every tensor before writing any, so try all layers at once and sort out the ones
-# that need the eager path (non-contiguous, no gradient) only when it refuses.
+# The op checks every tensor before writing any (a refusal is a RuntimeError or TypeError).
+_REFUSED = (RuntimeError, TypeError)
+
+
 def penalty(layers, kept, lam_kept, lam_selected, *, want_scores, mask):
-    try:
-        return _penalty(layers, kept, lam_kept, lam_selected, want_scores=want_scores, mask=mask)
-    except (RuntimeError, TypeError):
-        pass
-    return native.run(_penalty, eager.penalty, layers, kept, lam_kept, lam_selected,
-                      want_scores=want_scores, mask=mask)
+    return native.run_all_first(_penalty, eager.penalty, _REFUSED, layers, kept, lam_kept, lam_selected,
+                                want_scores=want_scores, mask=mask)
 
 
 def fused_sgd(layers, kept, lam_kept, lam_selected, buffers, lr, momentum, weight_decay, *, want_scores, mask):
-    try:
-        return _fused_sgd(layers, kept, lam_kept, lam_selected, buffers, lr, momentum, weight_decay,
-                          want_scores=want_scores, mask=mask)
-    except (RuntimeError, TypeError):
-        pass
-    return native.run(_fused_sgd, eager.fused_sgd, layers, kept, lam_kept, lam_selected, buffers, lr, momentum,
-                      weight_decay, want_scores=want_scores, mask=mask)
+    return native.run_all_first(_fused_sgd, eager.fused_sgd, _REFUSED, layers, kept, lam_kept, lam_selected, buffers,
+                                lr, momentum, weight_decay, want_scores=want_scores, mask=mask)

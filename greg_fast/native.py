@@ -48,6 +48,18 @@ def eligible(layer: LayerPlan, buffer: torch.Tensor | None = None) -> bool:
             and (buffer is None or (buffer.dtype == w.dtype and walkable(buffer, w, layer.view))))
 
 
+def run_all_first(native: Callable, eager_fn: Callable, refused: tuple[type[Exception], ...], layers, kept,
+                  lam_kept, lam_selected, *extras, want_scores: bool, mask: bool):
+    """``native`` over every layer in one call; only if it raises ``refused`` (which it does before
+    writing anything) sort the layers with :func:`run`. Sorting first would cost more host time
+    per step than a GPU spends on the whole step."""
+    try:
+        return native(layers, kept, lam_kept, lam_selected, *extras, want_scores=want_scores, mask=mask)
+    except refused:
+        return run(native, eager_fn, layers, kept, lam_kept, lam_selected, *extras, want_scores=want_scores,
+                   mask=mask)
+
+
 def run(native: Callable, eager_fn: Callable, layers, kept, lam_kept, lam_selected, *extras,
         want_scores: bool, mask: bool):
     """Call ``native`` on the eligible layers and ``eager_fn`` on the others, with the same

@@ -233,20 +233,11 @@ def _fused_sgd(layers, kept, lam_kept, lam_selected, buffers, lr, momentum, weig
                    mask=mask, buffers=buffers, hyper=list(zip(lr, momentum, weight_decay)))
 
 
-# Try every layer in one launch first: the per-layer sorting of native.run costs more host time
-# than a GPU spends on the whole step, and is needed only when some layer is refused.
 def penalty(layers, kept, lam_kept, lam_selected, *, want_scores, mask):
-    try:
-        return _penalty(layers, kept, lam_kept, lam_selected, want_scores=want_scores, mask=mask)
-    except _NeedsEager:
-        return native.run(_penalty, eager.penalty, layers, kept, lam_kept, lam_selected,
-                          want_scores=want_scores, mask=mask)
+    return native.run_all_first(_penalty, eager.penalty, (_NeedsEager,), layers, kept, lam_kept, lam_selected,
+                                want_scores=want_scores, mask=mask)
 
 
 def fused_sgd(layers, kept, lam_kept, lam_selected, buffers, lr, momentum, weight_decay, *, want_scores, mask):
-    try:
-        return _fused_sgd(layers, kept, lam_kept, lam_selected, buffers, lr, momentum, weight_decay,
-                          want_scores=want_scores, mask=mask)
-    except _NeedsEager:
-        return native.run(_fused_sgd, eager.fused_sgd, layers, kept, lam_kept, lam_selected, buffers, lr,
-                          momentum, weight_decay, want_scores=want_scores, mask=mask)
+    return native.run_all_first(_fused_sgd, eager.fused_sgd, (_NeedsEager,), layers, kept, lam_kept, lam_selected,
+                                buffers, lr, momentum, weight_decay, want_scores=want_scores, mask=mask)
