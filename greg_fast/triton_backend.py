@@ -47,7 +47,7 @@ def _tiling(granularity: str, max_b: int) -> tuple[int, int, int, int]:
     if granularity == _FILTER:    # A = 1, B = fan-in: rows of the weight in 128-wide steps, ROW_CHUNK per program
         return TILE // 128, 128, 1, ROW_CHUNK
     if granularity == _CHANNEL:   # B = kernel area: whole groups in a tile, 16 rows of A per program
-        block_b = min(128, triton_next_pow2(max_b))
+        block_b = min(128, _next_pow2(max_b))
         return TILE // block_b, block_b, 16, block_b * -(-max_b // block_b)
     return TILE, 1, 1, 1          # weight: one element per group
 
@@ -60,7 +60,7 @@ def _vec(runs_gcd: int, addresses: tuple, element_size: int) -> int:
     return vec if aligned and runs_gcd % vec == 0 else 1
 
 
-def triton_next_pow2(n: int) -> int:
+def _next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
@@ -115,15 +115,10 @@ class _NeedsEager(Exception):
     """A layer the kernel cannot address flat (see native.eligible): the caller sorts them out."""
 
 
-_PLACEHOLDERS: dict = {}
-
-
+@functools.lru_cache(maxsize=None)
 def _placeholder(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """A one-element tensor for pointer arguments that a specialization never reads."""
-    key = (device, dtype)
-    if key not in _PLACEHOLDERS:
-        _PLACEHOLDERS[key] = torch.zeros(1, dtype=dtype, device=device)
-    return _PLACEHOLDERS[key]
+    return torch.zeros(1, dtype=dtype, device=device)
 
 
 # The two helpers below run every step: they are the lean form of native.eligible.

@@ -34,8 +34,7 @@ class Recorder:
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
-            spec = {k: v for k, v in kwargs.items() if k != "ELEM"}
-            self.specs.append({"ELEM": str(kwargs["ELEM"]), **spec})
+            self.specs.append({**kwargs, "ELEM": str(kwargs["ELEM"])})
         return launch
 
 
