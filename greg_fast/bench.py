@@ -245,12 +245,62 @@ def run_set(device: torch.device, model_names=MODELS, providers=PENALTY_PROVIDER
     return with_ratios(records)
 
 
-_BASELINES = {"penalty": ("reference", "eager"), "sgd": ("torch_sgd",), "compaction": ("compact_torch",)}
+# Whole training steps (forward, backward, step): the model, its batch and image size.
+TRAIN_STEPS = {"resnet56": (64, 32), "resnet50": (8, 224)}
+TRAIN_PROVIDERS = ("train_sgd", "train_greg", "train_greg_fused")
+
+
+def training_step_records(name: str, device: torch.device, rounds: int = 9) -> list[dict]:
+    """One training step of ``name`` with plain SGD, under GrowingReg, and under GrowingReg with
+    ``fused=True`` (defaults otherwise: NaN guard on, λ updated every 10 steps), timed in
+    alternation, one step of each per round, so that load on a shared machine hits all alike.
+    Each record has the median step time and the median and 10th-90th percentile of its per-round
+    ratio to plain SGD (``vs_train_sgd``; 1.0 = costs what a plain step does)."""
+    import copy
+    batch, size = TRAIN_STEPS[name]
+    torch.manual_seed(0)
+    base = models.create(name).to(device)
+    x = torch.randn(batch, 3, size, size, device=device)
+    y = torch.randint(0, [m for m in base.modules() if isinstance(m, torch.nn.Linear)][-1].out_features,
+                      (batch,), device=device)
+    runs = {}
+    for provider in TRAIN_PROVIDERS:
+        model = copy.deepcopy(base)
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)
+        if provider != "train_sgd":
+            opt = GrowingReg(opt, plan(model, 0.5, example_inputs=x[:1]), fused=provider == "train_greg_fused")
+        runs[provider] = (model, opt)
+    times = {k: [] for k in runs}
+    for i in range(rounds + 1):  # the first round warms up
+        for provider, (model, opt) in runs.items():
+            synchronize(device)
+            start = time.perf_counter()
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            synchronize(device)
+            if i:
+                times[provider].append(time.perf_counter() - start)
+    out = []
+    for provider, t in times.items():
+        ratios = sorted(a / b for a, b in zip(t, times["train_sgd"]))
+        out.append({"kind": "train_step", "model": name, "provider": provider, "batch": batch, "image": size,
+                    "seconds": statistics.median(t), "vs_train_sgd": statistics.median(ratios),
+                    "vs_train_sgd_p10_p90": [ratios[len(ratios) // 10], ratios[-1 - len(ratios) // 10]],
+                    "rounds": rounds, "device": device_name(device), "threads": torch.get_num_threads(),
+                    "torch": torch.__version__, "date": datetime.date.today().isoformat()})
+    return out
+
+
+_BASELINES = {"penalty": ("reference", "eager"), "sgd": ("torch_sgd",), "compaction": ("compact_torch",),
+              "train_step": ("train_sgd",)}
 
 
 def kind(provider: str) -> str:
     if provider in SGD_PROVIDERS:
         return "sgd"
+    if provider in TRAIN_PROVIDERS:
+        return "train_step"
     return "compaction" if provider.startswith("compact_") else "penalty"
 
 
@@ -309,12 +359,13 @@ def memory_table(records: list[dict]) -> str:
 def table(records: list[dict]) -> str:
     def fmt(r, key, spec):
         return format(r[key], spec) if key in r else "-"
-    # x baseline: fused SGD against torch's fused SGD, compaction against the PyTorch gather
+    # x baseline: fused SGD against torch's fused SGD, compaction against the PyTorch gather, a
+    # training step against a plain SGD step
     rows = [("model", "provider", "ms", "GB/s", "of copy", "x reference", "x eager", "x baseline")]
     for r in records:
         if "seconds" not in r:
             continue
-        baseline = r.get("x_torch_sgd", r.get("x_compact_torch"))
+        baseline = r.get("x_torch_sgd", r.get("x_compact_torch", r.get("x_train_sgd")))
         rows.append((r["model"], r["provider"], f"{1e3 * r['seconds']:.3f}", fmt(r, "gb_per_s", ".1f"),
                      fmt(r, "copy_fraction", ".2f"), fmt(r, "x_reference", ".2f"), fmt(r, "x_eager", ".2f"),
                      "-" if baseline is None else f"{baseline:.2f}"))

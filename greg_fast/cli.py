@@ -1,4 +1,4 @@
-"""The ``greg-fast`` command: ``prune``, ``demo`` and ``info``."""
+"""The ``greg-fast`` command: ``prune``, ``demo``, ``info`` and ``bench``."""
 from __future__ import annotations
 
 import argparse
@@ -65,6 +65,8 @@ def _add_prune_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
     p.add_argument("--resume", default=None, metavar="DIR", help="continue the run whose --out is DIR")
     p.add_argument("--checkpoint-every", type=int, default=500, metavar="STEPS",
                    help="checkpoint interval in steps (also at every phase change and epoch end)")
+    p.add_argument("--max-skipped-steps", type=int, default=100, metavar="N",
+                   help="stop with an error after N steps in a row with non-finite gradients (default 100)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bars or plan table")
 
@@ -116,6 +118,9 @@ def main(argv=None) -> int:
         return 0
     if args.command == "bench":
         from . import bench
+        unknown = [m for m in args.models.split(",") if m not in models.names()]
+        if unknown:
+            parser.error(f"bench --models: unknown model(s) {', '.join(unknown)}; known: {', '.join(models.names())}")
         device = torch.device(args.device)
         records = bench.run_set(device, args.models.split(","), progress=lambda s: print("timing", s, file=sys.stderr))
         print(bench.table(records))
@@ -129,9 +134,13 @@ def main(argv=None) -> int:
         _check_dense_source(args, prune)
     try:
         run(args)
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as err:
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, RuntimeError) as err:
         print(f"greg-fast: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"\ngreg-fast: interrupted; the newest checkpoint in {args.out} continues the run with "
+              f"--resume {args.out}", file=sys.stderr)
+        return 130
     return 0
 
 

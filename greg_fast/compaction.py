@@ -89,12 +89,16 @@ def compact(model: nn.Module, masks: Mapping[str, torch.Tensor], plan: Plan,
             optimizer: torch.optim.Optimizer | None = None, *, backend: str = "auto") -> nn.Module:
     """Remove the pruned groups of ``model`` physically, in place, and return it.
 
-    Every cut is computed and checked before the model is touched. With ``optimizer``, its
-    parameter references and every state tensor shaped like a parameter (SGD momentum, Adam's
-    moments) are cut the same way, so training continues where it was.
+    Every cut is computed and checked, and every new tensor built, before the model or the
+    optimizer is touched: a failure leaves both as they were. With ``optimizer``, its parameter
+    references and every state tensor shaped like a parameter (SGD momentum, Adam's moments) are cut
+    the same way, so training continues where it was. Afterwards ``plan`` describes the model as it
+    was (``plan.compacted`` is True): plan the compacted model anew to prune it further.
     """
     plan.check_model(model)
     plan_cuts = cuts(masks, plan)
+    if not plan_cuts:  # nothing removed: the model and the plan stay as they are
+        return model
     empty = torch.empty(0, dtype=torch.int64)
     jobs = []  # (module, attribute, old tensor, rows, cols)
     for name, cut in plan_cuts.items():
@@ -104,7 +108,7 @@ def compact(model: nn.Module, masks: Mapping[str, torch.Tensor], plan: Plan,
             jobs.append((module, "weight", module.weight, rows, cols))
             if module.bias is not None:
                 jobs.append((module, "bias", module.bias, rows, empty))
-        else:  # a BatchNorm
+        else:  # a BatchNorm (an affine-free one without running statistics has no tensor to cut)
             jobs += [(module, a, getattr(module, a), rows, empty) for a in _NORM_TENSORS
                      if getattr(module, a) is not None]
     state = optimizer.state if optimizer is not None else {}
@@ -113,8 +117,9 @@ def compact(model: nn.Module, masks: Mapping[str, torch.Tensor], plan: Plan,
     tensors = [j[2].detach() for j in jobs] + [v for _, _, v in extra]
     rows = [j[3] for j in jobs] + [j[3] for j, _, _ in extra]
     cols = [j[4] for j in jobs] + [j[4] for j, _, _ in extra]
-    new = gather(tensors, rows, cols, backend=backend)
+    new = gather(tensors, rows, cols, backend=backend) if tensors else []
 
+    # from here on nothing can fail: swap the tensors in
     replaced = {}
     for (module, attr, old, _, _), tensor in zip(jobs, new):
         if isinstance(old, nn.Parameter):
@@ -124,7 +129,8 @@ def compact(model: nn.Module, masks: Mapping[str, torch.Tensor], plan: Plan,
         else:
             setattr(module, attr, tensor)
     for name, cut in plan_cuts.items():
-        _set_widths(plan.module(name))
+        kept_out = cut.get("out")
+        _set_widths(plan.module(name), None if kept_out is None else kept_out.numel())
     if optimizer is not None:
         moved = {}
         for ((_, _, old, _, _), key, _), tensor in zip(extra, new[len(jobs):]):
@@ -136,15 +142,19 @@ def compact(model: nn.Module, masks: Mapping[str, torch.Tensor], plan: Plan,
                 entry = optimizer.state.pop(old)
                 entry.update(moved.get(old, {}))
                 optimizer.state[param] = entry
+    plan.compacted = True
     return model
 
 
-def _set_widths(module: nn.Module) -> None:
-    """Make a module's size attributes agree with its (cut) tensors."""
+def _set_widths(module: nn.Module, out_width: int | None = None) -> None:
+    """Make a module's size attributes agree with its (cut) tensors; ``out_width`` gives a
+    BatchNorm's width when it holds no tensor (affine=False, track_running_stats=False)."""
     w = module.weight
     if isinstance(module, nn.Linear):
         module.out_features, module.in_features = w.shape
     elif isinstance(module, LAYER_TYPES):
         module.out_channels, module.in_channels = w.shape[0], w.shape[1] * module.groups
+    elif out_width is not None:
+        module.num_features = out_width
     else:
-        module.num_features = module.running_mean.shape[0] if module.running_mean is not None else w.shape[0]
+        module.num_features = (module.running_mean if module.running_mean is not None else w).shape[0]

@@ -114,6 +114,9 @@ def _imagefolder(root: Path) -> Data:
     test = ImageFolder(root / "val", T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(), norm]))
     if train.classes != test.classes:
         raise ValueError(f"train and val folders under {str(root)!r} have different classes")
+    if len(train.classes) < 2:
+        raise ValueError(f"imagefolder {str(root)!r} has {len(train.classes)} class folder(s): classification "
+                         "needs at least 2 (every model would score 100%)")
     return Data("imagefolder", train, test, len(train.classes), 3)
 
 

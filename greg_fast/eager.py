@@ -120,7 +120,8 @@ def fused_sgd(layers: Sequence[LayerPlan], kept: Sequence[torch.Tensor], lam_kep
 def masked_tensors(plan: Plan, layer: LayerPlan, kept: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``(tensor, kept mask broadcastable to it)`` for everything through which a removed group
     still reaches the output: the weight's groups, and for filters the bias and the following
-    BatchNorms' weight and bias (so the channel is exactly zero downstream)."""
+    BatchNorms' weight, bias and running mean (so the channel is exactly zero downstream: an
+    affine-free BatchNorm in eval mode would otherwise turn the zero into -mean/std)."""
     kept = kept_bool(layer, kept)
     pairs = [(layer.weight, expand_groups(layer, kept))]
     if layer.granularity == "filter":
@@ -128,8 +129,7 @@ def masked_tensors(plan: Plan, layer: LayerPlan, kept: torch.Tensor) -> list[tup
             pairs.append((layer.module.bias, kept))
         for norm in layer.norms:
             bn = plan.module(norm)
-            if bn.affine:
-                pairs += [(bn.weight, kept), (bn.bias, kept)]
+            pairs += [(t, kept) for t in (bn.weight, bn.bias, bn.running_mean) if t is not None]
     return pairs
 
 
@@ -139,6 +139,10 @@ def check_masks(plan: Plan, masks: Mapping[str, torch.Tensor]) -> None:
         if key not in known:
             raise KeyError(f"mask for {key!r}, which is not a layer of the plan")
         layer = known[key]
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"mask for {key!r} must be a bool tensor, got {type(mask).__name__}")
+        if mask.device.type == "meta":
+            raise ValueError(f"mask for {key!r} is on meta: it holds no values")
         if mask.dtype != torch.bool or mask.shape != (layer.n_groups,) and mask.shape != layer.weight.shape:
             raise ValueError(f"mask for {key!r} must be a bool tensor of shape [{layer.n_groups}]"
                              f"{' or the weight shape' if layer.granularity == 'weight' else ''}, "

@@ -12,13 +12,15 @@ accumulated rounding and a resumed run continues bit for bit.
 """
 from __future__ import annotations
 
+import inspect
 import math
+import warnings
 from typing import Any, Callable
 
 import torch
 
 from . import dispatch
-from .eager import kept_bool, masked_tensors, pack_bits
+from .eager import expand_groups, kept_bool, masked_tensors, pack_bits
 from .plan import Plan
 from .train import grads_finite
 
@@ -46,8 +48,15 @@ def _from_rank0(*tensors: torch.Tensor) -> None:
             t.copy_(wire.bool())
 
 
+def _needs_closure(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether the optimizer's step takes its closure as a required argument (LBFGS)."""
+    param = inspect.signature(optimizer.step).parameters.get("closure")
+    return param is not None and param.default is inspect.Parameter.empty
+
+
 def check_hyper(method: str, *, delta: float, interval: int, ceiling: float, stabilize: int,
-                pick_delta: float, pick_ceiling: float, mag_ratio_limit: float, **_) -> None:
+                pick_delta: float, pick_ceiling: float, mag_ratio_limit: float, recover: float = 0.0,
+                **_) -> None:
     """Raise ValueError naming the first bad schedule setting."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -56,8 +65,10 @@ def check_hyper(method: str, *, delta: float, interval: int, ceiling: float, sta
     if not isinstance(stabilize, int) or stabilize < 0:
         raise ValueError(f"stabilize must be an integer >= 0, got {stabilize!r}")
     for key, value in (("delta", delta), ("ceiling", ceiling), ("pick_delta", pick_delta),
-                       ("pick_ceiling", pick_ceiling), ("mag_ratio_limit", mag_ratio_limit)):
-        if not math.isfinite(value) or value < 0:
+                       ("pick_ceiling", pick_ceiling), ("mag_ratio_limit", mag_ratio_limit), ("recover", recover)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{key} must be a finite number, got {value!r}")
+        if value < 0 and key != "recover":  # recover is negative by design (it cancels weight decay)
             raise ValueError(f"{key} must be a finite number >= 0, got {value!r}")
     if method == "greg2":
         if pick_delta <= 0:
@@ -72,9 +83,14 @@ class GrowingReg(torch.optim.Optimizer):
     """Wrap ``optimizer`` so that ``step()`` adds the growing-regularization penalty.
 
     With ``nan_guard`` (the default), a step whose gradients are not all finite is skipped and
-    counted in ``skipped_steps``: nothing reaches λ, the schedule or the weights. The check is the
-    only host sync outside λ updates; ``nan_guard=False`` (e.g. under a GradScaler, which guards
-    itself) makes ordinary steps sync-free.
+    counted in ``skipped_steps``: nothing reaches λ, the schedule or the weights; after
+    ``max_skipped_in_a_row`` skipped steps in a row (training has diverged and the schedule would
+    never advance) ``step()`` raises. The check is the only host sync outside λ updates;
+    ``nan_guard=False`` (e.g. under a GradScaler, which guards itself) makes ordinary steps sync-free.
+
+    ``step(closure)`` evaluates the closure once for the schedule; an inner optimizer that needs
+    the closure itself (LBFGS) gets one that adds the penalty to every re-evaluation (gradient
+    ``λ_g·w`` and loss ``½ Σ λ_g ‖w_g‖²``).
 
     ``step()`` after ``loss.backward()``: :meth:`apply_penalty` (λ update every ``interval``
     iterations, then ``grad += λ_g * w``; after pruning, zero the removed groups' gradients), the
@@ -88,9 +104,23 @@ class GrowingReg(torch.optim.Optimizer):
                  delta: float = 1e-4, interval: int = 10, ceiling: float = 1.0, stabilize: int = 10000,
                  pick_delta: float = 1e-5, pick_ceiling: float = 1e-2, recover: float = -1e-4,
                  mag_ratio_limit: float = 1000.0, backend: str = "auto", fused: bool = False,
-                 nan_guard: bool = True):
+                 nan_guard: bool = True, max_skipped_in_a_row: int = 100):
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"GrowingReg wraps a torch.optim optimizer, e.g. GrowingReg(torch.optim.SGD("
+                            f"model.parameters(), lr=1e-3), plan); got {type(optimizer).__name__}")
+        if not isinstance(plan, Plan):
+            raise TypeError(f"GrowingReg needs the Plan returned by greg_fast.plan(model, ...), "
+                            f"got {type(plan).__name__}")
+        plan.check_current()
         check_hyper(method, delta=delta, interval=interval, ceiling=ceiling, stabilize=stabilize,
-                    pick_delta=pick_delta, pick_ceiling=pick_ceiling, mag_ratio_limit=mag_ratio_limit)
+                    pick_delta=pick_delta, pick_ceiling=pick_ceiling, mag_ratio_limit=mag_ratio_limit,
+                    recover=recover)
+        if not isinstance(max_skipped_in_a_row, int) or max_skipped_in_a_row < 1:
+            raise ValueError(f"max_skipped_in_a_row must be an integer >= 1, got {max_skipped_in_a_row!r}")
+        frozen = [l.name for l in plan.pruned if not l.weight.requires_grad]
+        if frozen:
+            warnings.warn(f"planned layers {frozen[:5]} are frozen (requires_grad=False): they get no "
+                          "gradient, so they lose their groups without being regularized", stacklevel=2)
         self.optimizer = optimizer
         self.plan = plan
         self.method = method
@@ -108,6 +138,8 @@ class GrowingReg(torch.optim.Optimizer):
         self.fused = fused
         self.nan_guard = nan_guard
         self.skipped_steps = 0  # steps refused for non-finite gradients
+        self.max_skipped_in_a_row = max_skipped_in_a_row
+        self._skipped_in_a_row = 0
         if fused:
             self._group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
             self._check_fusable()
@@ -178,16 +210,27 @@ class GrowingReg(torch.optim.Optimizer):
         return self._phase == "done"
 
     def step(self, closure: Callable[[], Any] | None = None):
+        self.plan.check_current()
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         if self.nan_guard and not grads_finite(self.optimizer):
             self.skipped_steps += 1  # nothing reaches λ, the schedule or the weights
+            self._skipped_in_a_row += 1
+            if self._skipped_in_a_row >= self.max_skipped_in_a_row:
+                raise RuntimeError(
+                    f"{self._skipped_in_a_row} steps in a row had non-finite gradients and were skipped, so "
+                    "the schedule cannot advance: training has diverged (lower the learning rate or delta, "
+                    "or raise max_skipped_in_a_row)")
             return loss
+        self._skipped_in_a_row = 0
         if self.fused:
             self._regularize(fused=True)
             self._step_others()
+        elif closure is not None and _needs_closure(self.optimizer):
+            self.apply_penalty()
+            self.optimizer.step(self._penalized(closure))
         else:
             self.apply_penalty()
             self.optimizer.step()
@@ -195,6 +238,23 @@ class GrowingReg(torch.optim.Optimizer):
         if self._phase == "stabilize" and self.iteration >= self._stabilize_end:
             self._prune()
         return loss
+
+    def _penalized(self, closure: Callable[[], Any]) -> Callable[[], Any]:
+        """``closure`` whose every evaluation also carries this step's penalty (λ fixed)."""
+        def evaluate():
+            with torch.enable_grad():
+                loss = closure()
+            with torch.no_grad():
+                self.backend.penalty(self.layers, self._kept, self._lam_kept32, self._lam_selected32,
+                                     want_scores=False, mask=self._phase == "done")
+                energy = sum(0.5 * (p * l.weight.detach().square()).sum()
+                             for l, p in zip(self.layers, self._expanded_penalties()))
+            return loss + energy if loss is not None else loss
+        return evaluate
+
+    def _expanded_penalties(self) -> list[torch.Tensor]:
+        return [expand_groups(l, torch.where(kept_bool(l, k), self._lam_kept32[i], self._lam_selected32[i]))
+                for i, (l, k) in enumerate(zip(self.layers, self._kept))]
 
     def apply_penalty(self) -> None:
         """Update λ when due, then ``grad += λ_g * w`` (once pruned: zero the removed groups'
@@ -369,6 +429,7 @@ class GrowingReg(torch.optim.Optimizer):
             "greg": {
                 "method": self.method, "hyper": dict(self.hyper), "phase": self._phase,
                 "layers": [l.name for l in self.layers], "n_groups": [l.n_groups for l in self.layers],
+                "n_prune": [l.n_prune for l in self.layers], "granularity": [l.granularity for l in self.layers],
                 "iteration": self.iteration, "n_pick": self._n_pick,
                 "skipped_steps": self.skipped_steps,
                 "picked": self._picked, "stabilize_end": self._stabilize_end,
@@ -390,6 +451,12 @@ class GrowingReg(torch.optim.Optimizer):
         if g["layers"] != names or g["n_groups"] != groups:
             raise ValueError("checkpoint was saved for other layers: "
                              f"{list(zip(g['layers'], g['n_groups']))[:4]}... vs {list(zip(names, groups))[:4]}...")
+        for key in ("n_prune", "granularity"):
+            mine = [getattr(l, key) for l in self.layers]
+            if key in g and g[key] != mine:
+                bad = next(i for i, (a, b) in enumerate(zip(g[key], mine)) if a != b)
+                raise ValueError(f"checkpoint was saved for a plan with other {key}: layer {names[bad]!r} has "
+                                 f"{key}={g[key][bad]!r} there, {mine[bad]!r} in this plan")
         for key, value in self.hyper.items():
             if g["hyper"].get(key) != value:
                 raise ValueError(f"checkpoint was saved with {key}={g['hyper'].get(key)!r}, "
@@ -400,6 +467,11 @@ class GrowingReg(torch.optim.Optimizer):
         kept = [k.to(dev) for k in g["kept"]]
         if [(k.dtype, k.shape) for k in kept] != [(v.dtype, v.shape) for v in self._kept]:
             raise ValueError("checkpoint masks do not match this plan's layers")
+        for layer, k in zip(self.layers, kept):  # a selection removes exactly n_prune groups
+            removed = layer.n_groups - int(kept_bool(layer, k).sum())
+            if removed not in (0, layer.n_prune) or (removed == 0 and g["picked"] and layer.n_prune):
+                raise ValueError(f"checkpoint mask of {layer.name!r} removes {removed} groups, this plan "
+                                 f"prunes {layer.n_prune}: it was saved for a plan with other ratios")
         self.optimizer.load_state_dict(opt)
         self._phase, self.iteration = g["phase"], g["iteration"]
         self._n_pick, self._picked, self._stabilize_end = g["n_pick"], g["picked"], g["stabilize_end"]

@@ -53,6 +53,9 @@ def load(path: str | Path, map_location="cpu") -> nn.Module:
         raise ValueError(f"{path}: not a readable greg_fast model file ({type(err).__name__}: {err})") from err
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise ValueError(f"{path}: not a greg_fast model file (expected format {FORMAT!r})")
+    missing = [k for k in ("arch", "widths", "state_dict") if k not in obj]
+    if missing or not isinstance(obj["arch"], dict) or not {"name", "num_classes", "in_channels"} <= obj["arch"].keys():
+        raise ValueError(f"{path}: a damaged greg_fast model file (missing {missing or ['arch fields']})")
     model = models.create(obj["arch"]["name"], obj["arch"]["num_classes"], in_channels=obj["arch"]["in_channels"])
     resize(model, obj["widths"])
     try:

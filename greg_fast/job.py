@@ -139,17 +139,47 @@ def _fault_injection(stage: str, step: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def run(args) -> dict:
+def check_args(args) -> None:
+    """Every argument that can be checked without data, before anything runs or is written: a bad
+    one must not surface after an hour of pretraining."""
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder")
     if args.resume is not None and Path(args.resume) != out:
         raise ValueError("--resume DIR must be the run's --out DIR")
+    if (args.ratio is None) == (args.stage_ratios is None):
+        raise ValueError("give exactly one of --ratio and --stage-ratios")
+    for flag, value, low in (("--batch-size", args.batch_size, 1), ("--checkpoint-every", args.checkpoint_every, 1),
+                             ("--pretrain-epochs", args.pretrain_epochs, 0),
+                             ("--finetune-epochs", args.finetune_epochs, 0),
+                             ("--max-skipped-steps", args.max_skipped_steps, 1)):
+        if value < low:
+            raise ValueError(f"{flag} must be >= {low}, got {value}")
+    for flag, value in (("--lr-reg", args.lr_reg), ("--lr-pretrain", args.lr_pretrain)):
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{flag} must be a finite number > 0, got {value}")
+    if not 0 <= args.momentum < 1:
+        raise ValueError(f"--momentum must be in [0, 1), got {args.momentum}")
+    if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
+        raise ValueError(f"--weight-decay must be a finite number >= 0, got {args.weight_decay}")
+    parse_lr_schedule(args.lr_ft)
+    if args.checkpoint is not None and not Path(args.checkpoint).is_file():
+        raise FileNotFoundError(f"--checkpoint {args.checkpoint}: no such file")
+    check_hyper(**_greg_kwargs(args))
+
+
+def _greg_kwargs(args) -> dict:
+    return dict(method=args.method, delta=args.delta, interval=args.interval, ceiling=args.ceiling,
+                stabilize=args.stabilize, pick_delta=args.pick_delta, pick_ceiling=args.pick_ceiling,
+                recover=args.recover, mag_ratio_limit=args.mag_ratio_limit)
+
+
+def run(args) -> dict:
+    check_args(args)
+    out = Path(args.out)
     if args.resume is None and _checkpoints(out):
         raise FileExistsError(f"{out} holds checkpoints of a run: pass --resume {out} to continue it, "
                               "or choose another --out")
-    if (args.ratio is None) == (args.stage_ratios is None):
-        raise ValueError("give exactly one of --ratio and --stage-ratios")
-    if args.checkpoint_every < 1:
-        raise ValueError(f"--checkpoint-every must be >= 1, got {args.checkpoint_every}")
     lr_ft = parse_lr_schedule(args.lr_ft)
     data = datasets.load(args.data, args.data_dir)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -163,10 +193,7 @@ def run(args) -> dict:
                          example_inputs=example)
     planned_cost = the_plan.cost()  # before compaction changes the planned modules
     structured = args.granularity != "weight"
-    greg_kwargs = dict(method=args.method, delta=args.delta, interval=args.interval, ceiling=args.ceiling,
-                       stabilize=args.stabilize, pick_delta=args.pick_delta, pick_ceiling=args.pick_ceiling,
-                       recover=args.recover, mag_ratio_limit=args.mag_ratio_limit, nan_guard=False)
-    check_hyper(**greg_kwargs)  # a bad schedule fails now, before anything is written
+    greg_kwargs = dict(_greg_kwargs(args), nan_guard=False)  # train_epoch guards every stage
     state = RunState()
     checkpoint = None
     if args.resume is not None:
@@ -236,7 +263,7 @@ def run(args) -> dict:
 
                 sums = train_epoch(trained, data, opt, device, batch_size=args.batch_size, seed=args.seed,
                                    stage=stage, epoch=state.epoch, start_batch=state.batch, sums=state.sums,
-                                   after_step=tick)
+                                   after_step=tick, max_skipped_in_a_row=args.max_skipped_steps)
                 rec = {"type": "epoch", "stage": stage, "epoch": state.epoch, "lr": lr, **epoch_metrics(sums),
                        **evaluate(model, data, device), **extra()}
                 state.records.append(rec)
@@ -258,7 +285,7 @@ def run(args) -> dict:
             opt.load_state_dict(checkpoint["optimizer"])
         train_stage("pretrain", opt, args.pretrain_epochs,
                     lambda e: args.lr_pretrain * 0.5 * (1 + math.cos(math.pi * e / args.pretrain_epochs)))
-        state.results["dense"] = {**evaluate(model, data, device), **measure(model, example)}
+        state.results["dense"] = {**evaluate(model, data, device), **model_cost(model, example)}
         say(f"dense model: test accuracy {state.results['dense']['test_acc']:.2f}%")
         checkpoint = None
         next_stage("regularize")
@@ -303,12 +330,14 @@ def run(args) -> dict:
             opt.load_state_dict(checkpoint["optimizer"])
         train_stage("finetune", opt, args.finetune_epochs, lambda e: lr_at(lr_ft, e),
                     after_step=None if structured else lambda: apply_masks(model, masks, the_plan))
-        state.results["final"] = {**evaluate(model, data, device), **measure(model, example)}
+        state.results["final"] = {**evaluate(model, data, device), **model_cost(model, example)}
         next_stage("finished")
 
-    summary = _summary(args, state, planned_cost, structured, len(the_plan.pruned))
     if not main_rank:
-        return summary
+        return _summary(args, state, planned_cost, structured, len(the_plan.pruned), latency=None)
+    dense_arch = models.create(args.model, data.num_classes, in_channels=data.in_channels)  # widths only
+    latency = compare_latency(dense_arch, model, example)
+    summary = _summary(args, state, planned_cost, structured, len(the_plan.pruned), latency)
     save_model(model, out / "model.pt", masks=None if structured else state.results["masks"])
     if not structured:  # unstructured: the kept weights in a compact format beside the dense file
         packed = pack_model(model, masks, the_plan, "bitmap")
@@ -387,44 +416,63 @@ class _Tracer:
                 "score_kept": masks[self.layer.name].reshape(-1).cpu()[self.subset]}
 
 
-def measure(model, example, batches=(1, 64), repeats=15) -> dict:
-    """Parameters, FLOPs (torch.utils.flop_counter, one example) and median CPU inference latency."""
+def model_cost(model, example) -> dict:
+    """Parameters and FLOPs (``torch.utils.flop_counter``, one example)."""
     from torch.utils.flop_counter import FlopCounterMode
-    model_cpu = copy.deepcopy(model).cpu().eval()
-    x = example[0].cpu()
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model_cpu(x)
-    out = {"params": sum(p.numel() for p in model_cpu.parameters()), "flops": counter.get_total_flops()}
+        was_training = model.training
+        model.eval()
+        model(example[0])
+        model.train(was_training)
+    return {"params": sum(p.numel() for p in model.parameters()), "flops": counter.get_total_flops()}
+
+
+def compare_latency(dense, pruned, example, batches=(1, 64), rounds=31) -> dict:
+    """CPU inference latency of the dense and the pruned model, timed in alternation (one call
+    each per round) so that load on a shared machine hits both alike: per batch size, the median
+    time of each and the median and 10th-90th percentile range of the per-round speed-up."""
+    dense, pruned = (copy.deepcopy(m).cpu().eval() for m in (dense, pruned))
+    x = example[0].cpu()
+    out = {}
     with torch.no_grad():
         for b in batches:
             xb = x.expand(b, *x.shape[1:]).contiguous()
-            times = []
-            for i in range(repeats + 2):
-                t = time.perf_counter()
-                model_cpu(xb)
-                if i >= 2:
-                    times.append(time.perf_counter() - t)
-            out[f"latency_ms_batch{b}"] = 1e3 * statistics.median(times)
+            times = {"dense": [], "pruned": []}
+            for i in range(rounds + 2):
+                for name, m in (("dense", dense), ("pruned", pruned)):
+                    t = time.perf_counter()
+                    m(xb)
+                    if i >= 2:  # warm-up rounds
+                        times[name].append(time.perf_counter() - t)
+            ratios = sorted(d / p for d, p in zip(times["dense"], times["pruned"]))
+            out[f"batch{b}"] = {"dense_ms": 1e3 * statistics.median(times["dense"]),
+                                "pruned_ms": 1e3 * statistics.median(times["pruned"]),
+                                "speedup": statistics.median(ratios),
+                                "speedup_p10_p90": [ratios[len(ratios) // 10], ratios[-1 - len(ratios) // 10]]}
     return out
 
 
-def _summary(args, state: RunState, cost: dict, structured: bool, n_pruned: int) -> dict:
+def _summary(args, state: RunState, cost: dict, structured: bool, n_pruned: int, latency: dict | None) -> dict:
     r = state.results
     dense, final = r["dense"], r["final"]
     # structured: measured on the compacted model; unstructured: the planned count of kept weights
     params = final["params"] if structured else cost["params_after"]
     flops = final["flops"] if structured else cost["flops_after"]
+    lat = {f"latency_ms_batch{b}": {k: latency[f"batch{b}"][f"{k}_ms"] for k in ("dense", "pruned")}
+           for b in (1, 64)} if latency else {}
     return {
         "model": args.model, "data": args.data, "method": args.method, "granularity": args.granularity,
         "ratio": args.ratio, "stage_ratios": args.stage_ratios,
-        "dense": {k: dense[k] for k in ("test_acc", "params", "flops", "latency_ms_batch1", "latency_ms_batch64")},
+        "dense": {**{k: dense[k] for k in ("test_acc", "params", "flops")},
+                  **{k: v["dense"] for k, v in lat.items()}},
         "pruned": {"test_acc_before_finetune": r["pruned"]["test_acc"], "test_acc": final["test_acc"],
                    "params": params, "flops": flops, "compacted": structured,
-                   "latency_ms_batch1": final["latency_ms_batch1"],
-                   "latency_ms_batch64": final["latency_ms_batch64"]},
+                   **{k: v["pruned"] for k, v in lat.items()}},
         "flops_reduction": dense["flops"] / max(flops, 1),
         "params_reduction": dense["params"] / max(params, 1),
-        "speedup_batch64": dense["latency_ms_batch64"] / final["latency_ms_batch64"],
+        # median and 10th-90th percentile of per-round ratios, dense and pruned timed in alternation
+        "speedup_batch64": latency["batch64"]["speedup"] if latency else None,
+        "speedup_batch64_p10_p90": latency["batch64"]["speedup_p10_p90"] if latency else None,
         "regularization_iterations": r["regularization"]["iterations"],
         "skipped_steps": state.skipped_steps,
         "layers_pruned": n_pruned,
@@ -434,6 +482,7 @@ def _summary(args, state: RunState, cost: dict, structured: bool, n_pruned: int)
 
 
 def format_table(s: dict) -> str:
+    lo, hi = s["speedup_batch64_p10_p90"]
     label = f"{s['method']} {s['granularity']} " + (f"ratio {s['ratio']}" if s["ratio"] is not None
                                                     else f"stages {s['stage_ratios']}")
     rows = [
@@ -444,7 +493,9 @@ def format_table(s: dict) -> str:
         ("FLOPs", f"{s['dense']['flops']:,}", f"{s['pruned']['flops']:,} ({s['flops_reduction']:.2f}x fewer)"),
         ("CPU latency b1 (ms)", f"{s['dense']['latency_ms_batch1']:.2f}", f"{s['pruned']['latency_ms_batch1']:.2f}"),
         ("CPU latency b64 (ms)", f"{s['dense']['latency_ms_batch64']:.2f}",
-         f"{s['pruned']['latency_ms_batch64']:.2f} ({s['speedup_batch64']:.2f}x faster)"),
+         f"{s['pruned']['latency_ms_batch64']:.2f} " + (
+             f"({s['speedup_batch64']:.2f}x faster, {lo:.2f}-{hi:.2f} over rounds)" if s["pruned"]["compacted"]
+             else "(masks keep the dense kernels: no speed-up without a sparse runtime)")),
     ]
     w = s["wall_time_s"]
     rows.append(("wall time (s)", f"pretrain {w.get('pretrain', 0):.1f}",

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .graph import LAYER_TYPES, LayerDeps, analyze
+from .graph import LAYER_TYPES, LayerDeps, analyze, unwrap
 
 GRANULARITIES = ("filter", "channel", "weight")
 
@@ -44,6 +44,8 @@ def n_prune_for(ratio: float, n_groups: int) -> int:
 
 
 def _check_ratio(ratio: float, what: str) -> float:
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
+        raise ValueError(f"{what}: ratio must be a number in [0, 1), got {ratio!r}")
     ratio = float(ratio)
     if not 0.0 <= ratio < 1.0:
         raise ValueError(f"{what}: ratio must be in [0, 1), got {ratio}")
@@ -78,6 +80,9 @@ class Plan:
         self.total_flops = total_flops
         self.total_params = sum(p.numel() for p in model.parameters())
         self._modules = dict(model.named_modules())
+        self._shapes = {l.name: tuple(l.weight.shape) for l in layers}
+        self._cost = self._compute_cost()  # of the model as planned, whatever happens to it later
+        self.compacted = False  # set by compact(): the plan then describes the model as it was
 
     def __iter__(self):
         return iter(self.layers)
@@ -99,7 +104,10 @@ class Plan:
         return list(self._deps[name].norms)
 
     def check_model(self, model: nn.Module) -> None:
-        """Raise unless the planned layers are modules of ``model`` (not of a copy or another model)."""
+        """Raise unless the planned layers are modules of ``model`` (not of a copy or another model)
+        and the model has not been compacted since."""
+        self.check_current()
+        model = unwrap(model)
         for layer in self.layers:
             try:
                 found = model.get_submodule(layer.name)
@@ -109,6 +117,11 @@ class Plan:
                 raise ValueError(f"the plan was built for another model: layer {layer.name!r} of the "
                                  f"plan ({self.model_class}) is not a module of this "
                                  f"{type(model).__name__}; build the plan from this model")
+
+    def check_current(self) -> None:
+        if self.compacted:
+            raise ValueError("this plan describes the model before compaction (its groups are gone): "
+                             "build a new plan from the compacted model")
 
     @property
     def pruned(self) -> list[LayerPlan]:
@@ -132,7 +145,11 @@ class Plan:
 
     def cost(self) -> dict[str, int]:
         """Parameters and FLOPs (``torch.utils.flop_counter``, one example input) before and after
-        removing the planned groups, assuming removal of everything they feed exclusively."""
+        removing the planned groups, assuming removal of everything they feed exclusively (of the
+        model as planned)."""
+        return dict(self._cost)
+
+    def _compute_cost(self) -> dict[str, int]:
         out, inp, dense = self._kept_fractions()
         removed_params = removed_flops = 0.0
         for name, d in self._deps.items():
@@ -154,11 +171,13 @@ class Plan:
     def __repr__(self) -> str:
         rows = [("layer", "granularity", "shape", "groups", "pruned", "ratio")]
         for l in self.layers:
-            rows.append((l.name, l.granularity, "x".join(map(str, l.weight.shape)), str(l.n_groups),
+            rows.append((l.name, l.granularity, "x".join(map(str, self._shapes[l.name])), str(l.n_groups),
                          str(l.n_prune), f"{l.ratio:.3g}"))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = [f"Plan for {self.model_class}: {len(self.pruned)} of {len(self.layers)} layers pruned, "
                  f"{len(self.excluded)} excluded"]
+        if self.compacted:
+            lines.append("(the model has been compacted since: shapes and costs are those it had when planned)")
         for i, r in enumerate(rows):
             lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
             if i == 0:
@@ -211,10 +230,19 @@ def plan(model: nn.Module, ratio: float = 0.0, *, granularity: str = "filter",
     every prunable layer; ``ratios`` maps layer names or glob patterns to ratios that override it
     (the last matching key wins; see :func:`stage_ratios` for the reference's ResNet stage lists);
     ``skip`` excludes names or globs. A layer prunes ``min(ceil(r * n_groups), n_groups - 1)`` groups.
+    A ``torch.compile``, DataParallel or DistributedDataParallel wrapper is planned through to the
+    module it runs. Layers whose weight is frozen (``requires_grad=False``) are excluded: they
+    would lose groups without ever being regularized.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"plan() needs an nn.Module, got {type(model).__name__}")
+    model = unwrap(model)
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
     ratio = _check_ratio(ratio, "ratio")
+    if ratios is not None and not isinstance(ratios, Mapping):
+        raise TypeError(f"ratios must map layer names or globs to ratios, e.g. {{'layer1.*': 0.5}}; "
+                        f"got {type(ratios).__name__}")
     ratios = {k: _check_ratio(v, f"ratios[{k!r}]") for k, v in (ratios or {}).items()}
     if isinstance(skip, str):
         skip = (skip,)
@@ -222,6 +250,10 @@ def plan(model: nn.Module, ratio: float = 0.0, *, granularity: str = "filter",
         example_inputs = _default_inputs(model)
     elif isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
+    if not isinstance(example_inputs, (tuple, list)) or not all(
+            isinstance(x, torch.Tensor) for x in example_inputs):
+        raise TypeError("example_inputs must be a tensor or a tuple of tensors (the model's arguments), "
+                        f"got {type(example_inputs).__name__}")
 
     deps, order = analyze(model, tuple(example_inputs))
     all_names = [n for n, m in model.named_modules() if isinstance(m, LAYER_TYPES)]
@@ -244,6 +276,8 @@ def plan(model: nn.Module, ratio: float = 0.0, *, granularity: str = "filter",
             reason = d.channel_reason
         else:
             reason = "first layer: the reference never prunes the stem" if index == 0 else None
+        if reason is None and not d.module.weight.requires_grad:
+            reason = "its weight is frozen (requires_grad=False): it would lose groups without being regularized"
         if reason is not None:
             excluded[name] = reason
             continue

@@ -75,7 +75,14 @@ def unpack(packed: Mapping) -> torch.Tensor:
     for s in shape:
         numel *= s
     if packed["format"] == "bitmap":
-        mask = unpack_bits(packed["bits"], numel)
+        bits = packed["bits"]
+        if bits.dtype != torch.uint8 or bits.dim() != 1 or bits.numel() != -(-numel // 8):
+            raise ValueError(f"corrupt bitmap pack: {bits.numel()} bytes of {bits.dtype} bits for a weight of "
+                             f"{numel} entries (expected {-(-numel // 8)} uint8)")
+        mask = unpack_bits(bits, numel)
+        if int(mask.sum()) != values.numel():
+            raise ValueError(f"corrupt bitmap pack: the bits keep {int(mask.sum())} entries, "
+                             f"there are {values.numel()} values")
         out = torch.zeros(numel, dtype=values.dtype)
         out[mask] = values
         return out.view(shape)

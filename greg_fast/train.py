@@ -15,14 +15,15 @@ def parse_lr_schedule(text: str) -> list[tuple[int, float]]:
     """``"0:0.01,60:0.001,90:1e-4"`` (epoch:lr, from that epoch on) or a single lr ``"0.01"``."""
     try:
         if ":" not in text:
-            return [(0, float(text))]
-        steps = sorted((int(e), float(lr)) for e, lr in (item.split(":") for item in text.split(",")))
+            steps = [(0, float(text))]
+        else:
+            steps = sorted((int(e), float(lr)) for e, lr in (item.split(":") for item in text.split(",")))
     except ValueError as err:
         raise ValueError(f"learning-rate schedule {text!r} is not 'epoch:lr,epoch:lr,...' or one number") from err
     if steps[0][0] != 0:
         raise ValueError(f"learning-rate schedule {text!r} must start at epoch 0")
-    if any(lr <= 0 for _, lr in steps):
-        raise ValueError(f"learning-rate schedule {text!r} has a non-positive rate")
+    if any(not lr > 0 or not math.isfinite(lr) for _, lr in steps):
+        raise ValueError(f"learning-rate schedule {text!r} has a rate that is not a finite number > 0")
     return steps
 
 
@@ -87,12 +88,15 @@ def evaluate(model: nn.Module, data: Data, device: torch.device, batch_size: int
 
 def train_epoch(model: nn.Module, data: Data, optimizer: torch.optim.Optimizer, device: torch.device, *,
                 batch_size: int, seed: int, stage: str, epoch: int, start_batch: int = 0,
-                sums: dict | None = None, after_step: Callable[[int, dict], bool] | None = None) -> dict:
+                sums: dict | None = None, after_step: Callable[[int, dict], bool] | None = None,
+                max_skipped_in_a_row: int = 100) -> dict:
     """Batches ``start_batch..`` of one epoch. A step whose gradients are not finite is skipped and
     counted (never applied, BatchNorm statistics restored). ``sums`` carries the epoch's running
     totals across a resume; ``after_step(next_batch, sums)`` runs after each batch and may return
     True to stop early. Under torch.distributed each rank trains on its slice of every global batch
-    (``batch_size`` is the global batch), so the averaged gradient is the global batch's."""
+    (``batch_size`` is the global batch), so the averaged gradient is the global batch's. After
+    ``max_skipped_in_a_row`` skipped steps in a row it raises: training has diverged, and a
+    schedule that counts steps would never end."""
     model.train()
     rank, world = distributed_rank_world()
     sums = dict(sums or {"loss": 0.0, "correct": 0, "seen": 0, "skipped": 0})
@@ -115,10 +119,16 @@ def train_epoch(model: nn.Module, data: Data, optimizer: torch.optim.Optimizer, 
         loss.backward()
         if grads_finite(optimizer):
             optimizer.step()
+            sums["skip_streak"] = 0
         else:
             sums["skipped"] += 1
+            sums["skip_streak"] = sums.get("skip_streak", 0) + 1
             if stats:
                 torch._foreach_copy_(stats, saved)
+            if sums["skip_streak"] >= max_skipped_in_a_row:
+                raise RuntimeError(f"{stage}: {sums['skip_streak']} steps in a row had non-finite gradients and "
+                                   "were skipped: training has diverged (lower the learning rate or delta, or "
+                                   "raise --max-skipped-steps)")
         sums["last_loss"] = loss.item()
         sums["last_acc"] = (out.argmax(1) == y).float().mean().item()
         if math.isfinite(sums["last_loss"]):

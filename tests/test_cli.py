@@ -161,3 +161,9 @@ def test_demo_keeps_its_promise(tmp_path, capsys):
     assert s["pruned"]["test_acc"] >= s["dense"]["test_acc"] - 2.0
     assert s["flops_reduction"] > 1.9 and s["method"] == "greg1" and s["ratio"] == 0.5
     assert "FLOPs" in capsys.readouterr().out
+
+
+def test_ratio_zero_runs_to_the_end_and_removes_nothing(tmp_path):
+    out, s = run(tmp_path, "greg1", "--ratio", "0")
+    assert s["pruned"]["params"] == s["dense"]["params"] and s["layers_pruned"] == 0
+    assert (out / "model.pt").is_file()

@@ -155,6 +155,9 @@ def test_save_load_rebuilds_the_compacted_model_without_pickled_code(tmp_path):
     (tmp_path / "cut.pt").write_bytes((tmp_path / "m.pt").read_bytes()[:1000])
     with pytest.raises(ValueError, match="not a readable greg_fast model file"):
         gf.load(tmp_path / "cut.pt")
+    torch.save({"format": gf.io.FORMAT, "widths": {}}, tmp_path / "damaged.pt")
+    with pytest.raises(ValueError, match="damaged greg_fast model file"):
+        gf.load(tmp_path / "damaged.pt")
     torch.save({"weights": 1}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="not a greg_fast model file"):
         gf.load(tmp_path / "other.pt")

@@ -33,9 +33,14 @@ def test_torchvision_resnets_follow_the_reference_rule():
     assert names(p18) == [f"layer{s}.{b}.conv1" for s in (1, 2, 3, 4) for b in range(2)]
     p50 = gf.plan(models.create("resnet50"), 0.5, example_inputs=SMALL)
     blocks = {1: 3, 2: 4, 3: 6, 4: 3}
-    assert names(p50) == [f"layer{s}.{b}.conv{c}" for s in (1, 2, 3, 4) for b in range(blocks[s]) for c in (1, 2)]
-    # the stem feeds a block's main path and its projection shortcut: cutting it would cut both
-    assert "main path and the shortcut" in p50.excluded["conv1"]
+    inner = [f"layer{s}.{b}.conv{c}" for s in (1, 2, 3, 4) for b in range(blocks[s]) for c in (1, 2)]
+    # beyond the reference: the stem feeds only convs (the first block's conv1 and its projection
+    # shortcut), whose input channels are cut with it; stage_ratios' stem entry of 0 keeps it whole
+    assert names(p50) == ["conv1"] + inner
+    assert sorted(p50["conv1"].consumers) == ["layer1.0.conv1", "layer1.0.downsample.0"]
+    staged = gf.plan(models.create("resnet50"), ratios=gf.stage_ratios(models.create("resnet50"), [0, .6, .6, .6, .21, 0]),
+                     example_inputs=SMALL)
+    assert [l.name for l in staged.pruned] == inner
     assert "residual add" in p50.excluded["layer1.0.downsample.0"]
 
 

@@ -63,3 +63,14 @@ def test_corrupt_csr_is_refused():
     packed["col_indices"] = packed["col_indices"] + 6
     with pytest.raises(ValueError, match="corrupt CSR pack"):
         sparse.unpack(packed)
+
+
+def test_a_corrupt_bitmap_pack_is_refused():
+    w = torch.randn(4, 5)
+    packed = sparse.pack_reference(w, torch.rand(4, 5) > 0.5, "bitmap")
+    short = dict(packed, bits=packed["bits"][:1])
+    with pytest.raises(ValueError, match="corrupt bitmap pack: 1 bytes"):
+        sparse.unpack(short)
+    extra = dict(packed, values=torch.cat([packed["values"], torch.ones(1)]))
+    with pytest.raises(ValueError, match="corrupt bitmap pack: the bits keep"):
+        sparse.unpack(extra)

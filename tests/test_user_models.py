@@ -1,0 +1,284 @@
+"""Models as users write them: the plan either excludes a layer with a reason that names the
+problem, or the compacted model computes exactly what the masked model computes. Each model here
+broke that invariant once (issue 9)."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import greg_fast as gf
+
+from test_compact import assert_same_outputs, random_masks
+
+
+def randomize(model):
+    """Random BatchNorm statistics (and affine terms, where there are some): a wrong cut shows."""
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                if m.running_mean is not None:
+                    m.running_mean.copy_(torch.rand(m.num_features, generator=g) - 0.5)
+                    m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                if m.affine:
+                    m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                    m.bias.copy_(torch.rand(m.num_features, generator=g) - 0.5)
+    return model
+
+
+def check_exact(model, x, ratio=0.5):
+    """Plan, mask at random, compact a copy: the outputs agree (eval mode). Returns the plan."""
+    model = randomize(model).eval()
+    plan = gf.plan(model, ratio, example_inputs=x)
+    masks = random_masks(plan)
+    gf.apply_masks(model, masks, plan)
+    small = copy.deepcopy(model)
+    gf.compact(small, masks, gf.plan(small, ratio, example_inputs=x))
+    assert_same_outputs(model, small, torch.randn(3, *x.shape[1:]))
+    return plan
+
+
+class LeNet(nn.Module):
+    def __init__(self, act):
+        super().__init__()
+        self.c1, self.act, self.pool = nn.Conv2d(1, 6, 5), act, nn.AvgPool2d(2)
+        self.c2, self.fc = nn.Conv2d(6, 16, 5), nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = self.pool(self.act(self.c1(x)))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(torch.relu(self.c2(x)), 1), 1))
+
+
+@pytest.mark.parametrize("act,zero_to_zero", [
+    (nn.Sigmoid(), False), (nn.Hardsigmoid(), False), (nn.Softplus(), False), (nn.Hardtanh(0.1, 1.0), False),
+    (nn.ReLU(), True), (nn.GELU(), True), (nn.SiLU(), True), (nn.Tanh(), True), (nn.ELU(), True),
+    (nn.Hardtanh(), True)])
+def test_activations_that_move_zero_exclude_the_layer(act, zero_to_zero):
+    plan = check_exact(LeNet(act), torch.zeros(1, 1, 20, 20))
+    if zero_to_zero:
+        assert "c1" in [l.name for l in plan.layers]
+    else:
+        assert "maps 0 to a non-zero value" in plan.excluded["c1"]
+
+
+class FunctionalActs(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn, self.c1, self.c2 = fn, nn.Conv2d(3, 8, 3), nn.Conv2d(8, 4, 3)
+
+    def forward(self, x):
+        return self.c2(self.fn(self.c1(x)))
+
+
+@pytest.mark.parametrize("fn,zero_to_zero", [(torch.sigmoid, False), (lambda x: F.hardtanh(x, 0.2, 1.0), False),
+                                             (lambda x: x.sigmoid(), False), (F.relu, True),
+                                             (lambda x: F.leaky_relu(x, 0.1), True), (lambda x: x.tanh(), True)])
+def test_functional_activations_are_judged_at_zero_too(fn, zero_to_zero):
+    plan = check_exact(FunctionalActs(fn), torch.zeros(1, 3, 8, 8))
+    assert ("c1" in [l.name for l in plan.layers]) == zero_to_zero
+
+
+class AffineFreeBN(nn.Module):
+    def __init__(self, track):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3)
+        self.bn = nn.BatchNorm2d(8, affine=False, track_running_stats=track)
+        self.c2 = nn.Conv2d(8, 4, 3)
+
+    def forward(self, x):
+        return self.c2(torch.relu(self.bn(self.c1(x))))
+
+
+def test_batchnorm_without_affine_keeps_a_removed_channel_at_zero():
+    plan = check_exact(AffineFreeBN(track=True), torch.zeros(1, 3, 8, 8))
+    assert plan["c1"].norms == ["bn"]
+
+
+def test_batchnorm_without_any_tensor_compacts_and_the_optimizer_follows():
+    net = AffineFreeBN(track=False)
+    x = torch.randn(4, 3, 8, 8)
+    plan = gf.plan(net, 0.5, example_inputs=x[:1])
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    F.cross_entropy(net(x).mean((2, 3)), torch.zeros(4, dtype=torch.long)).backward()
+    opt.step()
+    masks = random_masks(plan)
+    gf.apply_masks(net, masks, plan)
+    small, small_opt = copy.deepcopy((net, opt))
+    gf.compact(small, masks, gf.plan(small, 0.5, example_inputs=x[:1]), optimizer=small_opt)
+    assert small.bn.num_features == small.c1.out_channels == 8 - plan["c1"].n_prune
+    assert small_opt.state[small.c1.weight]["momentum_buffer"].shape == small.c1.weight.shape
+    assert_same_outputs(net.eval(), small.eval(), x)
+
+
+class SharedConsumer(nn.Module):  # one consumer conv called on two producers' outputs
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.c(torch.relu(self.a(x))) * self.c(torch.relu(self.b(x)))
+
+
+class SharedNorm(nn.Module):  # one BatchNorm after two convs
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.ca, self.cb = nn.Conv2d(8, 4, 1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.ca(self.bn(self.a(x))) * self.cb(self.bn(self.b(x)))
+
+
+class FunctionalWeight(nn.Module):  # c1's weight also read by F.conv2d
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 3, 3, padding=1), nn.Conv2d(3, 4, 1)
+
+    def forward(self, x):
+        return self.c2(torch.relu(self.c1(x))) + self.c2(F.conv2d(x, self.c1.weight, padding=1)).detach() * 0
+
+
+class FunctionalConsumer(nn.Module):  # the consumer's weight is read functionally as well
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.c3 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 1), nn.Conv2d(3, 8, 1)
+
+    def forward(self, x):
+        return self.c2(torch.relu(self.c1(x))) + F.conv2d(torch.relu(self.c3(x)), self.c2.weight)
+
+
+class Recurrent(nn.Module):  # a weight-tied recurrent conv, twice the same module
+    def __init__(self):
+        super().__init__()
+        self.inp, self.rec, self.out = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        h = torch.relu(self.inp(x))
+        h = torch.relu(self.rec(h))
+        h = torch.relu(self.rec(h))
+        return self.out(h)
+
+
+class TiedModules(nn.Module):  # two modules holding the same Parameter
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.c3 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 1)
+        self.c3.weight = self.c2.weight
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.c3(torch.relu(self.c2(torch.relu(self.c1(x)))))))
+
+
+class TwiceOnOneOutput(nn.Module):  # a consumer called twice on its producer's output
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.fc = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 4, 1), nn.Linear(4, 2)
+
+    def forward(self, x):
+        y = torch.relu(self.c1(x))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.c2(y) * self.c2(y), 1), 1))
+
+
+@pytest.mark.parametrize("model,excluded,reason", [
+    (SharedConsumer, ["a", "b", "c"], "called 2 times"),
+    (SharedNorm, ["a", "b"], "'bn', which is used more than once"),
+    (FunctionalWeight, ["c1"], "reads its tensor 'c1.weight' directly"),
+    (FunctionalConsumer, ["c1", "c2"], "reads its tensor 'c2.weight' directly"),
+    (Recurrent, ["inp", "rec"], "called 2 times"),
+    (TiedModules, ["c1", "c2", "c3"], "shares a parameter"),
+    (TwiceOnOneOutput, ["c1", "c2"], "called 2 times"),
+])
+def test_modules_used_more_than_once_are_not_cut(model, excluded, reason):
+    plan = check_exact(model(), torch.zeros(1, 3, 8, 8))
+    for name in excluded:
+        assert reason in plan.excluded[name], (name, plan.excluded.get(name))
+
+
+class LinearOnWidth(nn.Module):  # nn.Linear over the last (width) axis of a conv output, W == C
+    def __init__(self):
+        super().__init__()
+        self.c1, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(8, 5)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.c1(x)))
+
+
+class Tokens(nn.Module):  # tokens [B, T, D] with T == D, flattened into a linear
+    def __init__(self, norm=False):
+        super().__init__()
+        self.embed, self.fc = nn.Linear(4, 6), nn.Linear(36, 3)
+        self.norm = nn.BatchNorm1d(6) if norm else nn.Identity()
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.norm(torch.relu(self.embed(x))), 1))
+
+
+class LiteralView(nn.Module):  # x.view(-1, 6 * 4 * 4): a literal width cannot follow a pruned one
+    def __init__(self, flatten):
+        super().__init__()
+        self.flatten = flatten
+        self.c1, self.c2, self.fc = nn.Conv2d(1, 6, 3, padding=1), nn.Conv2d(6, 6, 3, padding=1), nn.Linear(96, 3)
+
+    def forward(self, x):
+        return self.fc(self.flatten(torch.relu(self.c2(torch.relu(self.c1(x))))))
+
+
+class ChannelsLastLinear(nn.Module):  # ConvNeXt-style: permute to channels-last, pointwise linear
+    def __init__(self):
+        super().__init__()
+        self.c1, self.fc1, self.fc2 = nn.Conv2d(3, 8, 3), nn.Linear(8, 12), nn.Linear(12, 5)
+
+    def forward(self, x):
+        y = torch.relu(self.c1(x)).permute(0, 2, 3, 1)
+        return self.fc2(F.gelu(self.fc1(y))).transpose(1, 3)
+
+
+def test_a_linear_on_the_width_axis_does_not_take_the_channels():
+    plan = check_exact(LinearOnWidth(), torch.zeros(1, 3, 8, 8))
+    assert "does not read the channels as its input features" in plan.excluded["c1"]
+
+
+@pytest.mark.parametrize("norm,reason", [(False, "splits a channel across axes"),
+                                         (True, "does not normalize over its 6 channels")])
+def test_token_channels_are_tracked_on_their_own_axis(norm, reason):
+    plan = check_exact(Tokens(norm), torch.zeros(1, 6, 4))
+    assert reason in plan.excluded["embed"]
+
+
+@pytest.mark.parametrize("flatten", [lambda x: x.view(-1, 6 * 4 * 4), lambda x: x.reshape(x.size(0), 96),
+                                     lambda x: torch.reshape(x, (-1, 96))])
+def test_a_literal_width_in_view_excludes_only_that_layer(flatten):
+    plan = check_exact(LiteralView(flatten), torch.zeros(1, 1, 4, 4))
+    assert "literal 96" in plan.excluded["c2"]
+    assert [l.name for l in plan.layers] == ["c1"]
+
+
+@pytest.mark.parametrize("flatten", [lambda x: x.view(x.size(0), -1), lambda x: torch.flatten(x, 1),
+                                     lambda x: torch.reshape(x, (x.shape[0], -1)), nn.Flatten()])
+def test_derived_widths_follow_the_pruned_channels(flatten):
+    plan = check_exact(LiteralView(flatten), torch.zeros(1, 1, 4, 4))
+    assert plan["c2"].consumers == ["fc"] and plan._deps["c2"].consumers[0].spatial == 16
+
+
+def test_channels_follow_a_permute_to_a_pointwise_linear():
+    plan = check_exact(ChannelsLastLinear(), torch.zeros(1, 3, 8, 8))
+    assert plan["c1"].consumers == ["fc1"] and plan["fc1"].consumers == ["fc2"]
+    assert "model output" in plan.excluded["fc2"]
+
+
+@pytest.mark.parametrize("name,kwargs,newly_prunable", [
+    ("googlenet", dict(aux_logits=False, init_weights=True), ["conv1.conv", "conv2.conv"]),
+    ("squeezenet1_0", {}, ["features.3.squeeze", "features.12.squeeze"]),
+    ("efficientnet_b0", {}, ["features.1.0.block.1.fc1", "features.2.0.block.2.fc1"]),
+    ("mobilenet_v3_large", {}, ["features.4.block.2.fc1"]),
+])
+def test_layers_whose_consumers_merge_later_are_prunable_and_exact(name, kwargs, newly_prunable):
+    """A merge after the consumers (an inception concat, an SE gate) does not couple the producer."""
+    import torchvision
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, name)(**kwargs)
+    plan = check_exact(model, torch.zeros(1, 3, 64, 64))
+    assert set(newly_prunable) <= {l.name for l in plan.pruned}
