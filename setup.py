@@ -1,8 +1,10 @@
 """Builds the C++ extension greg_fast._C (csrc/) when torch is importable at build time.
 
 Install with ``pip install --no-build-isolation -e .`` so the build sees the installed torch.
-``GREG_FAST_NO_EXT=1`` skips the native build; without torch (an isolated build) it is skipped
-too. Either way the package works, on the eager backend (``greg-fast info`` says which are active).
+``GREG_FAST_MARCH_NATIVE=1`` tunes it for the building machine's CPU (the result may not run on
+older CPUs). ``GREG_FAST_NO_EXT=1`` skips the native build; without torch (an isolated build) it
+is skipped too. Either way the package works, on the eager backend (``greg-fast info`` says which
+backends are active and why the others are not).
 """
 import os
 import sys
@@ -32,7 +34,8 @@ if os.environ.get("GREG_FAST_NO_EXT", "0") != "1":
         print("greg_fast: torch not importable at build time; skipping the C++ extension "
               "(use pip install --no-build-isolation)", file=sys.stderr)
     else:
-        flags = ["-O3", "-fopenmp", "-march=native"]
+        # portable by default (a wheel built with -march=native dies with SIGILL on an older CPU)
+        flags = ["-O3", "-fopenmp"] + (["-march=native"] if os.environ.get("GREG_FAST_MARCH_NATIVE") == "1" else [])
         ext_modules = [CppExtension("greg_fast._C", ["csrc/greg_fast.cpp"],
                                     extra_compile_args=flags, extra_link_args=openmp_link_args())]
         cmdclass = {"build_ext": BuildExtension.with_options(use_ninja=True)}

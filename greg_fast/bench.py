@@ -250,7 +250,7 @@ TRAIN_STEPS = {"resnet56": (64, 32), "resnet50": (8, 224)}
 TRAIN_PROVIDERS = ("train_sgd", "train_greg", "train_greg_fused")
 
 
-def training_step_records(name: str, device: torch.device, rounds: int = 9) -> list[dict]:
+def training_step_records(name: str, device: torch.device, rounds: int = 15) -> list[dict]:
     """One training step of ``name`` with plain SGD, under GrowingReg, and under GrowingReg with
     ``fused=True`` (defaults otherwise: NaN guard on, λ updated every 10 steps), timed in
     alternation, one step of each per round, so that load on a shared machine hits all alike.

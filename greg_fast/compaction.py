@@ -130,7 +130,7 @@ def compact(model: nn.Module, masks: Mapping[str, torch.Tensor], plan: Plan,
             setattr(module, attr, tensor)
     for name, cut in plan_cuts.items():
         kept_out = cut.get("out")
-        _set_widths(plan.module(name), None if kept_out is None else kept_out.numel())
+        set_widths(plan.module(name), None if kept_out is None else kept_out.numel())
     if optimizer is not None:
         moved = {}
         for ((_, _, old, _, _), key, _), tensor in zip(extra, new[len(jobs):]):
@@ -146,7 +146,7 @@ def compact(model: nn.Module, masks: Mapping[str, torch.Tensor], plan: Plan,
     return model
 
 
-def _set_widths(module: nn.Module, out_width: int | None = None) -> None:
+def set_widths(module: nn.Module, out_width: int | None = None) -> None:
     """Make a module's size attributes agree with its (cut) tensors; ``out_width`` gives a
     BatchNorm's width when it holds no tensor (affine=False, track_running_stats=False)."""
     w = module.weight

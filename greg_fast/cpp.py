@@ -2,22 +2,36 @@
 (layer, block of groups), fp32 accumulation for fp32 / bf16 / fp16 weights."""
 from __future__ import annotations
 
+import importlib
+import importlib.util
+
 import torch
 
 from . import eager, native
 
 name = "cpp"
-try:
-    from . import _C  # noqa: F401  (registers torch.ops.greg_fast.*)
-    _IMPORT_ERROR = None
-except ImportError as err:  # a missing build must never break `import greg_fast`
-    _IMPORT_ERROR = str(err)
+_REBUILD = ("reinstall with `pip install --no-build-isolation .` (add -e for a checkout) so that the build "
+            "sees the installed torch")
+
+
+def _load_extension() -> str | None:
+    """Import greg_fast._C (it registers torch.ops.greg_fast.*); the reason when it cannot be."""
+    if importlib.util.find_spec("greg_fast._C") is None:
+        # an isolated build (plain `pip install .`) has no torch to compile against, so it builds none
+        return f"the C++ extension was not built: {_REBUILD}"
+    try:
+        importlib.import_module("greg_fast._C")
+    except ImportError as err:  # typically built against another torch: undefined symbols
+        return f"the C++ extension was built but does not load ({err}): {_REBUILD}"
+    return None
+
+
+_IMPORT_ERROR = _load_extension()  # a missing build must never break `import greg_fast`
 
 
 def unavailable(device: torch.device) -> str | None:
     if _IMPORT_ERROR is not None:
-        return ("the C++ extension is not built (reinstall with `pip install --no-build-isolation -e .`): "
-                + _IMPORT_ERROR)
+        return _IMPORT_ERROR
     if device.type != "cpu":
         return f"it runs on CPU tensors only, the weights are on {device}"
     return None

@@ -33,6 +33,11 @@ def auto_choice(device: torch.device) -> str:
     return next(n for n in _AUTO.get(device.type, ("eager",)) if _BACKENDS[n][1](device) is None)
 
 
+def module(name: str) -> ModuleType:
+    """The backend module of that name (no availability check)."""
+    return _BACKENDS[name][0]
+
+
 def resolve(name: str, device: torch.device) -> ModuleType:
     if name == "auto":
         name = os.environ.get(ENV_VAR, "auto")

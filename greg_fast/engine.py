@@ -15,6 +15,8 @@ from __future__ import annotations
 import inspect
 import math
 import warnings
+from collections import OrderedDict
+from types import ModuleType
 from typing import Any, Callable
 
 import torch
@@ -112,6 +114,7 @@ class GrowingReg(torch.optim.Optimizer):
             raise TypeError(f"GrowingReg needs the Plan returned by greg_fast.plan(model, ...), "
                             f"got {type(plan).__name__}")
         plan.check_current()
+        self._init_optimizer_hooks()
         check_hyper(method, delta=delta, interval=interval, ceiling=ceiling, stabilize=stabilize,
                     pick_delta=pick_delta, pick_ceiling=pick_ceiling, mag_ratio_limit=mag_ratio_limit,
                     recover=recover)
@@ -134,18 +137,18 @@ class GrowingReg(torch.optim.Optimizer):
             raise ValueError(f"the planned layers are on several devices {sorted(map(str, devices))}; "
                              "GrowingReg keeps its state on one device")
         self.device = devices.pop() if devices else torch.device("cpu")
-        self.backend = dispatch.resolve(backend, self.device)
+        self._backend_name = dispatch.resolve(backend, self.device).name  # a name: deepcopy-able
         self.fused = fused
         self.nan_guard = nan_guard
         self.skipped_steps = 0  # steps refused for non-finite gradients
         self.max_skipped_in_a_row = max_skipped_in_a_row
         self._skipped_in_a_row = 0
         if fused:
-            self._group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+            group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+            self._fused_groups = [group_of[id(l.weight)] for l in self.layers]
             self._check_fusable()
             fused_ids = {id(l.weight) for l in self.layers}
             self._others = [p for g in optimizer.param_groups for p in g["params"] if id(p) not in fused_ids]
-            self._fused_groups = [self._group_of[id(l.weight)] for l in self.layers]
         self._structured = plan.layers[0].granularity != "weight" if plan.layers else True
 
         n, dev = len(self.layers), self.device
@@ -178,6 +181,28 @@ class GrowingReg(torch.optim.Optimizer):
             self._prune()
 
     # ---- the torch.optim surface, passed through to the inner optimizer ----
+    def _init_optimizer_hooks(self) -> None:
+        """What ``Optimizer.__init__`` sets up besides the parameters (which stay the inner
+        optimizer's): hook registries and the step wrapper that runs step pre/post hooks."""
+        for registry in ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks",
+                         "_optimizer_state_dict_pre_hooks", "_optimizer_state_dict_post_hooks",
+                         "_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks"):
+            setattr(self, registry, OrderedDict())
+        self._patch_step_function()
+        self._warned_capturable_if_run_uncaptured = True
+
+    def __getstate__(self) -> dict:
+        # everything (Optimizer's keeps only its own three fields), except the step wrapper an
+        # LR scheduler puts on the instance: it is bound to this object, not to a copy
+        return {k: v for k, v in self.__dict__.items() if k != "step"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+
+    @property
+    def backend(self) -> ModuleType:
+        return dispatch.module(self._backend_name)
+
     @property
     def param_groups(self):
         return self.optimizer.param_groups
@@ -247,14 +272,12 @@ class GrowingReg(torch.optim.Optimizer):
             with torch.no_grad():
                 self.backend.penalty(self.layers, self._kept, self._lam_kept32, self._lam_selected32,
                                      want_scores=False, mask=self._phase == "done")
-                energy = sum(0.5 * (p * l.weight.detach().square()).sum()
-                             for l, p in zip(self.layers, self._expanded_penalties()))
+                lam = [torch.where(kept_bool(l, k), self._lam_kept32[i], self._lam_selected32[i])
+                       for i, (l, k) in enumerate(zip(self.layers, self._kept))]
+                energy = sum(0.5 * (expand_groups(l, g) * l.weight.detach().square()).sum()
+                             for l, g in zip(self.layers, lam))
             return loss + energy if loss is not None else loss
         return evaluate
-
-    def _expanded_penalties(self) -> list[torch.Tensor]:
-        return [expand_groups(l, torch.where(kept_bool(l, k), self._lam_kept32[i], self._lam_selected32[i]))
-                for i, (l, k) in enumerate(zip(self.layers, self._kept))]
 
     def apply_penalty(self) -> None:
         """Update λ when due, then ``grad += λ_g * w`` (once pruned: zero the removed groups'
@@ -423,7 +446,16 @@ class GrowingReg(torch.optim.Optimizer):
 
     # ---- checkpointing ----
     def state_dict(self) -> dict:
-        """Inner optimizer state and the whole schedule; loads with ``torch.load(weights_only=True)``."""
+        """Inner optimizer state and the whole schedule; loads with ``torch.load(weights_only=True)``.
+        State-dict hooks registered on this wrapper run as on any optimizer."""
+        for hook in self._optimizer_state_dict_pre_hooks.values():
+            hook(self)
+        state = self._state_dict()
+        for hook in self._optimizer_state_dict_post_hooks.values():
+            state = hook(self, state) or state
+        return state
+
+    def _state_dict(self) -> dict:
         return {
             "optimizer": self.optimizer.state_dict(),
             "greg": {
@@ -440,6 +472,13 @@ class GrowingReg(torch.optim.Optimizer):
         }
 
     def load_state_dict(self, state_dict: dict) -> None:
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            state_dict = hook(self, state_dict) or state_dict
+        self._load_state_dict(state_dict)
+        for hook in self._optimizer_load_state_dict_post_hooks.values():
+            hook(self)
+
+    def _load_state_dict(self, state_dict: dict) -> None:
         try:
             g = state_dict["greg"]
             opt = state_dict["optimizer"]
@@ -487,8 +526,7 @@ class GrowingReg(torch.optim.Optimizer):
     def _check_fusable(self) -> None:
         if type(self.optimizer) is not torch.optim.SGD:
             raise ValueError(f"fused=True needs a torch.optim.SGD inner optimizer, got {type(self.optimizer).__name__}")
-        for layer in self.layers:
-            g = self._group_of[id(layer.weight)]
+        for layer, g in zip(self.layers, self._fused_groups):
             bad = [k for k, ok in (("dampening", g["dampening"] == 0), ("nesterov", not g["nesterov"]),
                                    ("maximize", not g["maximize"])) if not ok]
             if bad:

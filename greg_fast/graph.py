@@ -27,7 +27,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
-_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 # Pooling modules and functions, by the number of trailing axes they pool over.
 _POOLS = {nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3, nn.AvgPool1d: 1, nn.AvgPool2d: 2,
           nn.AvgPool3d: 3, nn.AdaptiveAvgPool1d: 1, nn.AdaptiveAvgPool2d: 2, nn.AdaptiveAvgPool3d: 3,
@@ -198,7 +198,7 @@ def _step(node: fx.Node, src: fx.Node, at: _Axis, channels: int, modules: dict, 
     target = node.target
     if node.op == "call_module":
         m = modules[target]
-        if target in shared and isinstance(m, LAYER_TYPES + _NORMS):
+        if target in shared and isinstance(m, LAYER_TYPES + NORM_TYPES):
             return f"it feeds '{target}', which is used more than once: {shared[target]}", None
         if isinstance(m, LAYER_TYPES):
             if node.args[0] is not src:
@@ -212,7 +212,7 @@ def _step(node: fx.Node, src: fx.Node, at: _Axis, channels: int, modules: dict, 
                 return f"it feeds grouped/depthwise conv '{target}' (groups={m.groups})", None
             deps.consumers.append(Consumer(target, at.block))
             return None, None
-        if isinstance(m, _NORMS):
+        if isinstance(m, NORM_TYPES):
             if at.block != 1 or at.dim != 1 or m.num_features != channels:
                 return f"BatchNorm '{target}' does not normalize over its {channels} channels", None
             deps.norms.append(target)
@@ -258,8 +258,8 @@ def _step(node: fx.Node, src: fx.Node, at: _Axis, channels: int, modules: dict, 
                 return (f"{_describe(node)} writes the channel axis as the literal {width}, which "
                         "cannot follow the pruned width (write -1 or x.size(...))"), None
         return None, new
-    fn = target if node.op == "call_function" else getattr(torch.Tensor, target, None)
-    if node.op == "call_function" and target in _ELEMENTWISE_FUNCTIONS or target in _ELEMENTWISE_METHODS:
+    if (node.op == "call_function" and target in _ELEMENTWISE_FUNCTIONS) or target in _ELEMENTWISE_METHODS:
+        fn = target if node.op == "call_function" else getattr(torch.Tensor, target)
         if not _maps_zero_to_zero(fn, node, src_shape, src.meta["tensor_meta"].dtype):
             return f"{_describe(node)} maps 0 to a non-zero value, so a removed channel would still " \
                    "reach the consumer", None
@@ -288,7 +288,7 @@ def _walk_forward(gm: fx.GraphModule, start: fx.Node, start_axis: _Axis, channel
 
 def _walk_backward(node: fx.Node, modules: dict, layer_names: set) -> tuple[str | None, str | None]:
     """Find the layer whose filters are ``node``'s channels: (producer name, reason if none)."""
-    passing = (_NORMS + tuple(_POOLS) + _ELEMENTWISE + (nn.Flatten,))
+    passing = (NORM_TYPES + tuple(_POOLS) + _ELEMENTWISE + (nn.Flatten,))
     while True:
         if node.op == "placeholder":
             return None, "its input channels come from the model input"

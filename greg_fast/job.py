@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from . import data as datasets
 from . import models, plots
+from .atomic import save_atomic, write_text_atomic
 from .compaction import compact
 from .eager import apply_masks, group_scores
 from .io import save as save_model
@@ -54,22 +55,6 @@ class RunState:
     phase_changes: list = field(default_factory=list)
     seconds: dict = field(default_factory=dict)
     results: dict = field(default_factory=dict)
-
-
-def _save_atomic(obj, path: Path) -> None:
-    """Write to a temporary file, flush it to disk, then rename: a crash leaves the old file or the new."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        torch.save(obj, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _identity(args) -> dict:
@@ -225,12 +210,12 @@ def run(args) -> dict:
         state.saves += 1
         if not main_rank:
             return
-        _save_atomic({"identity": _identity(args), "state": state.__dict__, "model": model.state_dict(),
+        save_atomic({"identity": _identity(args), "state": state.__dict__, "model": model.state_dict(),
                       "optimizer": optimizer.state_dict() if optimizer is not None else None,
                       "rng": torch.get_rng_state()}, out / "checkpoints" / f"ckpt-{state.saves:07d}.pt")
         for old in _checkpoints(out)[:-2]:
             old.unlink()
-        _write_atomic(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in state.records))
+        write_text_atomic(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in state.records))
 
     def next_stage(stage):
         account_time()  # the time so far belongs to the stage that ends
@@ -341,9 +326,9 @@ def run(args) -> dict:
     save_model(model, out / "model.pt", masks=None if structured else state.results["masks"])
     if not structured:  # unstructured: the kept weights in a compact format beside the dense file
         packed = pack_model(model, masks, the_plan, "bitmap")
-        _save_atomic(packed, out / "sparse.pt")
+        save_atomic(packed, out / "sparse.pt")
         summary["sparse_bytes"] = {"dense": packed["bytes_dense"], "bitmap": packed["bytes_packed"]}
-    _write_atomic(out / "summary.json", json.dumps(summary, indent=2))
+    write_text_atomic(out / "summary.json", json.dumps(summary, indent=2))
     plots.accuracy(state.records, out / "accuracy.png", summary["dense"]["test_acc"])
     print(format_table(summary))
     return summary

@@ -25,11 +25,20 @@ _FILTER, _CHANNEL, _WEIGHT = "filter", "channel", "weight"
 def unavailable(device: torch.device) -> str | None:
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed"
-    if device.type == "cuda":
-        return None
-    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
-        return None
-    return f"it needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors), the weights are on {device}"
+    if device.type != "cuda" and not (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
+        return f"it needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors), the weights are on {device}"
+    return _kernels_error()
+
+
+@functools.cache
+def _kernels_error() -> str | None:
+    """Why the kernels (greg_fast.kernels, from the top-level kernels/ folder) do not import, if
+    they do not: checked before a backend is chosen, not at its first step."""
+    try:
+        _kernels()
+    except Exception as err:  # missing from the install, broken triton, syntax error
+        return f"its kernels do not import ({type(err).__name__}: {err})"
+    return None
 
 
 def _kernels():

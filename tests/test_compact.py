@@ -161,8 +161,22 @@ def test_save_load_rebuilds_the_compacted_model_without_pickled_code(tmp_path):
     torch.save({"weights": 1}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="not a greg_fast model file"):
         gf.load(tmp_path / "other.pt")
-    with pytest.raises(ValueError, match="built by greg_fast.models.create"):
-        gf.save(SmallNet(), tmp_path / "x.pt")
+
+
+
+def test_any_model_saves_and_loads_into_a_fresh_instance(tmp_path):
+    x6 = torch.randn(2, 3, 6, 6)
+    net = SmallNet().eval()
+    plan = gf.plan(net, 0.5, example_inputs=x6[:1])
+    gf.compact(net, random_masks(plan), plan)
+    gf.save(net, tmp_path / "small.pt")
+    with pytest.raises(ValueError, match=r"pass a fresh instance, load\(path, model=SmallNet\(...\)\)"):
+        gf.load(tmp_path / "small.pt")
+    loaded = gf.load(tmp_path / "small.pt", model=SmallNet()).eval()
+    assert loaded.conv2.out_channels == net.conv2.out_channels < 13
+    assert_same_outputs(net, loaded, x6, rtol=0)
+    with pytest.raises(ValueError, match="pass an instance of the saved model class"):
+        gf.load(tmp_path / "small.pt", model=torch.nn.Sequential(torch.nn.Linear(2, 2)))
 
 
 def test_compacted_model_exports():

@@ -1,3 +1,4 @@
+import copy
 import io
 import math
 
@@ -403,3 +404,43 @@ def test_schedule_memory_is_per_group_or_one_bit_per_weight(granularity):
         assert greg.state_bytes() <= groups // 8 + layers + 8 * 8 * layers
     else:  # a bool, a layer index and a float score per group, plus O(layers)
         assert greg.state_bytes() <= groups * (1 + 8 + 4) + 8 * 8 * layers
+
+
+def test_optimizer_hooks_schedulers_and_deepcopy_work_on_the_wrapper():
+    import warnings
+    net = SmallNet()
+    x = torch.zeros(1, 3, 6, 6)
+    greg = gf.GrowingReg(torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9), gf.plan(net, 0.5, example_inputs=x),
+                         interval=1, delta=0.1)
+    seen = []
+    greg.register_step_pre_hook(lambda opt, args, kwargs: seen.append(("pre", opt.iteration)))
+    greg.register_step_post_hook(lambda opt, args, kwargs: seen.append(("post", opt.iteration)))
+    greg.register_state_dict_post_hook(lambda opt, sd: {**sd, "extra": 1})
+    greg.register_load_state_dict_post_hook(lambda opt: seen.append("loaded"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "scheduler.step() before optimizer.step()" or other warning
+        schedulers = [torch.optim.lr_scheduler.StepLR(greg, 2),
+                      torch.optim.lr_scheduler.CosineAnnealingLR(greg, 10),
+                      torch.optim.lr_scheduler.OneCycleLR(greg, max_lr=0.1, total_steps=20),
+                      torch.optim.lr_scheduler.SequentialLR(
+                          greg, [torch.optim.lr_scheduler.ConstantLR(greg, 0.5, total_iters=2),
+                                 torch.optim.lr_scheduler.ExponentialLR(greg, 0.9)], milestones=[2])]
+        for x_, y in make_batches(n=3):
+            greg.zero_grad()
+            nn.functional.cross_entropy(net(x_), y).backward()
+            greg.step()
+            for s in schedulers:
+                s.step()
+    assert seen[:2] == [("pre", 0), ("post", 1)] and len(seen) == 6
+    state = greg.state_dict()
+    assert state["extra"] == 1
+    greg.load_state_dict(state)
+    assert seen[-1] == "loaded"
+    twin_net, twin = copy.deepcopy((net, greg))
+    assert twin.masks().keys() == greg.masks().keys() and twin.backend is greg.backend
+    x_, y = make_batches(n=1)[0]
+    for model, opt in ((net, greg), (twin_net, twin)):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x_), y).backward()
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(net.parameters(), twin_net.parameters()))
