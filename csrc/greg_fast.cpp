@@ -114,6 +114,24 @@ void run_item(const Layer& L, int64_t g0, int64_t g1, Mode mode, bool mask) {
   }
 }
 
+// A portable build (no -march=native, which makes a binary die on older CPUs) still runs AVX2/FMA
+// loops where the CPU has them: GCC compiles this function once per target, run_item inlined into
+// each (flatten), and picks the clone when the library loads.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define GREG_FAST_CLONES __attribute__((target_clones("arch=x86-64-v3", "default"), flatten))
+#else
+#define GREG_FAST_CLONES
+#endif
+
+GREG_FAST_CLONES void run_items(const std::vector<Layer>& layers, const Item* items, int64_t n, Mode mode,
+                                bool mask) {
+  for (int64_t k = 0; k < n; ++k) {
+    const Layer& L = layers[items[k].layer];
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, L.dtype, "greg_fast_step",
+                                    [&] { run_item<scalar_t>(L, items[k].g0, items[k].g1, mode, mask); });
+  }
+}
+
 void run(std::vector<Layer>& layers, Mode mode, bool mask) {
   std::vector<Item> items;
   for (int64_t i = 0; i < static_cast<int64_t>(layers.size()); ++i) {
@@ -122,12 +140,7 @@ void run(std::vector<Layer>& layers, Mode mode, bool mask) {
     for (int64_t g0 = 0; g0 < L.G; g0 += per) items.push_back({i, g0, std::min(L.G, g0 + per)});
   }
   at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t k = begin; k < end; ++k) {
-      const Item& it = items[k];
-      const Layer& L = layers[it.layer];
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, L.dtype, "greg_fast_step",
-                                      [&] { run_item<scalar_t>(L, it.g0, it.g1, mode, mask); });
-    }
+    run_items(layers, items.data() + begin, end - begin, mode, mask);
   });
 }
 

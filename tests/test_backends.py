@@ -251,11 +251,29 @@ def test_auto_env_and_forced_backends(monkeypatch):
     if not CUDA:
         with pytest.raises(RuntimeError, match="backend 'triton' cannot run on cpu: it needs CUDA"):
             dispatch.resolve("triton", cpu)
-    monkeypatch.setattr(cpp, "_IMPORT_ERROR", "no module named greg_fast._C")
-    with pytest.raises(RuntimeError, match="C\\+\\+ extension is not built"):
+    real_find_spec = cpp.importlib.util.find_spec
+    monkeypatch.setattr(cpp.importlib.util, "find_spec",  # as after an isolated `pip install .`
+                        lambda name, *a: None if name == "greg_fast._C" else real_find_spec(name, *a))
+    monkeypatch.setattr(cpp, "_IMPORT_ERROR", cpp._load_extension())
+    with pytest.raises(RuntimeError, match="C\\+\\+ extension was not built: reinstall with `pip install "
+                                           "--no-build-isolation .`"):
         dispatch.resolve("cpp", cpu)
     monkeypatch.delenv(dispatch.ENV_VAR)
     assert dispatch.resolve("auto", cpu).name == "eager"  # a missing build falls back quietly
+
+
+def test_triton_is_unavailable_with_the_reason_when_its_kernels_do_not_import(monkeypatch):
+    def broken():
+        raise ImportError("No module named 'greg_fast.kernels'")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(triton_backend, "_kernels", broken)
+    triton_backend._kernels_error.cache_clear()
+    try:
+        reason = triton_backend.unavailable(torch.device("cpu"))
+        assert "its kernels do not import (ImportError: No module named 'greg_fast.kernels')" in reason
+        assert dispatch.auto_choice(torch.device("cpu")) == "cpp"
+    finally:
+        triton_backend._kernels_error.cache_clear()
 
 
 def test_fused_needs_plain_sgd():
