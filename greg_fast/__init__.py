@@ -4,10 +4,11 @@ from .compaction import compact
 from .io import load, save
 from .dispatch import backends
 from .eager import apply_masks
-from .engine import METHODS, PHASES, GrowingReg
+from .engine import PHASES, GrowingReg
+from .hyper import METHODS, Hyper
 from .graph import UntraceableModelError
 from .plan import GRANULARITIES, LayerPlan, Plan, n_prune_for, plan, stage_ratios
 
 __version__ = "0.1.0"
-__all__ = ["compact", "load", "save", "GRANULARITIES", "METHODS", "PHASES", "GrowingReg", "LayerPlan", "Plan", "UntraceableModelError",
+__all__ = ["compact", "load", "save", "GRANULARITIES", "METHODS", "PHASES", "GrowingReg", "Hyper", "LayerPlan", "Plan", "UntraceableModelError",
            "apply_masks", "backends", "models", "n_prune_for", "plan", "stage_ratios", "__version__"]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import platform
 import sys
@@ -11,7 +12,7 @@ import torch
 
 from . import __version__, data, models
 from .dispatch import ENV_VAR, auto_choice, backends
-from .engine import METHODS
+from .hyper import METHODS, Hyper
 from .plan import GRANULARITIES
 
 # The demo: digits, a CIFAR ResNet, GReg-1 at 0.5 on the prunable layers, a schedule shortened from
@@ -41,14 +42,9 @@ def _add_prune_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
     ratio.add_argument("--stage-ratios", type=_ratio_list,
                        help="reference ResNet stage list 'stem,stage1,...,fc', e.g. 0,0.75,0.75,0.32,0")
     s = p.add_argument_group("schedule (reference CIFAR defaults)")
-    s.add_argument("--delta", type=float, default=1e-4, help="penalty increment (default 1e-4)")
-    s.add_argument("--interval", type=int, default=10, help="iterations between increments (default 10)")
-    s.add_argument("--ceiling", type=float, default=1.0, help="λ at which growth stops (default 1)")
-    s.add_argument("--stabilize", type=int, default=10000, help="iterations at constant λ (default 10000)")
-    s.add_argument("--pick-delta", type=float, default=1e-5, help="GReg-2 uniform increment (default 1e-5)")
-    s.add_argument("--pick-ceiling", type=float, default=1e-2, help="GReg-2 λ at which to pick (default 1e-2)")
-    s.add_argument("--recover", type=float, default=-1e-4, help="GReg-2 λ of kept groups (default -1e-4)")
-    s.add_argument("--mag-ratio-limit", type=float, default=1000.0, help="magnitude-ratio stop (default 1000)")
+    for f in dataclasses.fields(Hyper):
+        s.add_argument("--" + f.name.replace("_", "-"), type=int if f.type == "int" else float, default=f.default,
+                       help=f"{f.metadata['help']} (default {f.default:g})")
     s.add_argument("--lr-reg", type=float, default=1e-3, help="SGD lr while regularizing (default 1e-3)")
     t = p.add_argument_group("training")
     dense = t.add_mutually_exclusive_group()

@@ -22,11 +22,11 @@ from typing import Any, Callable
 import torch
 
 from . import dispatch
+from .hyper import METHODS, Hyper
 from .eager import expand_groups, kept_bool, masked_tensors, pack_bits
 from .plan import Plan
 from .train import grads_finite
 
-METHODS = ("greg1", "greg2", "l1")
 PHASES = ("pick", "grow", "stabilize", "done")
 _SMOOTHING = 0.9  # h = 0.9 h + 0.1 ratio, as in the reference
 
@@ -56,33 +56,13 @@ def _needs_closure(optimizer: torch.optim.Optimizer) -> bool:
     return param is not None and param.default is inspect.Parameter.empty
 
 
-def check_hyper(method: str, *, delta: float, interval: int, ceiling: float, stabilize: int,
-                pick_delta: float, pick_ceiling: float, mag_ratio_limit: float, recover: float = 0.0,
-                **_) -> None:
-    """Raise ValueError naming the first bad schedule setting."""
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if not isinstance(interval, int) or interval < 1:
-        raise ValueError(f"interval must be an integer >= 1, got {interval!r}")
-    if not isinstance(stabilize, int) or stabilize < 0:
-        raise ValueError(f"stabilize must be an integer >= 0, got {stabilize!r}")
-    for key, value in (("delta", delta), ("ceiling", ceiling), ("pick_delta", pick_delta),
-                       ("pick_ceiling", pick_ceiling), ("mag_ratio_limit", mag_ratio_limit), ("recover", recover)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ValueError(f"{key} must be a finite number, got {value!r}")
-        if value < 0 and key != "recover":  # recover is negative by design (it cancels weight decay)
-            raise ValueError(f"{key} must be a finite number >= 0, got {value!r}")
-    if method == "greg2":
-        if pick_delta <= 0:
-            raise ValueError("pick_delta must be > 0 for greg2")
-        if pick_ceiling > ceiling:
-            raise ValueError(f"pick_ceiling ({pick_ceiling}) must not exceed ceiling ({ceiling})")
-    if method != "l1" and delta <= 0:
-        raise ValueError(f"delta must be > 0 for {method}")
-
-
 class GrowingReg(torch.optim.Optimizer):
     """Wrap ``optimizer`` so that ``step()`` adds the growing-regularization penalty.
+
+    ``method``: ``greg1``, ``greg2`` or ``l1``; ``**settings``: the schedule, any field of
+    :class:`greg_fast.Hyper` (``delta``, ``interval``, ``ceiling``, ``stabilize``, ``pick_delta``,
+    ``pick_ceiling``, ``recover``, ``mag_ratio_limit``; reference CIFAR defaults); an unknown
+    name raises.
 
     With ``nan_guard`` (the default), a step whose gradients are not all finite is skipped and
     counted in ``skipped_steps``: nothing reaches λ, the schedule or the weights; after
@@ -103,10 +83,8 @@ class GrowingReg(torch.optim.Optimizer):
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, plan: Plan, *, method: str = "greg1",
-                 delta: float = 1e-4, interval: int = 10, ceiling: float = 1.0, stabilize: int = 10000,
-                 pick_delta: float = 1e-5, pick_ceiling: float = 1e-2, recover: float = -1e-4,
-                 mag_ratio_limit: float = 1000.0, backend: str = "auto", fused: bool = False,
-                 nan_guard: bool = True, max_skipped_in_a_row: int = 100):
+                 backend: str = "auto", fused: bool = False, nan_guard: bool = True,
+                 max_skipped_in_a_row: int = 100, **settings):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"GrowingReg wraps a torch.optim optimizer, e.g. GrowingReg(torch.optim.SGD("
                             f"model.parameters(), lr=1e-3), plan); got {type(optimizer).__name__}")
@@ -115,9 +93,7 @@ class GrowingReg(torch.optim.Optimizer):
                             f"got {type(plan).__name__}")
         plan.check_current()
         self._init_optimizer_hooks()
-        check_hyper(method, delta=delta, interval=interval, ceiling=ceiling, stabilize=stabilize,
-                    pick_delta=pick_delta, pick_ceiling=pick_ceiling, mag_ratio_limit=mag_ratio_limit,
-                    recover=recover)
+        hyper = Hyper.from_settings(method, **settings)
         if not isinstance(max_skipped_in_a_row, int) or max_skipped_in_a_row < 1:
             raise ValueError(f"max_skipped_in_a_row must be an integer >= 1, got {max_skipped_in_a_row!r}")
         frozen = [l.name for l in plan.pruned if not l.weight.requires_grad]
@@ -127,9 +103,7 @@ class GrowingReg(torch.optim.Optimizer):
         self.optimizer = optimizer
         self.plan = plan
         self.method = method
-        self.hyper = dict(delta=float(delta), interval=interval, ceiling=float(ceiling), stabilize=stabilize,
-                          pick_delta=float(pick_delta), pick_ceiling=float(pick_ceiling),
-                          recover=float(recover), mag_ratio_limit=float(mag_ratio_limit))
+        self.hyper = hyper.as_dict()
         self.layers = plan.pruned
         self._check_optimizer()
         devices = {l.weight.device for l in plan.layers}
@@ -418,11 +392,15 @@ class GrowingReg(torch.optim.Optimizer):
 
     # ---- views of the state ----
     def masks(self) -> dict[str, torch.Tensor]:
-        """``{layer: bool [n_groups]}``, True = kept, for every planned layer (all True where
-        nothing is selected yet or nothing is pruned)."""
-        out = {l.name: torch.ones(l.n_groups, dtype=torch.bool, device=self.device) for l in self.plan.layers}
-        out.update({l.name: kept_bool(l, k).clone() for l, k in zip(self.layers, self._kept)})
-        return out
+        """``{layer: bool mask}``, True = kept, for every planned layer (all True where nothing is
+        selected yet or nothing is pruned): ``[n_groups]`` for filters and channels, the weight's
+        shape for unstructured layers (so that ``weight * mask`` is the pruned weight)."""
+        def shaped(layer, kept):
+            return kept.view(layer.weight.shape) if layer.granularity == "weight" else kept
+        kept = dict(zip((l.name for l in self.layers), self._kept))
+        return {l.name: shaped(l, kept_bool(l, kept[l.name]).clone() if l.name in kept else
+                               torch.ones(l.n_groups, dtype=torch.bool, device=self.device))
+                for l in self.plan.layers}
 
     def penalties(self) -> dict[str, torch.Tensor]:
         """Current λ per group, ``{layer: float64 [n_groups]}``, for the regularized layers."""

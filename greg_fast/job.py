@@ -9,6 +9,7 @@ after every epoch; ``--resume`` continues from the newest one that loads).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -29,13 +30,14 @@ from .compaction import compact
 from .eager import apply_masks, group_scores
 from .io import save as save_model
 from .sparse import pack_model
-from .engine import GrowingReg, check_hyper
+from .engine import GrowingReg
+from .hyper import Hyper
 from .plan import plan as make_plan, stage_ratios
 from .train import epoch_metrics, evaluate, lr_at, n_batches, parse_lr_schedule, train_epoch
 
 # Arguments that must agree between a run and its resume.
-_RUN_IDENTITY = ("model", "data", "method", "granularity", "ratio", "stage_ratios", "delta", "interval",
-                 "ceiling", "stabilize", "pick_delta", "pick_ceiling", "recover", "mag_ratio_limit",
+_HYPER = tuple(f.name for f in dataclasses.fields(Hyper))
+_RUN_IDENTITY = ("model", "data", "method", "granularity", "ratio", "stage_ratios", *_HYPER,
                  "pretrain_epochs", "checkpoint", "finetune_epochs", "lr_ft", "lr_pretrain", "lr_reg",
                  "momentum", "weight_decay", "batch_size", "seed")
 
@@ -150,13 +152,11 @@ def check_args(args) -> None:
     parse_lr_schedule(args.lr_ft)
     if args.checkpoint is not None and not Path(args.checkpoint).is_file():
         raise FileNotFoundError(f"--checkpoint {args.checkpoint}: no such file")
-    check_hyper(**_greg_kwargs(args))
+    Hyper.from_settings(**_greg_kwargs(args))
 
 
 def _greg_kwargs(args) -> dict:
-    return dict(method=args.method, delta=args.delta, interval=args.interval, ceiling=args.ceiling,
-                stabilize=args.stabilize, pick_delta=args.pick_delta, pick_ceiling=args.pick_ceiling,
-                recover=args.recover, mag_ratio_limit=args.mag_ratio_limit)
+    return {"method": args.method, **{name: getattr(args, name) for name in _HYPER}}
 
 
 def run(args) -> dict:

@@ -444,3 +444,16 @@ def test_optimizer_hooks_schedulers_and_deepcopy_work_on_the_wrapper():
         nn.functional.cross_entropy(model(x_), y).backward()
         opt.step()
     assert all(torch.equal(a, b) for a, b in zip(net.parameters(), twin_net.parameters()))
+
+
+def test_schedule_settings_are_checked_by_name_and_unstructured_masks_are_weight_shaped():
+    net = SmallNet()
+    plan = gf.plan(net, 0.5, granularity="weight", example_inputs=torch.zeros(1, 3, 6, 6))
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=r"unknown schedule setting\(s\) \['delat'\]"):
+        gf.GrowingReg(opt, plan, delat=5)
+    greg = gf.GrowingReg(opt, plan, method="l1")
+    for layer in plan.layers:
+        mask = greg.masks()[layer.name]
+        assert mask.shape == layer.weight.shape and int((~mask).sum()) == layer.n_prune
+    assert gf.Hyper().delta == 1e-4 and greg.hyper == gf.Hyper.from_settings("l1").as_dict()
