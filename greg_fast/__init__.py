@@ -3,7 +3,7 @@ from . import models
 from .compaction import compact
 from .io import load, save
 from .dispatch import backends
-from .eager import apply_masks
+from .masks import apply_masks
 from .engine import PHASES, GrowingReg
 from .hyper import METHODS, Hyper
 from .graph import UntraceableModelError

@@ -7,7 +7,7 @@ from typing import Mapping
 import torch
 import torch.nn as nn
 
-from .eager import check_masks
+from .masks import check_masks
 from .graph import LAYER_TYPES
 from .plan import Plan
 

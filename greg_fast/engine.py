@@ -22,8 +22,8 @@ from typing import Any, Callable
 import torch
 
 from . import dispatch
-from .hyper import METHODS, Hyper
-from .eager import expand_groups, kept_bool, masked_tensors, pack_bits
+from .hyper import Hyper
+from .masks import expand_groups, kept_bool, masked_tensors, pack_bits
 from .plan import Plan
 from .train import grads_finite
 

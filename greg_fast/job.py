@@ -27,7 +27,8 @@ from . import data as datasets
 from . import models, plots
 from .atomic import save_atomic, write_text_atomic
 from .compaction import compact
-from .eager import apply_masks, group_scores
+from .eager import group_scores
+from .masks import apply_masks
 from .io import save as save_model
 from .sparse import pack_model
 from .engine import GrowingReg

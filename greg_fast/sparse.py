@@ -15,7 +15,7 @@ from typing import Mapping
 import torch
 import torch.nn as nn
 
-from .eager import expand_groups, pack_bits, unpack_bits
+from .masks import expand_groups, pack_bits, unpack_bits
 from .plan import Plan
 
 FORMATS = ("csr", "bitmap")

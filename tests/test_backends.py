@@ -55,7 +55,7 @@ def test_kernel_matches_eager_on_random_shapes(backend, granularity, dtype, op, 
     layers = [fake_layer(s, granularity, dtype, device, sp, misaligned=layout == "misaligned") for s, sp in shapes]
     kept = [torch.rand(l.n_groups, device=device) < 0.6 for l in layers]
     if granularity == "weight":  # unstructured layers keep their masks bit-packed
-        kept = [eager.pack_bits(k) for k in kept]
+        kept = [gf.masks.pack_bits(k) for k in kept]
     lam_kept = torch.rand(len(layers), device=device) * 0.1 - 0.05
     lam_kept[::2] = 0  # GReg-1's kept groups: the gradient is left alone
     lam_sel = torch.rand(len(layers), device=device)
@@ -188,7 +188,7 @@ def test_other_layouts_run_in_the_kernel_or_fall_back_to_eager_for_that_layer(ba
     assert not w.is_contiguous()
     kept = [torch.rand(l.n_groups, device=device) < 0.5 for l in layers]
     if granularity == "weight":
-        kept = [eager.pack_bits(k) for k in kept]
+        kept = [gf.masks.pack_bits(k) for k in kept]
     lam = torch.rand(3, device=device), torch.rand(3, device=device)
     ref = clone_layers(layers)
     assert ref[1].weight.stride() == w.stride()

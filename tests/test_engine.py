@@ -35,7 +35,7 @@ def reference_scores(layer):
     if layer.granularity == "channel":
         if w.dim() == 4:
             return w.transpose(0, 1).flatten(1).mean(1)
-        n, g = w.shape[0], layer.n_groups
+        g = layer.n_groups
         return torch.stack([w[:, c * (w.shape[1] // g):(c + 1) * (w.shape[1] // g)].mean() for c in range(g)])
     return w.flatten()
 
@@ -61,8 +61,8 @@ def test_greg1_selects_what_one_shot_l1_selects(granularity):
     for layer in plan2.pruned:
         w = layer.weight.detach()
         kept = l1.masks()[layer.name]
-        removed = w * ~gf.eager.expand_groups(layer, kept)
-        assert removed.abs().sum() == 0 and (w * gf.eager.expand_groups(layer, kept)).abs().sum() > 0
+        removed = w * ~gf.masks.expand_groups(layer, kept)
+        assert removed.abs().sum() == 0 and (w * gf.masks.expand_groups(layer, kept)).abs().sum() > 0
 
 
 def test_lambda_is_k_delta_until_the_ceiling_then_stabilize_then_done():
@@ -175,7 +175,7 @@ def test_greg2_layers_finish_one_by_one():
     train_steps(net, greg, batches, 6)  # picked at 0, grown at 2 and 4
     first = plan.pruned[0]
     with torch.no_grad():  # make the first layer's removed groups vanish: its ratio becomes inf
-        first.weight.mul_(gf.eager.expand_groups(first, greg.masks()[first.name]))
+        first.weight.mul_(gf.masks.expand_groups(first, greg.masks()[first.name]))
     train_steps(net, greg, batches, 4, start=6)  # updates at 6 and 8
     lam = greg.lambdas()
     assert lam[first.name][0] == pytest.approx(0.01 + 0.3)  # finished at 6, λ frozen
@@ -232,7 +232,7 @@ def test_after_pruning_removed_groups_stay_exactly_zero(opt, granularity):
     train_steps(net, greg, batches, 5, start=4)  # fine-tuning through the wrapper
     for layer in plan.pruned:
         kept = greg.masks()[layer.name]
-        keep = gf.eager.expand_groups(layer, kept)
+        keep = gf.masks.expand_groups(layer, kept)
         w = layer.weight.detach()
         assert (w * ~keep).abs().sum() == 0
         assert not torch.equal(w * keep, snapshot[layer.name + ".weight"] * keep)  # kept ones still train

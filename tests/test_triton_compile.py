@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import greg_fast as gf
-from greg_fast import eager, triton_backend
+from greg_fast import triton_backend
 
 from conftest import SHAPES, fake_layer
 
@@ -48,7 +48,7 @@ def record(layers, packed_masks: bool):
         n = len(layers)
         kept = [torch.rand(l.n_groups) < 0.5 for l in layers]
         if packed_masks:
-            kept = [eager.pack_bits(k) for k in kept]
+            kept = [gf.masks.pack_bits(k) for k in kept]
         lam = torch.full((n,), 0.1)
         triton_backend._launch(layers, None, None, None, mode=kernels.MODE_SCORES, want_scores=True, mask=False)
         for mask in (False, True):

@@ -1,0 +1,93 @@
+"""Masks: which groups of a planned layer are kept, and what removing the others touches.
+
+A structured mask is bool ``[n_groups]`` (True = kept); an unstructured one is stored bit-packed
+(one bit per weight, :func:`pack_bits`) and handed to users shaped like the weight. Every backend,
+compaction, sparse export and the optimizer wrapper read masks through these functions.
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+import torch.nn as nn
+
+from .plan import LayerPlan, Plan
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """bool [n] -> uint8 [ceil(n / 8)]; bit k of byte b is element 8b + k (numpy's bitorder="little")."""
+    flat = mask.reshape(-1)
+    padded = torch.zeros(-(-flat.numel() // 8) * 8, dtype=torch.uint8, device=flat.device)
+    padded[: flat.numel()] = flat.to(torch.uint8)
+    return (padded.view(-1, 8) << torch.arange(8, dtype=torch.uint8, device=flat.device)).sum(1, dtype=torch.uint8)
+
+
+def unpack_bits(bits: torch.Tensor, n: int) -> torch.Tensor:
+    """The inverse of :func:`pack_bits`: the first ``n`` bits as a bool tensor."""
+    shifts = torch.arange(8, dtype=torch.uint8, device=bits.device)
+    return ((bits.view(-1, 1) >> shifts) & 1).reshape(-1)[:n].bool()
+
+
+def kept_bool(layer: LayerPlan, kept: torch.Tensor) -> torch.Tensor:
+    """A layer's kept mask as bool ``[n_groups]``: unstructured layers keep theirs packed, one bit
+    per weight (see :func:`pack_bits`)."""
+    return unpack_bits(kept, layer.n_groups) if kept.dtype == torch.uint8 else kept
+
+
+def expand_groups(layer: LayerPlan, values: torch.Tensor) -> torch.Tensor:
+    """Shape per-group ``values`` ``[n_groups]`` so that they broadcast against the weight
+    (whatever its strides, so that in-place ops on the weight or its gradient never copy)."""
+    w = layer.weight
+    if layer.granularity == "filter":
+        return values.view(-1, *([1] * (w.dim() - 1)))
+    if layer.granularity == "channel":
+        outer, groups, inner = layer.view
+        if w.dim() == 2:  # linear: a channel is `inner` consecutive input features
+            return values.repeat_interleave(inner).view(1, -1)
+        return values.view(1, groups, *([1] * (w.dim() - 2)))
+    return values.view(w.shape)
+
+
+def masked_tensors(plan: Plan, layer: LayerPlan, kept: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(tensor, kept mask broadcastable to it)`` for everything through which a removed group
+    still reaches the output: the weight's groups, and for filters the bias and the following
+    BatchNorms' weight, bias and running mean (so the channel is exactly zero downstream: an
+    affine-free BatchNorm in eval mode would otherwise turn the zero into -mean/std)."""
+    kept = kept_bool(layer, kept)
+    pairs = [(layer.weight, expand_groups(layer, kept))]
+    if layer.granularity == "filter":
+        if layer.module.bias is not None:
+            pairs.append((layer.module.bias, kept))
+        for norm in layer.norms:
+            bn = plan.module(norm)
+            pairs += [(t, kept) for t in (bn.weight, bn.bias, bn.running_mean) if t is not None]
+    return pairs
+
+
+def check_masks(plan: Plan, masks: Mapping[str, torch.Tensor]) -> None:
+    known = {l.name: l for l in plan.layers}
+    for key, mask in masks.items():
+        if key not in known:
+            raise KeyError(f"mask for {key!r}, which is not a layer of the plan")
+        layer = known[key]
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"mask for {key!r} must be a bool tensor, got {type(mask).__name__}")
+        if mask.device.type == "meta":
+            raise ValueError(f"mask for {key!r} is on meta: it holds no values")
+        if mask.dtype != torch.bool or mask.shape != (layer.n_groups,) and mask.shape != layer.weight.shape:
+            raise ValueError(f"mask for {key!r} must be a bool tensor of shape [{layer.n_groups}]"
+                             f"{' or the weight shape' if layer.granularity == 'weight' else ''}, "
+                             f"got {mask.dtype} {tuple(mask.shape)}")
+
+
+@torch.no_grad()
+def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor], plan: Plan) -> None:
+    """Zero the removed groups of ``model`` in place (``masks``: layer name -> bool, True = kept)."""
+    plan.check_model(model)
+    check_masks(plan, masks)
+    for layer in plan.layers:
+        if layer.name in masks:
+            kept = masks[layer.name].to(layer.weight.device).reshape(-1)
+            for tensor, keep in masked_tensors(plan, layer, kept):
+                tensor.masked_fill_(~keep, 0)
+
