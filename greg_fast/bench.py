@@ -23,6 +23,7 @@ from . import models
 from .dispatch import backends
 from .engine import GrowingReg
 from .plan import Plan, plan
+from .table import format_table
 
 MODELS = ("resnet56", "resnet50", "resnet152")
 PENALTY_PROVIDERS = ("reference", "eager", "foreach", "compile", "cpp", "triton", "torch_pruning")
@@ -348,12 +349,10 @@ def memory_records(name: str = "resnet50") -> list[dict]:
 
 
 def memory_table(records: list[dict]) -> str:
-    lines = [f"{'model':<10} {'granularity':<11} {'groups':>10} {'engine bytes':>13} {'reference λ bytes':>18} "
-             f"{'bits/weight':>11}"]
-    for r in records:
-        lines.append(f"{r['model']:<10} {r['granularity']:<11} {r['groups']:>10,} {r['engine_bytes']:>13,} "
-                     f"{r['reference_lambda_bytes']:>18,} {r['bits_per_weight']:>11.3f}")
-    return "\n".join(lines)
+    rows = [("model", "granularity", "groups", "engine bytes", "reference λ bytes", "bits/weight")]
+    rows += [(r["model"], r["granularity"], f"{r['groups']:,}", f"{r['engine_bytes']:,}",
+              f"{r['reference_lambda_bytes']:,}", f"{r['bits_per_weight']:.3f}") for r in records]
+    return format_table(rows, right=range(2, 6))
 
 
 def table(records: list[dict]) -> str:
@@ -369,8 +368,4 @@ def table(records: list[dict]) -> str:
         rows.append((r["model"], r["provider"], f"{1e3 * r['seconds']:.3f}", fmt(r, "gb_per_s", ".1f"),
                      fmt(r, "copy_fraction", ".2f"), fmt(r, "x_reference", ".2f"), fmt(r, "x_eager", ".2f"),
                      "-" if baseline is None else f"{baseline:.2f}"))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.rjust(w) if i > 1 else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
-             for row in rows]
-    lines.insert(1, "-" * len(lines[0]))
-    return "\n".join(lines)
+    return format_table(rows, right=range(2, len(rows[0])))

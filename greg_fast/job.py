@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import data as datasets
-from . import models, plots
+from . import models, plots, table
 from .atomic import save_atomic, write_text_atomic
 from .compaction import compact
 from .eager import group_scores
@@ -487,7 +487,4 @@ def format_table(s: dict) -> str:
     rows.append(("wall time (s)", f"pretrain {w.get('pretrain', 0):.1f}",
                  f"regularize {w.get('regularize', 0):.1f} ({s['regularization_iterations']} it), "
                  f"fine-tune {w.get('finetune', 0):.1f}, total {w['total']:.1f}"))
-    widths = [max(len(r[i]) for r in rows) for i in range(3)]
-    lines = ["  ".join(c.ljust(wd) for c, wd in zip(r, widths)).rstrip() for r in rows]
-    lines.insert(1, "  ".join("-" * wd for wd in widths))
-    return "\n".join(lines)
+    return table.format_table(rows)

@@ -11,6 +11,7 @@ import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .graph import LAYER_TYPES, LayerDeps, analyze, unwrap
+from .table import format_table
 
 GRANULARITIES = ("filter", "channel", "weight")
 
@@ -173,15 +174,11 @@ class Plan:
         for l in self.layers:
             rows.append((l.name, l.granularity, "x".join(map(str, self._shapes[l.name])), str(l.n_groups),
                          str(l.n_prune), f"{l.ratio:.3g}"))
-        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = [f"Plan for {self.model_class}: {len(self.pruned)} of {len(self.layers)} layers pruned, "
                  f"{len(self.excluded)} excluded"]
         if self.compacted:
             lines.append("(the model has been compacted since: shapes and costs are those it had when planned)")
-        for i, r in enumerate(rows):
-            lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
-            if i == 0:
-                lines.append("  ".join("-" * w for w in widths))
+        lines.append(format_table(rows, right=(3, 4, 5)))
         c = self.cost()
         lines.append(f"parameters: {c['params_before']:,} -> {c['params_after']:,} "
                      f"({c['params_before'] / max(c['params_after'], 1):.2f}x fewer)")
