@@ -184,7 +184,7 @@ def _launch(layers, kept, lam_kept, lam_selected, *, mode, want_scores, mask, bu
         g_table = m_table = kept_table = hyper_table = _placeholder(device, torch.int64)
         lk = ls = _placeholder(device, torch.float32)
         has_momentum = False
-        if mode != k.MODE_SCORES:
+        if mode != k.MODE_SCORES.value:
             grads = _addresses_like([w.grad for w in ws], layouts, dtype)
             addresses += grads
             g_table = _table(grads, device)
@@ -193,7 +193,7 @@ def _launch(layers, kept, lam_kept, lam_selected, *, mode, want_scores, mask, bu
             if len(idx) < len(layers):
                 sel = _table(tuple(idx), device)  # cached: no blocking copy per step
                 lk, ls = lam_kept[sel], lam_selected[sel]
-        if mode == k.MODE_SGD:
+        if mode == k.MODE_SGD.value:
             bufs = [buffers[i] for i in idx]
             has_momentum = bufs[0] is not None
             if any((b is not None) != has_momentum for b in bufs):
@@ -222,18 +222,18 @@ def _launch(layers, kept, lam_kept, lam_selected, *, mode, want_scores, mask, bu
 def scores(layers) -> list[torch.Tensor]:
     layers = list(layers)
     try:
-        return _launch(layers, None, None, None, mode=_kernels().MODE_SCORES, want_scores=True, mask=False)
+        return _launch(layers, None, None, None, mode=_kernels().MODE_SCORES.value, want_scores=True, mask=False)
     except _NeedsEager:
         return eager.scores(layers)
 
 
 def _penalty(layers, kept, lam_kept, lam_selected, *, want_scores, mask):
-    return _launch(layers, kept, lam_kept, lam_selected, mode=_kernels().MODE_PENALTY, want_scores=want_scores,
+    return _launch(layers, kept, lam_kept, lam_selected, mode=_kernels().MODE_PENALTY.value, want_scores=want_scores,
                    mask=mask)
 
 
 def _fused_sgd(layers, kept, lam_kept, lam_selected, buffers, lr, momentum, weight_decay, *, want_scores, mask):
-    return _launch(layers, kept, lam_kept, lam_selected, mode=_kernels().MODE_SGD, want_scores=want_scores,
+    return _launch(layers, kept, lam_kept, lam_selected, mode=_kernels().MODE_SGD.value, want_scores=want_scores,
                    mask=mask, buffers=buffers, hyper=list(zip(lr, momentum, weight_decay)))
 
 

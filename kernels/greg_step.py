@@ -22,7 +22,10 @@ UNIT_B (weight granularity: B = 1) makes the group axis the contiguous one.
 import triton
 import triton.language as tl
 
-MODE_SCORES, MODE_PENALTY, MODE_SGD = 0, 1, 2
+# What one launch does (MODE); constexpr so that the kernel can name them.
+MODE_SCORES = tl.constexpr(0)   # read w, sum |w| per group
+MODE_PENALTY = tl.constexpr(1)  # grad += λ_g w (after pruning: zero the removed groups)
+MODE_SGD = tl.constexpr(2)      # penalty, weight decay, momentum and the SGD update of w
 
 
 @triton.jit
@@ -65,7 +68,7 @@ def _greg_step_kernel(
 
     offs_g = g0 + tl.arange(0, BLOCK_G).to(tl.int64)
     g_in = offs_g < G
-    if MODE != 0:
+    if MODE != MODE_SCORES:
         g_ptr = _aligned(tl.load(g_table + layer), ELEM, VEC)
         if PACKED:  # one bit per weight: bit k of byte b is group 8b + k
             kept_ptr = tl.load(kept_table + layer).to(tl.pointer_type(tl.uint8))
@@ -75,7 +78,7 @@ def _greg_step_kernel(
             kept_ptr = tl.load(kept_table + layer).to(tl.pointer_type(tl.int8))
             kept = tl.load(kept_ptr + offs_g, mask=g_in, other=1) != 0
         lam = tl.where(kept, tl.load(lam_kept_ptr + layer), tl.load(lam_sel_ptr + layer))
-        if MODE == 2:
+        if MODE == MODE_SGD:
             lr = tl.load(hyper_ptr + layer * 3)
             mu = tl.load(hyper_ptr + layer * 3 + 1)
             wd = tl.load(hyper_ptr + layer * 3 + 2)
@@ -96,7 +99,7 @@ def _greg_step_kernel(
             offs_b = b0 + tl.arange(0, BLOCK_B).to(tl.int64)
             inside = g_in[:, None] & (offs_b < B)[None, :]
             idx = row[:, None] + offs_b[None, :]
-            if MODE == 1:
+            if MODE == MODE_PENALTY:
                 if UNIT_B:  # single weights: their sectors are fetched anyway, and a per-lane mask
                     touched = inside  # would stop 128-bit access
                 else:
@@ -110,7 +113,7 @@ def _greg_step_kernel(
                 w = tl.load(w_ptr + idx, mask=inside, other=0.0).to(tl.float32)
             if SCORES:
                 acc += tl.sum(tl.abs(w), axis=1)
-            if MODE == 1:
+            if MODE == MODE_PENALTY:
                 g = tl.load(g_ptr + idx, mask=touched, other=0.0).to(tl.float32)
                 g = g + w * lam[:, None]
                 if MASK:
@@ -120,7 +123,7 @@ def _greg_step_kernel(
                     else:
                         tl.store(w_ptr + idx, tl.zeros_like(w).to(ELEM), mask=inside & ~kept[:, None])
                 tl.store(g_ptr + idx, g.to(ELEM), mask=touched)
-            elif MODE == 2:
+            elif MODE == MODE_SGD:
                 g = tl.load(g_ptr + idx, mask=inside, other=0.0).to(tl.float32)
                 d = g + w * lam[:, None]
                 d = d + w * wd
