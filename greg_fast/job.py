@@ -161,178 +161,207 @@ def _greg_kwargs(args) -> dict:
 
 
 def run(args) -> dict:
-    check_args(args)
-    out = Path(args.out)
-    if args.resume is None and _checkpoints(out):
-        raise FileExistsError(f"{out} holds checkpoints of a run: pass --resume {out} to continue it, "
-                              "or choose another --out")
-    lr_ft = parse_lr_schedule(args.lr_ft)
-    data = datasets.load(args.data, args.data_dir)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    device, rank = _init_distributed(device)
-    main_rank = rank == 0
-    torch.manual_seed(args.seed)
-    model = models.create(args.model, data.num_classes, in_channels=data.in_channels).to(device)
-    example = (data.train[0][0].unsqueeze(0).to(device),)
-    ratios = stage_ratios(model, args.stage_ratios) if args.stage_ratios is not None else None
-    the_plan = make_plan(model, args.ratio or 0.0, granularity=args.granularity, ratios=ratios,
-                         example_inputs=example)
-    planned_cost = the_plan.cost()  # before compaction changes the planned modules
-    structured = args.granularity != "weight"
-    greg_kwargs = dict(_greg_kwargs(args), nan_guard=False)  # train_epoch guards every stage
-    state = RunState()
-    checkpoint = None
-    if args.resume is not None:
-        checkpoint = _load_latest(out, device)
-        saved = checkpoint["identity"]
-        diff = {k: (saved.get(k), v) for k, v in _identity(args).items() if saved.get(k) != v}
+    """Run (or resume) the whole job; returns the summary."""
+    job = _Run(args)
+    for stage, step in (("pretrain", job.pretrain), ("regularize", job.regularize), ("finetune", job.finetune)):
+        if job.state.stage == stage:
+            step()
+    return job.finish()
+
+
+class _Run:
+    """One ``greg-fast prune`` run: set-up (and resume) here, then one method per stage. ``state``
+    (a :class:`RunState`) is all that a checkpoint holds besides tensors."""
+
+    def __init__(self, args):
+        check_args(args)
+        self.args, self.out = args, Path(args.out)
+        if args.resume is None and _checkpoints(self.out):
+            raise FileExistsError(f"{self.out} holds checkpoints of a run: pass --resume {self.out} to continue "
+                                  "it, or choose another --out")
+        self.lr_ft = parse_lr_schedule(args.lr_ft)
+        self.data = datasets.load(args.data, args.data_dir)
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device, rank = _init_distributed(device)
+        self.main_rank = rank == 0
+        torch.manual_seed(args.seed)
+        self.model = models.create(args.model, self.data.num_classes, in_channels=self.data.in_channels).to(self.device)
+        self.example = (self.data.train[0][0].unsqueeze(0).to(self.device),)
+        ratios = stage_ratios(self.model, args.stage_ratios) if args.stage_ratios is not None else None
+        self.plan = make_plan(self.model, args.ratio or 0.0, granularity=args.granularity, ratios=ratios,
+                              example_inputs=self.example)
+        self.planned_cost = self.plan.cost()
+        self.structured = args.granularity != "weight"
+        self.state = RunState()
+        self.checkpoint = _load_latest(self.out, self.device) if args.resume is not None else None
+        if self.checkpoint is not None:
+            self._resume()
+        if self.main_rank:
+            (self.out / "checkpoints").mkdir(parents=True, exist_ok=True)
+        self.quiet = args.quiet or not self.main_rank  # rank 0 alone reports and writes
+        self.clock = time.perf_counter()
+        self.steps_per_epoch = n_batches(self.data.train, args.batch_size)
+
+    def _resume(self) -> None:
+        saved = self.checkpoint["identity"]
+        diff = {k: (saved.get(k), v) for k, v in _identity(self.args).items() if saved.get(k) != v}
         if diff:
-            raise ValueError(f"--resume {out}: the run was started with other settings: "
+            raise ValueError(f"--resume {self.out}: the run was started with other settings: "
                              + ", ".join(f"{k}={a!r} (now {b!r})" for k, (a, b) in diff.items()))
-        state = RunState(**checkpoint["state"])
-        if state.stage in ("finetune", "finished") and structured:  # the checkpoint holds the small model
-            compact(model, state.results["masks"], the_plan)
-        model.load_state_dict(checkpoint["model"])
-        torch.set_rng_state(checkpoint["rng"])
-    if main_rank:
-        (out / "checkpoints").mkdir(parents=True, exist_ok=True)
-    quiet = args.quiet or not main_rank  # rank 0 alone reports and writes
-    say = (lambda *a: None) if quiet else print
-    clock = [time.perf_counter()]
+        self.state = RunState(**self.checkpoint["state"])
+        if self.state.stage in ("finetune", "finished") and self.structured:  # the checkpoint holds the small model
+            compact(self.model, self.state.results["masks"], self.plan)
+        self.model.load_state_dict(self.checkpoint["model"])
+        torch.set_rng_state(self.checkpoint["rng"])
 
-    def account_time():
+    def say(self, text: str) -> None:
+        if not self.quiet:
+            print(text)
+
+    def _restore(self, optimizer) -> None:
+        """Load the checkpoint's optimizer state into the first stage that runs after a resume."""
+        if self.checkpoint is not None and self.checkpoint["optimizer"] is not None:
+            optimizer.load_state_dict(self.checkpoint["optimizer"])
+        self.checkpoint = None
+
+    # ---- bookkeeping ----
+    def account_time(self) -> None:
         now = time.perf_counter()
-        state.seconds[state.stage] = state.seconds.get(state.stage, 0) + now - clock[0]
-        clock[0] = now
+        self.state.seconds[self.state.stage] = self.state.seconds.get(self.state.stage, 0) + now - self.clock
+        self.clock = now
 
-    def save(optimizer=None):
+    def save(self, optimizer=None) -> None:
         """Atomically write the next checkpoint (keeping the previous one) and the metrics so far."""
-        account_time()
+        self.account_time()
+        state = self.state
         state.saves += 1
-        if not main_rank:
+        if not self.main_rank:
             return
-        save_atomic({"identity": _identity(args), "state": state.__dict__, "model": model.state_dict(),
-                      "optimizer": optimizer.state_dict() if optimizer is not None else None,
-                      "rng": torch.get_rng_state()}, out / "checkpoints" / f"ckpt-{state.saves:07d}.pt")
-        for old in _checkpoints(out)[:-2]:
+        save_atomic({"identity": _identity(self.args), "state": state.__dict__, "model": self.model.state_dict(),
+                     "optimizer": optimizer.state_dict() if optimizer is not None else None,
+                     "rng": torch.get_rng_state()}, self.out / "checkpoints" / f"ckpt-{state.saves:07d}.pt")
+        for old in _checkpoints(self.out)[:-2]:
             old.unlink()
-        write_text_atomic(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in state.records))
+        write_text_atomic(self.out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in state.records))
 
-    def next_stage(stage):
-        account_time()  # the time so far belongs to the stage that ends
+    def next_stage(self, stage: str) -> None:
+        self.account_time()  # the time so far belongs to the stage that ends
+        state = self.state
         state.stage, state.epoch, state.batch, state.step, state.sums = stage, 0, 0, 0, None
-        save()
+        self.save()
 
-    def train_stage(stage, opt, epochs, lr_of_epoch, after_step=None, stop=lambda: False, extra=dict):
+    def train_stage(self, stage, opt, epochs, lr_of_epoch, after_step=None, stop=lambda: False, extra=dict) -> None:
         """The stage's epochs from where the state says, checkpointing every ``--checkpoint-every``
         steps, when ``after_step`` reports a phase change, and after each epoch."""
-        total = epochs * steps_per_epoch if epochs is not None else _max_regularization_iterations(args)
-        trained = _ddp(model)
-        with tqdm(total=total, initial=min(state.step, total), desc=stage, disable=quiet,
+        args, state = self.args, self.state
+        total = epochs * self.steps_per_epoch if epochs is not None else _max_regularization_iterations(args)
+        trained = _ddp(self.model)
+        with tqdm(total=total, initial=min(state.step, total), desc=stage, disable=self.quiet,
                   dynamic_ncols=True) as bar:
+            def tick(next_batch, sums):  # after every step
+                state.batch, state.sums = next_batch, sums
+                state.step += 1
+                changed = after_step() if after_step is not None else False
+                bar.update()
+                bar.set_postfix(loss=f"{sums['last_loss']:.3f}", acc=f"{100 * sums['last_acc']:.1f}",
+                                **extra(), refresh=False)
+                _fault_injection(stage, state.step)
+                if changed or state.step % args.checkpoint_every == 0:
+                    self.save(opt)
+                return stop()
+
             while (epochs is None or state.epoch < epochs) and not stop():
                 lr = lr_of_epoch(state.epoch)
                 for g in opt.param_groups:
                     g["lr"] = lr
-
-                def tick(next_batch, sums):
-                    state.batch, state.sums = next_batch, sums
-                    state.step += 1
-                    changed = after_step() if after_step is not None else False
-                    bar.update()
-                    bar.set_postfix(loss=f"{sums['last_loss']:.3f}", acc=f"{100 * sums['last_acc']:.1f}",
-                                    **extra(), refresh=False)
-                    _fault_injection(stage, state.step)
-                    if changed or state.step % args.checkpoint_every == 0:
-                        save(opt)
-                    return stop()
-
-                sums = train_epoch(trained, data, opt, device, batch_size=args.batch_size, seed=args.seed,
+                sums = train_epoch(trained, self.data, opt, self.device, batch_size=args.batch_size, seed=args.seed,
                                    stage=stage, epoch=state.epoch, start_batch=state.batch, sums=state.sums,
                                    after_step=tick, max_skipped_in_a_row=args.max_skipped_steps)
                 rec = {"type": "epoch", "stage": stage, "epoch": state.epoch, "lr": lr, **epoch_metrics(sums),
-                       **evaluate(model, data, device), **extra()}
+                       **evaluate(self.model, self.data, self.device), **extra()}
                 state.records.append(rec)
                 state.skipped_steps += sums["skipped"]
                 bar.set_postfix(test_acc=f"{rec['test_acc']:.2f}", **extra())
                 state.epoch, state.batch, state.sums = state.epoch + 1, 0, None
-                save(opt)
+                self.save(opt)
 
-    steps_per_epoch = n_batches(data.train, args.batch_size)
-
-    # ---- pretrain (or load) ----
-    if state.stage == "pretrain":
+    # ---- the stages ----
+    def pretrain(self) -> None:
+        """Train the dense model (cosine schedule), or load it from --checkpoint."""
+        args = self.args
         if args.checkpoint is not None:
-            _load_dense(model, args.checkpoint, device)
-            state.epoch = args.pretrain_epochs
-        opt = torch.optim.SGD(model.parameters(), lr=args.lr_pretrain, momentum=args.momentum,
+            _load_dense(self.model, args.checkpoint, self.device)
+            self.state.epoch = args.pretrain_epochs
+        opt = torch.optim.SGD(self.model.parameters(), lr=args.lr_pretrain, momentum=args.momentum,
                               weight_decay=args.weight_decay, nesterov=True)
-        if checkpoint is not None and checkpoint["optimizer"] is not None:
-            opt.load_state_dict(checkpoint["optimizer"])
-        train_stage("pretrain", opt, args.pretrain_epochs,
-                    lambda e: args.lr_pretrain * 0.5 * (1 + math.cos(math.pi * e / args.pretrain_epochs)))
-        state.results["dense"] = {**evaluate(model, data, device), **model_cost(model, example)}
-        say(f"dense model: test accuracy {state.results['dense']['test_acc']:.2f}%")
-        checkpoint = None
-        next_stage("regularize")
-        if not quiet:
-            print(the_plan)
+        self._restore(opt)
+        self.train_stage("pretrain", opt, args.pretrain_epochs,
+                         lambda e: args.lr_pretrain * 0.5 * (1 + math.cos(math.pi * e / args.pretrain_epochs)))
+        dense = self.state.results["dense"] = {**evaluate(self.model, self.data, self.device),
+                                               **model_cost(self.model, self.example)}
+        self.say(f"dense model: test accuracy {dense['test_acc']:.2f}%")
+        self.next_stage("regularize")
+        self.say(str(self.plan))
 
-    # ---- regularize, then prune ----
-    if state.stage == "regularize":
-        opt = torch.optim.SGD(model.parameters(), lr=args.lr_reg, momentum=args.momentum,
+    def regularize(self) -> None:
+        """Growing regularization until the schedule is done, then prune (compact when structured)."""
+        args, state = self.args, self.state
+        opt = torch.optim.SGD(self.model.parameters(), lr=args.lr_reg, momentum=args.momentum,
                               weight_decay=args.weight_decay)
-        greg = GrowingReg(opt, the_plan, **greg_kwargs)
-        if checkpoint is not None and checkpoint["optimizer"] is not None:
-            greg.load_state_dict(checkpoint["optimizer"])
+        greg = GrowingReg(opt, self.plan, **_greg_kwargs(args), nan_guard=False)  # train_epoch guards every stage
+        self._restore(greg)
         tracer = _Tracer(greg, args, state)
-        train_stage("regularize", greg, None, lambda e: args.lr_reg, after_step=tracer.after_step,
-                    stop=lambda: greg.done,
-                    extra=lambda: {"phase": greg.phase, "lam": f"{tracer.lam_max:.2e}"})
+        self.train_stage("regularize", greg, None, lambda e: args.lr_reg, after_step=tracer.after_step,
+                         stop=lambda: greg.done, extra=lambda: {"phase": greg.phase, "lam": f"{tracer.lam_max:.2e}"})
         masks = greg.masks()
-        apply_masks(model, masks, the_plan)
+        apply_masks(self.model, masks, self.plan)
         state.results["masks"] = {k: v.cpu() for k, v in masks.items()}
         state.results["regularization"] = {"iterations": greg.iteration, "lambda": greg.lambdas()}
-        state.results["pruned"] = evaluate(model, data, device)
-        trace = plots.stack_trace(state.trace, tracer.meta(masks))
-        if main_rank:
-            torch.save(trace, out / "regularization.pt")
-        if state.trace and main_rank:
-            plots.lambda_schedule(trace, out / "lambda_schedule.png")
-            plots.score_distribution(trace, out / "score_distribution.png")
-        if structured:  # remove the pruned groups for real: a smaller dense model from here on
-            compact(model, masks, the_plan)
-        say(f"pruned ({args.method}), before fine-tuning: test accuracy "
-            f"{state.results['pruned']['test_acc']:.2f}%")
-        checkpoint = None
-        next_stage("finetune")
+        state.results["pruned"] = evaluate(self.model, self.data, self.device)
+        if self.main_rank:
+            trace = plots.stack_trace(state.trace, tracer.meta(masks))
+            torch.save(trace, self.out / "regularization.pt")
+            if state.trace:
+                plots.lambda_schedule(trace, self.out / "lambda_schedule.png")
+                plots.score_distribution(trace, self.out / "score_distribution.png")
+        if self.structured:  # remove the pruned groups for real: a smaller dense model from here on
+            compact(self.model, masks, self.plan)
+        self.say(f"pruned ({args.method}), before fine-tuning: test accuracy {state.results['pruned']['test_acc']:.2f}%")
+        self.next_stage("finetune")
 
-    # ---- fine-tune: the compacted model, or (unstructured) with the removed weights held at zero ----
-    masks = {k: v.to(device) for k, v in state.results["masks"].items()}
-    if state.stage == "finetune":
-        opt = torch.optim.SGD(model.parameters(), lr=lr_ft[0][1], momentum=args.momentum,
+    def finetune(self) -> None:
+        """Train the compacted model, or (unstructured) the masked one with removed weights held at zero."""
+        args = self.args
+        opt = torch.optim.SGD(self.model.parameters(), lr=self.lr_ft[0][1], momentum=args.momentum,
                               weight_decay=args.weight_decay)
-        if checkpoint is not None and checkpoint["optimizer"] is not None:
-            opt.load_state_dict(checkpoint["optimizer"])
-        train_stage("finetune", opt, args.finetune_epochs, lambda e: lr_at(lr_ft, e),
-                    after_step=None if structured else lambda: apply_masks(model, masks, the_plan))
-        state.results["final"] = {**evaluate(model, data, device), **model_cost(model, example)}
-        next_stage("finished")
+        self._restore(opt)
+        masks = self._masks()
+        self.train_stage("finetune", opt, args.finetune_epochs, lambda e: lr_at(self.lr_ft, e),
+                         after_step=None if self.structured else lambda: apply_masks(self.model, masks, self.plan))
+        self.state.results["final"] = {**evaluate(self.model, self.data, self.device),
+                                       **model_cost(self.model, self.example)}
+        self.next_stage("finished")
 
-    if not main_rank:
-        return _summary(args, state, planned_cost, structured, len(the_plan.pruned), latency=None)
-    dense_arch = models.create(args.model, data.num_classes, in_channels=data.in_channels)  # widths only
-    latency = compare_latency(dense_arch, model, example)
-    summary = _summary(args, state, planned_cost, structured, len(the_plan.pruned), latency)
-    save_model(model, out / "model.pt", masks=None if structured else state.results["masks"])
-    if not structured:  # unstructured: the kept weights in a compact format beside the dense file
-        packed = pack_model(model, masks, the_plan, "bitmap")
-        save_atomic(packed, out / "sparse.pt")
-        summary["sparse_bytes"] = {"dense": packed["bytes_dense"], "bitmap": packed["bytes_packed"]}
-    write_text_atomic(out / "summary.json", json.dumps(summary, indent=2))
-    plots.accuracy(state.records, out / "accuracy.png", summary["dense"]["test_acc"])
-    print(format_table(summary))
-    return summary
+    def _masks(self) -> dict:
+        return {k: v.to(self.device) for k, v in self.state.results["masks"].items()}
+
+    def finish(self) -> dict:
+        """Latency, summary, the model file (and sparse pack), the accuracy plot; the summary."""
+        args, state, n_pruned = self.args, self.state, len(self.plan.pruned)
+        if not self.main_rank:
+            return _summary(args, state, self.planned_cost, self.structured, n_pruned, latency=None)
+        dense_arch = models.create(args.model, self.data.num_classes, in_channels=self.data.in_channels)  # widths only
+        latency = compare_latency(dense_arch, self.model, self.example)
+        summary = _summary(args, state, self.planned_cost, self.structured, n_pruned, latency)
+        save_model(self.model, self.out / "model.pt", masks=None if self.structured else state.results["masks"])
+        if not self.structured:  # unstructured: the kept weights in a compact format beside the dense file
+            packed = pack_model(self.model, self._masks(), self.plan, "bitmap")
+            save_atomic(packed, self.out / "sparse.pt")
+            summary["sparse_bytes"] = {"dense": packed["bytes_dense"], "bitmap": packed["bytes_packed"]}
+        write_text_atomic(self.out / "summary.json", json.dumps(summary, indent=2))
+        plots.accuracy(state.records, self.out / "accuracy.png", summary["dense"]["test_acc"])
+        print(format_table(summary))
+        return summary
 
 
 def _load_dense(model, path, device) -> None:
