@@ -1,6 +1,7 @@
 """Physical compaction of ResNet-50 / ResNet-152 at ratio 0.5 (random masks): our C++ gather, the
 pure-PyTorch gather, and Torch-Pruning's dependency-graph pruner on the same model and masks."""
 import copy
+import datetime
 import importlib.util
 
 import pytest
@@ -53,6 +54,6 @@ def test_compaction(benchmark, model_name, provider, device, records):
     benchmark.pedantic(theirs if provider == "torch_pruning" else ours, setup=fresh, rounds=5, warmup_rounds=1)
     seconds = benchmark.stats.stats.median
     rec = {"model": model_name, "provider": f"compact_{provider}", "seconds": seconds,
-           "device": bench.device_name(device), "date": bench.datetime.date.today().isoformat()}
+           "device": bench.device_name(device), "date": datetime.date.today().isoformat()}
     benchmark.extra_info.update(rec)
     records.append(rec)

@@ -147,7 +147,8 @@ void run(std::vector<Layer>& layers, Mode mode, bool mask) {
 // Can the kernel walk t (the weight, its gradient or a buffer) as the layer's [A, G, B] view in
 // memory order? Row-major always can; for filter groups (A == 1) so can channels_last, which keeps
 // each filter one block of B elements (the work inside a filter is elementwise or a sum, blind to
-// the order), when t has the weight's strides. Mirrors greg_fast.native.walkable.
+// the order), when t has the weight's strides. The rule is greg_fast.backend.base.eligible, which
+// sorts layers before the call: here it only guards the memory the loops touch.
 bool walkable(const at::Tensor& t, const at::Tensor& w, int64_t A, int64_t B) {
   if (t.is_contiguous() && w.is_contiguous()) return true;
   return A == 1 && w.dim() == 4 && w.stride(0) == B && t.strides() == w.strides() &&

@@ -2,7 +2,7 @@
 from . import models
 from .compaction import compact
 from .io import load, save
-from .dispatch import backends
+from .backend import backends
 from .masks import apply_masks
 from .engine import PHASES, GrowingReg
 from .hyper import METHODS, Hyper

@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 
 from . import models
-from .dispatch import backends
+from .backend import backends
 from .engine import GrowingReg
 from .plan import Plan, plan
 from .table import format_table

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from . import __version__, data, models
-from .dispatch import ENV_VAR, auto_choice, backends
+from .backend import ENV_VAR, auto_choice, backends
 from .hyper import METHODS, Hyper
 from .plan import GRANULARITIES
 
@@ -108,7 +108,6 @@ def main(argv=None) -> int:
     b.add_argument("--out", default="bench/results", help="folder of the results JSON")
     args = parser.parse_args(argv)
 
-    from .job import run  # heavy imports (matplotlib) only for jobs
     if args.command == "info":
         info()
         return 0
@@ -122,6 +121,7 @@ def main(argv=None) -> int:
         print(bench.table(records))
         print(f"wrote {bench.write_results(records, Path(args.out), device)}")
         return 0
+    from .job import run  # heavy imports (matplotlib) only for jobs
     if args.command == "demo":
         for old in Path(args.out, "checkpoints").glob("ckpt-*.pt"):  # a demo always starts afresh
             old.unlink()

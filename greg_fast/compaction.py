@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 from .masks import check_masks
+from . import ops
 from .graph import LAYER_TYPES
 from .plan import Plan
 
@@ -72,15 +73,14 @@ def _gather_torch(tensors, rows, cols) -> list[torch.Tensor]:
 
 def gather(tensors, rows, cols, *, backend: str = "auto") -> list[torch.Tensor]:
     """Gather rows and columns of many tensors: in one C++ call on CPU when built, else PyTorch."""
-    from . import cpp
     if backend not in ("auto", "torch", "cpp"):
         raise ValueError(f"gather backend must be auto, cpp or torch, got {backend!r}")
-    missing = cpp.unavailable(torch.device("cpu"))
+    missing = ops.unavailable()
     if backend == "cpp" and missing is not None:
         raise RuntimeError(f"backend 'cpp' cannot gather: {missing}")
     if backend == "cpp" or (backend == "auto" and missing is None
                             and all(t.device.type == "cpu" and t.is_contiguous() for t in tensors)):
-        return list(torch.ops.greg_fast.gather(list(tensors), list(rows), list(cols)))
+        return ops.gather(tensors, rows, cols)
     return _gather_torch(tensors, rows, cols)
 
 

@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 import torch
 
-from . import dispatch
+from .backend import SGDArgs, StepBatch, module as backend_module, resolve as resolve_backend
 from .hyper import Hyper
 from .masks import expand_groups, kept_bool, masked_tensors, pack_bits
 from .plan import Plan
@@ -111,7 +111,7 @@ class GrowingReg(torch.optim.Optimizer):
             raise ValueError(f"the planned layers are on several devices {sorted(map(str, devices))}; "
                              "GrowingReg keeps its state on one device")
         self.device = devices.pop() if devices else torch.device("cpu")
-        self._backend_name = dispatch.resolve(backend, self.device).name  # a name: deepcopy-able
+        self._backend_name = resolve_backend(backend, self.device).name  # a name: deepcopy-able
         self.fused = fused
         self.nan_guard = nan_guard
         self.skipped_steps = 0  # steps refused for non-finite gradients
@@ -175,7 +175,7 @@ class GrowingReg(torch.optim.Optimizer):
 
     @property
     def backend(self) -> ModuleType:
-        return dispatch.module(self._backend_name)
+        return backend_module(self._backend_name)
 
     @property
     def param_groups(self):
@@ -244,14 +244,16 @@ class GrowingReg(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
             with torch.no_grad():
-                self.backend.penalty(self.layers, self._kept, self._lam_kept32, self._lam_selected32,
-                                     want_scores=False, mask=self._phase == "done")
+                self.backend.step(self._batch(), want_scores=False, mask=self._phase == "done")
                 lam = [torch.where(kept_bool(l, k), self._lam_kept32[i], self._lam_selected32[i])
                        for i, (l, k) in enumerate(zip(self.layers, self._kept))]
                 energy = sum(0.5 * (expand_groups(l, g) * l.weight.detach().square()).sum()
                              for l, g in zip(self.layers, lam))
             return loss + energy if loss is not None else loss
         return evaluate
+
+    def _batch(self, sgd: SGDArgs | None = None) -> StepBatch:
+        return StepBatch(self.layers, self._kept, self._lam_kept32, self._lam_selected32, sgd)
 
     def apply_penalty(self) -> None:
         """Update λ when due, then ``grad += λ_g * w`` (once pruned: zero the removed groups'
@@ -268,15 +270,13 @@ class GrowingReg(torch.optim.Optimizer):
         pick_now = self._advance_counts() if update else False
         # per-weight scores only when a pick needs them: kept they would cost 32 bits per weight
         want_scores = update and (self._structured or pick_now)
-        args = (self.layers, self._kept, self._lam_kept32, self._lam_selected32)
+        sgd = None
         if fused:
             groups = self._fused_groups
-            buffers = [self._momentum_buffer(l.weight, g) for l, g in zip(self.layers, groups)]
-            scores = self.backend.fused_sgd(*args, buffers, [g["lr"] for g in groups],
-                                            [g["momentum"] for g in groups], [g["weight_decay"] for g in groups],
-                                            want_scores=want_scores, mask=done)
-        else:
-            scores = self.backend.penalty(*args, want_scores=want_scores, mask=done)
+            sgd = SGDArgs(buffers=[self._momentum_buffer(l.weight, g) for l, g in zip(self.layers, groups)],
+                          lr=[g["lr"] for g in groups], momentum=[g["momentum"] for g in groups],
+                          weight_decay=[g["weight_decay"] for g in groups])
+        scores = self.backend.step(self._batch(sgd), want_scores=want_scores, mask=done)
         if done:
             self._zero_removed(grads=True)
         if update:

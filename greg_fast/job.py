@@ -27,13 +27,13 @@ from . import data as datasets
 from . import models, plots, table
 from .atomic import save_atomic, write_text_atomic
 from .compaction import compact
-from .eager import group_scores
+from .backend.eager import group_scores
 from .masks import apply_masks
 from .io import save as save_model
 from .sparse import pack_model
 from .engine import GrowingReg
 from .hyper import Hyper
-from .plan import plan as make_plan, stage_ratios
+from .plan import count_flops, plan as make_plan, stage_ratios
 from .train import epoch_metrics, evaluate, lr_at, n_batches, parse_lr_schedule, train_epoch
 
 # Arguments that must agree between a run and its resume.
@@ -433,13 +433,7 @@ class _Tracer:
 
 def model_cost(model, example) -> dict:
     """Parameters and FLOPs (``torch.utils.flop_counter``, one example)."""
-    from torch.utils.flop_counter import FlopCounterMode
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        was_training = model.training
-        model.eval()
-        model(example[0])
-        model.train(was_training)
-    return {"params": sum(p.numel() for p in model.parameters()), "flops": counter.get_total_flops()}
+    return {"params": sum(p.numel() for p in model.parameters()), "flops": count_flops(model, example)[1]}
 
 
 def compare_latency(dense, pruned, example, batches=(1, 64), rounds=31) -> dict:

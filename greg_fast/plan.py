@@ -204,7 +204,8 @@ def _default_inputs(model: nn.Module) -> tuple:
     return (torch.zeros(1, *size, device=p.device, dtype=p.dtype),)
 
 
-def _layer_flops(model: nn.Module, example_inputs: tuple) -> tuple[dict[str, int], int]:
+def count_flops(model: nn.Module, example_inputs: tuple) -> tuple[dict[str, int], int]:
+    """FLOPs of one eval-mode forward (``torch.utils.flop_counter``): per module name, and in all."""
     was_training = model.training
     model.eval()
     try:
@@ -289,7 +290,7 @@ def plan(model: nn.Module, ratio: float = 0.0, *, granularity: str = "filter",
             norms=list(d.norms) if granularity == "filter" else [],
             consumers=[c.name for c in d.consumers] if granularity == "filter" else [],
             producer=d.producer if granularity == "channel" else None))
-    layer_flops, total = _layer_flops(model, tuple(example_inputs))
+    layer_flops, total = count_flops(model, tuple(example_inputs))
     return Plan(model, layers, excluded, deps, layer_flops, total)
 
 

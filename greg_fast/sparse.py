@@ -15,6 +15,7 @@ from typing import Mapping
 import torch
 import torch.nn as nn
 
+from . import ops
 from .masks import expand_groups, pack_bits, unpack_bits
 from .plan import Plan
 
@@ -55,16 +56,15 @@ def pack_reference(weight: torch.Tensor, mask: torch.Tensor | None = None, forma
 
 def pack(weight: torch.Tensor, mask: torch.Tensor | None = None, format: str = "bitmap") -> dict:
     """Pack the kept entries of ``weight`` (``mask`` True = kept; default: the nonzero entries)."""
-    from . import cpp
     mask = _check(weight, mask, format)
-    if cpp.unavailable(torch.device("cpu")) is not None:
+    if ops.unavailable() is not None:
         return pack_reference(weight, mask, format)
     w = weight.detach().cpu().contiguous()
     m = mask.cpu().contiguous()
     if format == "bitmap":
-        bits, values = torch.ops.greg_fast.pack_bitmap(w.reshape(-1), m.reshape(-1))
+        bits, values = ops.pack_bitmap(w.reshape(-1), m.reshape(-1))
         return {**_header(weight, format), "bits": bits, "values": values}
-    crow, col, values = torch.ops.greg_fast.pack_csr(w.reshape(w.shape[0], -1), m.reshape(m.shape[0], -1))
+    crow, col, values = ops.pack_csr(w.reshape(w.shape[0], -1), m.reshape(m.shape[0], -1))
     return {**_header(weight, format), "crow_indices": crow, "col_indices": col, "values": values}
 
 

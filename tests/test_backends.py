@@ -7,7 +7,10 @@ import torch
 import torch.nn as nn
 
 import greg_fast as gf
-from greg_fast import cpp, dispatch, eager, triton_backend
+from greg_fast import backend as dispatch
+from greg_fast import ops
+from greg_fast.backend import SGDArgs, StepBatch, cpp, eager
+from greg_fast.backend import triton as triton_backend
 from greg_fast.plan import LayerPlan
 
 from conftest import SHAPES, SmallNet, fake_layer, make_batches, train_steps
@@ -63,14 +66,16 @@ def test_kernel_matches_eager_on_random_shapes(backend, granularity, dtype, op, 
     mask = op.endswith("masked")
     module = {"cpp": cpp, "triton": triton_backend}[backend]
     if op.startswith("penalty"):
-        got = module.penalty(layers, kept, lam_kept, lam_sel, want_scores=not mask, mask=mask)
-        want = eager.penalty(ref, kept, lam_kept, lam_sel, want_scores=not mask, mask=mask)
+        got = module.step(StepBatch(layers, kept, lam_kept, lam_sel), want_scores=not mask, mask=mask)
+        want = eager.step(StepBatch(ref, kept, lam_kept, lam_sel), want_scores=not mask, mask=mask)
     else:
         bufs = [None if op == "sgd_plain" else torch.randn_like(l.weight) for l in layers]
         ref_bufs = [None if b is None else b.clone() for b in bufs]
         hyper = ([0.1] * len(layers), [0.0 if op == "sgd_plain" else 0.9] * len(layers), [1e-3] * len(layers))
-        got = module.fused_sgd(layers, kept, lam_kept, lam_sel, bufs, *hyper, want_scores=not mask, mask=mask)
-        want = eager.fused_sgd(ref, kept, lam_kept, lam_sel, ref_bufs, *hyper, want_scores=not mask, mask=mask)
+        got = module.step(StepBatch(layers, kept, lam_kept, lam_sel, SGDArgs(bufs, *hyper)),
+                          want_scores=not mask, mask=mask)
+        want = eager.step(StepBatch(ref, kept, lam_kept, lam_sel, SGDArgs(ref_bufs, *hyper)),
+                          want_scores=not mask, mask=mask)
         for b, rb in zip(bufs, ref_bufs):
             if b is not None:
                 torch.testing.assert_close(b, rb, **TOL[dtype])
@@ -193,17 +198,17 @@ def test_other_layouts_run_in_the_kernel_or_fall_back_to_eager_for_that_layer(ba
     ref = clone_layers(layers)
     assert ref[1].weight.stride() == w.stride()
     eager_layers = []
-    real_penalty = eager.penalty
+    real_step = eager.step
 
-    def spy(ls, *args, **kwargs):
-        eager_layers.extend(l.name for l in ls)
-        return real_penalty(ls, *args, **kwargs)
-    monkeypatch.setattr(eager, "penalty", spy)
+    def spy(batch, **kwargs):
+        eager_layers.extend(l.name for l in batch.layers)
+        return real_step(batch, **kwargs)
+    monkeypatch.setattr(eager, "step", spy)
     module = {"cpp": cpp, "triton": triton_backend}[backend]
-    got = module.penalty(layers, kept, *lam, want_scores=not mask, mask=mask)
-    monkeypatch.setattr(eager, "penalty", real_penalty)
+    got = module.step(StepBatch(layers, kept, *lam), want_scores=not mask, mask=mask)
+    monkeypatch.setattr(eager, "step", real_step)
     assert eager_layers == ([] if in_kernel else [layers[1].name])
-    want = eager.penalty(ref, kept, *lam, want_scores=not mask, mask=mask)
+    want = eager.step(StepBatch(ref, kept, *lam), want_scores=not mask, mask=mask)
     for l, r in zip(layers, ref):
         torch.testing.assert_close(l.weight.grad, r.weight.grad)
         torch.testing.assert_close(l.weight.detach(), r.weight.detach())
@@ -223,8 +228,8 @@ def test_mixed_dtypes_with_a_refused_layer_apply_the_penalty_exactly_once(backen
     lam = torch.rand(4, device=device), torch.rand(4, device=device)
     ref = clone_layers(layers)
     module = {"cpp": cpp, "triton": triton_backend}[backend]
-    module.penalty(layers, kept, *lam, want_scores=False, mask=False)
-    eager.penalty(ref, kept, *lam, want_scores=False, mask=False)
+    module.step(StepBatch(layers, kept, *lam), want_scores=False, mask=False)
+    eager.step(StepBatch(ref, kept, *lam), want_scores=False, mask=False)
     for l, r in zip(layers, ref):
         torch.testing.assert_close(l.weight.grad, r.weight.grad, **TOL[l.weight.dtype])
 
@@ -233,8 +238,8 @@ def test_mixed_dtypes_with_a_refused_layer_apply_the_penalty_exactly_once(backen
 @pytest.mark.parametrize("fused", [False, True])
 def test_a_channels_last_model_matches_eager_through_every_phase(backend, fused, monkeypatch):
     want, _, _ = run("eager", "filter", "greg1", False)
-    for fn in ("penalty", "fused_sgd"):  # every layer stays in the compiled call
-        monkeypatch.setattr(eager, fn, lambda *a, **k: pytest.fail("a channels_last layer fell back to eager"))
+    # every layer stays in the compiled call
+    monkeypatch.setattr(eager, "step", lambda *a, **k: pytest.fail("a channels_last layer fell back to eager"))
     got, _, _ = run(backend, "filter", "greg1", fused, device=DEVICE[backend], channels_last=True)
     assert not got.conv2.weight.is_contiguous()
     for a, b in zip(want.parameters(), got.parameters()):
@@ -251,10 +256,10 @@ def test_auto_env_and_forced_backends(monkeypatch):
     if not CUDA:
         with pytest.raises(RuntimeError, match="backend 'triton' cannot run on cpu: it needs CUDA"):
             dispatch.resolve("triton", cpu)
-    real_find_spec = cpp.importlib.util.find_spec
-    monkeypatch.setattr(cpp.importlib.util, "find_spec",  # as after an isolated `pip install .`
+    real_find_spec = ops.importlib.util.find_spec
+    monkeypatch.setattr(ops.importlib.util, "find_spec",  # as after an isolated `pip install .`
                         lambda name, *a: None if name == "greg_fast._C" else real_find_spec(name, *a))
-    monkeypatch.setattr(cpp, "_IMPORT_ERROR", cpp._load_extension())
+    monkeypatch.setattr(ops, "_IMPORT_ERROR", ops._load_extension())
     with pytest.raises(RuntimeError, match="C\\+\\+ extension was not built: reinstall with `pip install "
                                            "--no-build-isolation .`"):
         dispatch.resolve("cpp", cpu)

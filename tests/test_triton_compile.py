@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import greg_fast as gf
-from greg_fast import triton_backend
+from greg_fast.backend import triton as triton_backend
 
 from conftest import SHAPES, fake_layer
 
@@ -50,14 +50,14 @@ def record(layers, packed_masks: bool):
         if packed_masks:
             kept = [gf.masks.pack_bits(k) for k in kept]
         lam = torch.full((n,), 0.1)
-        triton_backend._launch(layers, None, None, None, mode=kernels.MODE_SCORES, want_scores=True, mask=False)
+        triton_backend._launch(layers, None, None, None, mode=kernels.MODE_SCORES.value, want_scores=True, mask=False)
         for mask in (False, True):
             for want_scores in (False, True):
-                triton_backend._launch(layers, kept, lam, lam, mode=kernels.MODE_PENALTY, want_scores=want_scores,
+                triton_backend._launch(layers, kept, lam, lam, mode=kernels.MODE_PENALTY.value, want_scores=want_scores,
                                        mask=mask)
                 for momentum in (0.0, 0.9):
                     buffers = [torch.zeros_like(l.weight) if momentum else None for l in layers]
-                    triton_backend._launch(layers, kept, lam, lam, mode=kernels.MODE_SGD, want_scores=want_scores,
+                    triton_backend._launch(layers, kept, lam, lam, mode=kernels.MODE_SGD.value, want_scores=want_scores,
                                            mask=mask, buffers=buffers, hyper=[(0.1, momentum, 1e-4)] * n)
     finally:
         kernels._greg_step_kernel = real

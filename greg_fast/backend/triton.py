@@ -16,7 +16,7 @@ import os
 
 import torch
 
-from . import eager, native
+from . import base, eager
 
 name = "triton"
 _FILTER, _CHANNEL, _WEIGHT = "filter", "channel", "weight"
@@ -42,7 +42,7 @@ def _kernels_error() -> str | None:
 
 
 def _kernels():
-    from .kernels import greg_step  # imported on first use: no triton import with `import greg_fast`
+    from ..kernels import greg_step  # imported on first use: no triton import with `import greg_fast`
     return greg_step
 
 
@@ -121,7 +121,7 @@ def _elem(dtype: torch.dtype):
 
 
 class _NeedsEager(Exception):
-    """A layer the kernel cannot address flat (see native.eligible): the caller sorts them out."""
+    """A layer the kernel cannot walk (see base.eligible): the caller sorts the layers out."""
 
 
 @functools.lru_cache(maxsize=None)
@@ -130,30 +130,21 @@ def _placeholder(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(1, dtype=dtype, device=device)
 
 
-# The two helpers below run every step: they are the lean form of native.eligible.
+# The two helpers below run every step: base.eligible, read as the launch needs it (one pass per
+# tensor; trying all layers first is cheaper than sorting them, which only a refusal pays for).
 def _weight_addresses(weights, views) -> tuple[tuple, list]:
-    """(data_ptrs, layouts): a layout is None for a row-major weight, else its strides (a
-    channels_last filter layer, see native.walkable), which its gradient and buffers must share."""
-    addresses, layouts = [], []
-    for w, view in zip(weights, views):
-        if w.is_contiguous():
-            layouts.append(None)
-        elif native.walkable(w, w, view):
-            layouts.append(w.stride())
-        else:
-            raise _NeedsEager
-        addresses.append(w.data_ptr())
-    return tuple(addresses), layouts
+    """(data_ptrs, layouts) of the weights (see base.layout)."""
+    layouts = [base.layout(w, view) for w, view in zip(weights, views)]
+    if any(layout is False for layout in layouts):
+        raise _NeedsEager
+    return tuple(w.data_ptr() for w in weights), layouts
 
 
 def _addresses_like(tensors, layouts, dtype: torch.dtype) -> tuple:
     """data_ptrs of gradients or buffers, each in its weight's dtype and layout."""
-    out = []
-    for t, layout in zip(tensors, layouts):
-        if t is None or t.dtype is not dtype or not (t.is_contiguous() if layout is None else t.stride() == layout):
-            raise _NeedsEager
-        out.append(t.data_ptr())
-    return tuple(out)
+    if not all(base.follows(t, layout, dtype) for t, layout in zip(tensors, layouts)):
+        raise _NeedsEager
+    return tuple(t.data_ptr() for t in tensors)
 
 
 def _launch(layers, kept, lam_kept, lam_selected, *, mode, want_scores, mask, buffers=None, hyper=None):
@@ -167,7 +158,7 @@ def _launch(layers, kept, lam_kept, lam_selected, *, mode, want_scores, mask, bu
     if want_scores:
         out = torch.zeros(sum(l.n_groups for l in layers), dtype=torch.float32, device=device)
     dtypes = {w.dtype for w in weights}
-    if not dtypes <= set(native.DTYPES):
+    if not dtypes <= set(base.DTYPES):
         raise _NeedsEager
     pending = []  # every layer is checked before any kernel writes: a refusal leaves nothing half done
     for dtype in dtypes:
@@ -215,7 +206,7 @@ def _launch(layers, kept, lam_kept, lam_selected, *, mode, want_scores, mask, bu
             k.launch(*args, **kwargs)
     if not want_scores:
         return None
-    sums = native.split_scores(out, layers)
+    sums = base.split_scores(out, layers)
     return [s / (l.view[0] * l.view[2]) for s, l in zip(sums, layers)]
 
 
@@ -227,21 +218,20 @@ def scores(layers) -> list[torch.Tensor]:
         return eager.scores(layers)
 
 
-def _penalty(layers, kept, lam_kept, lam_selected, *, want_scores, mask):
-    return _launch(layers, kept, lam_kept, lam_selected, mode=_kernels().MODE_PENALTY.value, want_scores=want_scores,
-                   mask=mask)
+def _step(batch: base.StepBatch, *, want_scores: bool, mask: bool):
+    k, sgd = _kernels(), batch.sgd
+    if sgd is None:
+        return _launch(batch.layers, batch.kept, batch.lam_kept, batch.lam_selected, mode=k.MODE_PENALTY.value,
+                       want_scores=want_scores, mask=mask)
+    return _launch(batch.layers, batch.kept, batch.lam_kept, batch.lam_selected, mode=k.MODE_SGD.value,
+                   want_scores=want_scores, mask=mask, buffers=sgd.buffers,
+                   hyper=list(zip(sgd.lr, sgd.momentum, sgd.weight_decay)))
 
 
-def _fused_sgd(layers, kept, lam_kept, lam_selected, buffers, lr, momentum, weight_decay, *, want_scores, mask):
-    return _launch(layers, kept, lam_kept, lam_selected, mode=_kernels().MODE_SGD.value, want_scores=want_scores,
-                   mask=mask, buffers=buffers, hyper=list(zip(lr, momentum, weight_decay)))
-
-
-def penalty(layers, kept, lam_kept, lam_selected, *, want_scores, mask):
-    return native.run_all_first(_penalty, eager.penalty, (_NeedsEager,), layers, kept, lam_kept, lam_selected,
-                                want_scores=want_scores, mask=mask)
-
-
-def fused_sgd(layers, kept, lam_kept, lam_selected, buffers, lr, momentum, weight_decay, *, want_scores, mask):
-    return native.run_all_first(_fused_sgd, eager.fused_sgd, (_NeedsEager,), layers, kept, lam_kept, lam_selected,
-                                buffers, lr, momentum, weight_decay, want_scores=want_scores, mask=mask)
+def step(batch: base.StepBatch, *, want_scores: bool, mask: bool):
+    """All layers in one launch; only when the launcher refuses one (before writing anything) are
+    the layers sorted with base.split_run."""
+    try:
+        return _step(batch, want_scores=want_scores, mask=mask)
+    except _NeedsEager:
+        return base.split_run(_step, batch, want_scores=want_scores, mask=mask)

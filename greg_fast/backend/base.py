@@ -1,0 +1,121 @@
+"""The step contract every backend implements, and the one layout rule.
+
+A backend module provides ``name``, ``unavailable(device)``, ``scores(layers)`` and
+``step(batch, *, want_scores, mask)``: one regularization step over a :class:`StepBatch`
+(``grad += λ_g·w``; with ``batch.sgd`` also weight decay, momentum and the SGD update), returning
+every layer's group scores when asked. :func:`eligible` is the only statement of which layers a
+compiled kernel can walk; the C++ op checks the same conditions as assertions, and the Triton
+launcher reads them through :func:`layout` and :func:`follows`, its per-step lean form.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Callable, Sequence
+
+import torch
+
+from ..plan import LayerPlan
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the compiled kernels take
+
+
+@dataclass(frozen=True)
+class SGDArgs:
+    """The SGD half of a fused step (dampening 0, no nesterov), one entry per layer; a buffer is
+    None where the layer's group has no momentum."""
+    buffers: Sequence[torch.Tensor | None]
+    lr: Sequence[float]
+    momentum: Sequence[float]
+    weight_decay: Sequence[float]
+
+
+@dataclass(frozen=True)
+class StepBatch:
+    """One step's work. ``kept[i]``: layer i's kept mask (bool ``[n_groups]``, or uint8 bits for
+    unstructured layers, see greg_fast.masks); ``lam_kept`` / ``lam_selected``: fp32 ``[n_layers]``,
+    the λ of its kept and of its other groups; ``sgd``: set for the fused path."""
+    layers: Sequence[LayerPlan]
+    kept: Sequence[torch.Tensor]
+    lam_kept: torch.Tensor
+    lam_selected: torch.Tensor
+    sgd: SGDArgs | None = None
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    @property
+    def views(self) -> list[tuple[int, int, int]]:
+        return [l.view for l in self.layers]
+
+    def subset(self, idx: Sequence[int]) -> "StepBatch":
+        """The same work restricted to layers ``idx``."""
+        if len(idx) == len(self.layers):
+            return self
+        sel = torch.tensor(idx, device=self.lam_kept.device)
+        sgd = None if self.sgd is None else SGDArgs(*([getattr(self.sgd, f)[i] for i in idx]
+                                                      for f in ("buffers", "lr", "momentum", "weight_decay")))
+        return replace(self, layers=[self.layers[i] for i in idx], kept=[self.kept[i] for i in idx],
+                       lam_kept=self.lam_kept[sel], lam_selected=self.lam_selected[sel], sgd=sgd)
+
+
+# ---- the layout rule ----
+def layout(w: torch.Tensor, view) -> tuple | None | bool:
+    """How a kernel walks weight ``w`` as the layer's ``[A, G, B]`` view in memory order: None
+    (row-major), its strides (a channels_last filter layer: each filter stays one block of B
+    elements, and the work inside a filter is elementwise or a sum, blind to the order), or False
+    (it cannot: eager takes the layer)."""
+    if w.is_contiguous():
+        return None
+    if (view[0] == 1 and w.dim() == 4 and w.stride(0) == view[2]
+            and w.is_contiguous(memory_format=torch.channels_last)):
+        return w.stride()
+    return False
+
+
+def follows(t: torch.Tensor | None, w_layout, dtype: torch.dtype) -> bool:
+    """Whether a gradient or momentum buffer can be walked alongside its weight: same dtype and
+    the same layout."""
+    if t is None or t.dtype is not dtype:
+        return False
+    return t.is_contiguous() if w_layout is None else t.stride() == w_layout
+
+
+def eligible(layer: LayerPlan, buffer: torch.Tensor | None = None) -> bool:
+    """Can a compiled backend take this layer (and its momentum buffer)?"""
+    w = layer.weight
+    w_layout = layout(w, layer.view)
+    return (w.dtype in DTYPES and w_layout is not False and follows(w.grad, w_layout, w.dtype)
+            and (buffer is None or follows(buffer, w_layout, w.dtype)))
+
+
+# ---- running a batch over a compiled backend and eager ----
+def score_buffer(batch: StepBatch, want_scores: bool, device) -> torch.Tensor:
+    """One fp32 buffer for every group of every layer (empty when no scores are wanted)."""
+    n = sum(l.n_groups for l in batch.layers) if want_scores else 0
+    return torch.empty(n, dtype=torch.float32, device=device)
+
+
+def split_scores(scores: torch.Tensor, layers: Sequence[LayerPlan]) -> list[torch.Tensor]:
+    return list(scores.split([l.n_groups for l in layers]))
+
+
+def split_run(native: Callable, batch: StepBatch, *, want_scores: bool, mask: bool):
+    """``native`` on the eligible layers, eager on the others (decided up front by
+    :func:`eligible`), results back in the batch's order."""
+    from . import eager
+    buffers = batch.sgd.buffers if batch.sgd is not None else [None] * len(batch)
+    ok = [eligible(l, b) for l, b in zip(batch.layers, buffers)]
+    out: list[torch.Tensor | None] = [None] * len(batch)
+    for fn, flag in ((native, True), (eager.step, False)):
+        idx = [i for i, e in enumerate(ok) if e == flag]
+        if not idx:
+            continue
+        scores = fn(batch.subset(idx), want_scores=want_scores, mask=mask)
+        if want_scores:
+            for i, s in zip(idx, scores):
+                out[i] = s
+    if want_scores and any(s is None for s in out):  # layers without a gradient
+        missing = [i for i, s in enumerate(out) if s is None]
+        for i, s in zip(missing, eager.scores([batch.layers[i] for i in missing])):
+            out[i] = s
+    return out if want_scores else None

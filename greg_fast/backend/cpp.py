@@ -1,0 +1,50 @@
+"""The C++ backend (csrc/greg_fast.cpp through greg_fast.ops): one call for all layers of CPU
+tensors, OpenMP over (layer, block of groups), fp32 accumulation for fp32 / bf16 / fp16 weights.
+Layers the kernel cannot walk (see base.eligible) are sorted out before the call and go through
+eager; an error from the op itself is a bug and propagates."""
+from __future__ import annotations
+
+import torch
+
+from .. import ops
+from . import base, eager
+
+name = "cpp"
+
+
+def unavailable(device: torch.device) -> str | None:
+    missing = ops.unavailable()
+    if missing is not None:
+        return missing
+    if device.type != "cpu":
+        return f"it runs on CPU tensors only, the weights are on {device}"
+    return None
+
+
+def scores(layers) -> list[torch.Tensor]:
+    layers = list(layers)
+    walkable = [l.weight.dtype in base.DTYPES and base.layout(l.weight, l.view) is not False for l in layers]
+    fast = [l for l, ok in zip(layers, walkable) if ok]
+    out = torch.empty(sum(l.n_groups for l in fast), dtype=torch.float32)
+    if fast:
+        ops.scores_([l.weight.detach() for l in fast], [l.view for l in fast], out)
+    fast_scores = iter(base.split_scores(out, fast))
+    return [next(fast_scores) if ok else eager.group_scores(l) for l, ok in zip(layers, walkable)]
+
+
+def _step(batch: base.StepBatch, *, want_scores: bool, mask: bool):
+    out = base.score_buffer(batch, want_scores, "cpu")
+    weights = [l.weight for l in batch.layers]
+    grads = [w.grad for w in weights]
+    if batch.sgd is None:
+        ops.penalty_(weights, grads, batch.kept, batch.lam_kept, batch.lam_selected, batch.views, mask=mask,
+                     scores=out)
+    else:
+        sgd = batch.sgd
+        ops.fused_sgd_(weights, grads, sgd.buffers, batch.kept, batch.lam_kept, batch.lam_selected, batch.views,
+                       lr=sgd.lr, momentum=sgd.momentum, weight_decay=sgd.weight_decay, mask=mask, scores=out)
+    return base.split_scores(out, batch.layers) if want_scores else None
+
+
+def step(batch: base.StepBatch, *, want_scores: bool, mask: bool):
+    return base.split_run(_step, batch, want_scores=want_scores, mask=mask)

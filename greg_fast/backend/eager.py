@@ -1,0 +1,84 @@
+"""The eager reference: per-layer, vectorized over groups, plain PyTorch.
+
+Every fast backend is tested against these functions. A layer's groups live on the middle axis of
+its weight viewed as ``[outer, n_groups, inner]`` (see :class:`greg_fast.plan.LayerPlan`).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from ..masks import expand_groups, kept_bool
+from ..plan import LayerPlan
+from .base import StepBatch
+
+name = "eager"
+
+
+def group_scores(layer: LayerPlan) -> torch.Tensor:
+    """Mean |w| of every group, accumulated in fp32: ``[n_groups]``."""
+    w = layer.weight.detach().reshape(layer.view)
+    return w.abs().sum(dim=(0, 2), dtype=torch.float32) / (layer.view[0] * layer.view[2])
+
+
+def scores(layers: Sequence[LayerPlan]) -> list[torch.Tensor]:
+    return [group_scores(layer) for layer in layers]
+
+
+def unavailable(device: torch.device) -> str | None:
+    return None  # plain PyTorch runs wherever the weights are
+
+
+@torch.no_grad()
+def step(batch: StepBatch, *, want_scores: bool, mask: bool) -> list[torch.Tensor] | None:
+    """One step of ``batch``, layer by layer: the penalty on the gradients, or with ``batch.sgd``
+    the fused SGD update. ``want_scores``: also return every layer's group scores (of the weights
+    as read)."""
+    out = scores(batch.layers) if want_scores else None
+    for i, layer in enumerate(batch.layers):
+        keep = kept_bool(layer, batch.kept[i])
+        lam = expand_groups(layer, torch.where(keep, batch.lam_kept[i], batch.lam_selected[i]))
+        if batch.sgd is None:
+            _penalty(layer, keep, lam, mask)
+        else:
+            _sgd(layer, keep, lam, mask, *(getattr(batch.sgd, f)[i] for f in ("buffers", "lr", "momentum",
+                                                                              "weight_decay")))
+    return out
+
+
+def _penalty(layer: LayerPlan, keep: torch.Tensor, lam: torch.Tensor, mask: bool) -> None:
+    """``grad += λ_g * w``; with ``mask`` (after pruning) the removed groups' weights and gradients
+    are then zeroed."""
+    w, g = layer.weight, layer.weight.grad
+    if g is not None:
+        g.addcmul_(w, lam)
+    if mask:
+        removed = ~expand_groups(layer, keep)
+        w.masked_fill_(removed, 0)
+        if g is not None:
+            g.masked_fill_(removed, 0)
+
+
+def _sgd(layer: LayerPlan, keep: torch.Tensor, lam: torch.Tensor, mask: bool, buf: torch.Tensor | None,
+         lr: float, momentum: float, weight_decay: float) -> None:
+    """Penalty, weight decay, momentum and the SGD update (dampening 0, no nesterov), in the order
+    ``torch.optim.SGD`` applies them after :func:`_penalty`; the gradient itself is not written.
+    With ``mask``, the removed groups' weights and momentum are zeroed instead of updated."""
+    w, g = layer.weight, layer.weight.grad
+    if g is None:
+        return
+    kept = expand_groups(layer, keep)
+    d = g.addcmul(w, lam)
+    if mask:
+        d.masked_fill_(~kept, 0)
+    if weight_decay != 0:
+        d.add_(w, alpha=weight_decay)
+    if buf is not None:
+        buf.mul_(momentum).add_(d)
+        d = buf
+    w.add_(d, alpha=-lr)
+    if mask:
+        w.masked_fill_(~kept, 0)
+        if buf is not None:
+            buf.masked_fill_(~kept, 0)

@@ -1,0 +1,75 @@
+"""Every op of the C++ extension (csrc/greg_fast.cpp, ``torch.ops.greg_fast.*``), wrapped once:
+whether the extension loads (and why not), and keyword-argument wrappers around the raw ops. The
+cpp backend, compaction and sparse export call these, never the raw ops."""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from typing import Sequence
+
+import torch
+
+_REBUILD = ("reinstall with `pip install --no-build-isolation .` (add -e for a checkout) so that the build "
+            "sees the installed torch")
+
+
+def _load_extension() -> str | None:
+    """Import greg_fast._C (it registers the ops); the reason when it cannot be."""
+    if importlib.util.find_spec("greg_fast._C") is None:
+        # an isolated build (plain `pip install .`) has no torch to compile against, so it builds none
+        return f"the C++ extension was not built: {_REBUILD}"
+    try:
+        importlib.import_module("greg_fast._C")
+    except ImportError as err:  # typically built against another torch: undefined symbols
+        return f"the C++ extension was built but does not load ({err}): {_REBUILD}"
+    return None
+
+
+_IMPORT_ERROR = _load_extension()  # a missing build must never break `import greg_fast`
+
+
+def unavailable() -> str | None:
+    """Why the C++ ops cannot run (None: they can)."""
+    return _IMPORT_ERROR
+
+
+def flat_views(views: Sequence[tuple[int, int, int]]) -> list[int]:
+    return [v for view in views for v in view]
+
+
+def scores_(weights: Sequence[torch.Tensor], views, out: torch.Tensor) -> None:
+    """``out`` (fp32 [sum G]) = mean |w| of every group of every layer."""
+    torch.ops.greg_fast.scores_(list(weights), flat_views(views), out)
+
+
+def penalty_(weights, grads, kept, lam_kept, lam_selected, views, *, mask: bool, scores: torch.Tensor) -> None:
+    """``grad += λ_g·w`` for all layers in one call (``mask``: zero the removed groups instead);
+    group scores into ``scores`` unless it is empty."""
+    torch.ops.greg_fast.penalty_(list(weights), list(grads), list(kept), lam_kept, lam_selected,
+                                 flat_views(views), mask, scores)
+
+
+def fused_sgd_(weights, grads, buffers, kept, lam_kept, lam_selected, views, *, lr, momentum, weight_decay,
+               mask: bool, scores: torch.Tensor) -> None:
+    """Penalty, weight decay, momentum and the SGD update of all layers in one call (a missing
+    momentum buffer is None)."""
+    empty = torch.empty(0)
+    torch.ops.greg_fast.fused_sgd_(list(weights), list(grads), [b if b is not None else empty for b in buffers],
+                                   list(kept), lam_kept, lam_selected, list(map(float, lr)),
+                                   list(map(float, momentum)), list(map(float, weight_decay)), flat_views(views),
+                                   mask, scores)
+
+
+def gather(tensors, rows, cols) -> list[torch.Tensor]:
+    """``t[rows][:, cols]`` of many tensors in one call (an empty index keeps the whole axis)."""
+    return list(torch.ops.greg_fast.gather(list(tensors), list(rows), list(cols)))
+
+
+def pack_bitmap(weight: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(bits, kept values) of a flat weight under a flat bool mask."""
+    return torch.ops.greg_fast.pack_bitmap(weight, mask)
+
+
+def pack_csr(weight: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(crow_indices, col_indices, values) of a 2-d weight under a bool mask."""
+    return torch.ops.greg_fast.pack_csr(weight, mask)
