@@ -4,7 +4,8 @@ from .compaction import compact
 from .io import load, save
 from .backend import backends
 from .masks import apply_masks
-from .engine import PHASES, GrowingReg
+from .engine import GrowingReg
+from .schedule import PHASES
 from .hyper import METHODS, Hyper
 from .graph import UntraceableModelError
 from .plan import GRANULARITIES, LayerPlan, Plan, n_prune_for, plan, stage_ratios

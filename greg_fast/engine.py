@@ -1,19 +1,12 @@
 """GrowingReg: GReg-1, GReg-2 and one-shot L1 as a wrapper around any torch.optim optimizer.
 
-Schedule state is tiny and exact. λ takes at most two values per layer, so a layer holds a kept
-mask over its groups plus integer counts: ``n_pick`` penalty increments of ``pick_delta`` (GReg-2's
-uniform phase, the same for every layer) and ``n_grow[i]`` increments of ``delta``. Then
-
-    λ_selected = n_pick * pick_delta + n_grow * delta
-    λ_kept     = 0 (GReg-1) | n_pick * pick_delta until the first post-pick increment, then ``recover`` (GReg-2)
-
-computed in float64 on the parameters' device, so "λ after k updates is k * delta" holds without
-accumulated rounding and a resumed run continues bit for bit.
+It composes the :class:`~greg_fast.schedule.Schedule` (phases, λ, selections; pure bookkeeping)
+with the inner optimizer and a backend's step over the regularized weights (penalty, or with
+``fused=True`` the whole SGD update), and after pruning keeps the removed groups at zero.
 """
 from __future__ import annotations
 
 import inspect
-import math
 import warnings
 from collections import OrderedDict
 from types import ModuleType
@@ -23,31 +16,10 @@ import torch
 
 from .backend import SGDArgs, StepBatch, module as backend_module, resolve as resolve_backend
 from .hyper import Hyper
-from .masks import expand_groups, kept_bool, masked_tensors, pack_bits
+from .masks import expand_groups, kept_bool, masked_tensors
 from .plan import Plan
+from .schedule import Schedule
 from .train import grads_finite
-
-PHASES = ("pick", "grow", "stabilize", "done")
-_SMOOTHING = 0.9  # h = 0.9 h + 0.1 ratio, as in the reference
-
-
-def _reached(value: float, threshold: float) -> bool:
-    """value >= threshold, forgiving float products (1000 * 1e-5 vs 1e-2)."""
-    return value >= threshold * (1 - 1e-9) if threshold > 0 else value >= threshold
-
-
-def _from_rank0(*tensors: torch.Tensor) -> None:
-    """Under torch.distributed, make every rank hold rank 0's decisions (selections, finished
-    layers, smoothed ratios): identical by construction, guaranteed regardless of rounding."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return
-    if torch.distributed.get_world_size() == 1:
-        return
-    for t in tensors:
-        wire = t.to(torch.uint8) if t.dtype == torch.bool else t  # not every backend sends bool
-        torch.distributed.broadcast(wire, src=0)
-        if wire is not t:
-            t.copy_(wire.bool())
 
 
 def _needs_closure(optimizer: torch.optim.Optimizer) -> bool:
@@ -102,8 +74,6 @@ class GrowingReg(torch.optim.Optimizer):
                           "gradient, so they lose their groups without being regularized", stacklevel=2)
         self.optimizer = optimizer
         self.plan = plan
-        self.method = method
-        self.hyper = hyper.as_dict()
         self.layers = plan.pruned
         self._check_optimizer()
         devices = {l.weight.device for l in plan.layers}
@@ -123,35 +93,10 @@ class GrowingReg(torch.optim.Optimizer):
             self._check_fusable()
             fused_ids = {id(l.weight) for l in self.layers}
             self._others = [p for g in optimizer.param_groups for p in g["params"] if id(p) not in fused_ids]
-        self._structured = plan.layers[0].granularity != "weight" if plan.layers else True
-
-        n, dev = len(self.layers), self.device
-        # all kept masks are views of one flat buffer, so that cross-layer reductions are single ops;
-        # unstructured layers keep theirs bit-packed: one bit per weight
-        sizes = [l.n_groups for l in self.layers]
-        if self._structured:
-            self._kept_flat = torch.ones(sum(sizes), dtype=torch.bool, device=dev)
-            self._kept = list(self._kept_flat.split(sizes))
-        else:
-            packed = [-(-g // 8) for g in sizes]  # bytes of each layer's bits
-            self._kept_flat = torch.full((sum(packed),), 255, dtype=torch.uint8, device=dev)
-            self._kept = list(self._kept_flat.split(packed))
-        # layer index of every group, for the magnitude ratios (structured layers only)
-        self._segment = torch.repeat_interleave(torch.arange(n, device=dev), torch.tensor(
-            sizes if self._structured else [0] * n, dtype=torch.int64, device=dev))
-        self._n_grow = torch.zeros(n, dtype=torch.int64, device=dev)
-        self._finished = torch.zeros(n, dtype=torch.bool, device=dev)
-        self._hist = torch.full((n,), math.nan, dtype=torch.float64, device=dev)
-        self._scores: list[torch.Tensor | None] = [None] * n
-        self.iteration = 0           # completed steps
-        self._n_pick = 0             # GReg-2 uniform increments (identical for all layers)
-        self._picked = method != "greg2"
-        self._stabilize_end: int | None = None  # iteration at which the phase becomes "done"
-        self._phase = "pick" if method == "greg2" else "grow"
-        self._refresh_lambdas()
-        if method != "greg2":
-            self._select(range(n), self.backend.scores(self.layers))
-        if method == "l1" or n == 0:
+        self.schedule = Schedule(self.layers, method, hyper, self.device)
+        if method != "greg2":  # GReg-1 and L1 select on the weights as they are
+            self.schedule.select(self.backend.scores(self.layers))
+        if method == "l1" or not self.layers:
             self._prune()
 
     # ---- the torch.optim surface, passed through to the inner optimizer ----
@@ -199,15 +144,29 @@ class GrowingReg(torch.optim.Optimizer):
         return (f"GrowingReg(method={self.method}, phase={self.phase}, iteration={self.iteration}, "
                 f"layers={len(self.layers)}, backend={self.backend.name}, optimizer={type(self.optimizer).__name__})")
 
-    # ---- schedule ----
+    # ---- the schedule, as the user sees it ----
+    @property
+    def method(self) -> str:
+        return self.schedule.method
+
+    @property
+    def hyper(self) -> dict:
+        return self.schedule.hyper
+
     @property
     def phase(self) -> str:
-        return self._phase
+        return self.schedule.phase
 
     @property
     def done(self) -> bool:
-        return self._phase == "done"
+        return self.schedule.done
 
+    @property
+    def iteration(self) -> int:
+        """Completed (not skipped) steps."""
+        return self.schedule.iteration
+
+    # ---- one step ----
     def step(self, closure: Callable[[], Any] | None = None):
         self.plan.check_current()
         loss = None
@@ -233,8 +192,7 @@ class GrowingReg(torch.optim.Optimizer):
         else:
             self.apply_penalty()
             self.optimizer.step()
-        self.iteration += 1
-        if self._phase == "stabilize" and self.iteration >= self._stabilize_end:
+        if self.schedule.advance():
             self._prune()
         return loss
 
@@ -244,16 +202,15 @@ class GrowingReg(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
             with torch.no_grad():
-                self.backend.step(self._batch(), want_scores=False, mask=self._phase == "done")
-                lam = [torch.where(kept_bool(l, k), self._lam_kept32[i], self._lam_selected32[i])
-                       for i, (l, k) in enumerate(zip(self.layers, self._kept))]
-                energy = sum(0.5 * (expand_groups(l, g) * l.weight.detach().square()).sum()
-                             for l, g in zip(self.layers, lam))
+                self.backend.step(self._batch(), want_scores=False, mask=self.done)
+                energy = sum(0.5 * (expand_groups(l, lam) * l.weight.detach().square()).sum()
+                             for l, lam in zip(self.layers, self.schedule.group_lambdas32()))
             return loss + energy if loss is not None else loss
         return evaluate
 
     def _batch(self, sgd: SGDArgs | None = None) -> StepBatch:
-        return StepBatch(self.layers, self._kept, self._lam_kept32, self._lam_selected32, sgd)
+        s = self.schedule
+        return StepBatch(self.layers, s.kept, s.lam_kept32, s.lam_selected32, sgd)
 
     def apply_penalty(self) -> None:
         """Update λ when due, then ``grad += λ_g * w`` (once pruned: zero the removed groups'
@@ -265,162 +222,79 @@ class GrowingReg(torch.optim.Optimizer):
         """One pass over the regularized weights, penalty (and with ``fused`` the SGD update), with
         the λ update split around it: the λ of this step does not depend on this step's scores
         (increments come first, the pick happens while λ is uniform), so one pass serves both."""
-        done = self._phase == "done"
-        update = self._phase in ("pick", "grow") and self.iteration % self.hyper["interval"] == 0
-        pick_now = self._advance_counts() if update else False
-        # per-weight scores only when a pick needs them: kept they would cost 32 bits per weight
-        want_scores = update and (self._structured or pick_now)
+        done = self.done
+        update, pick_now = self.schedule.begin_step()
         sgd = None
         if fused:
             groups = self._fused_groups
             sgd = SGDArgs(buffers=[self._momentum_buffer(l.weight, g) for l, g in zip(self.layers, groups)],
                           lr=[g["lr"] for g in groups], momentum=[g["momentum"] for g in groups],
                           weight_decay=[g["weight_decay"] for g in groups])
-        scores = self.backend.step(self._batch(sgd), want_scores=want_scores, mask=done)
+        scores = self.backend.step(self._batch(sgd), want_scores=self.schedule.wants_scores(update, pick_now),
+                                   mask=done)
         if done:
-            self._zero_removed(grads=True)
+            self._zero_removed_grads()
         if update:
-            self._decide(scores, pick_now)
+            self.schedule.end_step(scores, pick_now)
 
-    def _advance_counts(self) -> bool:
-        """The score-independent half of a λ update; True when GReg-2 picks at this update."""
-        pick_now = False
-        if not self._picked:
-            self._n_pick += 1
-            if _reached(self._n_pick * self.hyper["pick_delta"], self.hyper["pick_ceiling"]):
-                self._picked, self._phase, pick_now = True, "grow", True
-        else:
-            self._n_grow += ~self._finished
-        self._refresh_lambdas()
-        return pick_now
-
-    def _decide(self, scores: list[torch.Tensor], pick_now: bool) -> None:
-        """The score-dependent half: picks, magnitude ratios, finishing; one host sync."""
-        h = self.hyper
-        if self._structured:
-            self._scores = scores
-        if pick_now:
-            self._select(range(len(self.layers)), scores)  # on the current weights
-        if not self._picked:
-            return
-        active = ~self._finished
-        over_ceiling = torch.maximum(self._lam_selected, self._lam_kept) > h["ceiling"]
-        if self._structured:
-            ratio = self._magnitude_ratios(scores)
-            smoothed = torch.where(self._hist.isnan(), ratio, _SMOOTHING * self._hist + (1 - _SMOOTHING) * ratio)
-            self._hist = torch.where(active, smoothed, self._hist)
-            strong = self._hist >= h["mag_ratio_limit"]
-            if self.method == "greg1":  # GReg-1 stops on the ratio of every pruned layer
-                strong = strong.all().expand_as(strong)
-            finish = over_ceiling | strong
-        else:  # too costly per element in the reference, and not part of the method there
-            finish = over_ceiling
-        self._finished |= active & finish
-        _from_rank0(self._finished, self._hist)
-        if bool(self._finished.all()):
-            self._phase = "stabilize"
-            self._stabilize_end = self.iteration + h["stabilize"] + 1
-
-    def _magnitude_ratios(self, scores: list[torch.Tensor]) -> torch.Tensor:
-        """Mean score of kept groups / mean score of removed groups, every layer at once
-        (float64 segment sums over the flat score and mask buffers; no host sync)."""
-        s = torch.cat(scores).to(torch.float64)
-        k = self._kept_flat.to(torch.float64)
-        sums = torch.zeros(4, len(self.layers), dtype=torch.float64, device=s.device)
-        for row, values in enumerate((s * k, k, s * (1 - k), 1 - k)):
-            sums[row].index_add_(0, self._segment, values)
-        return (sums[0] / sums[1]) / (sums[2] / sums[3])
-
-    def _refresh_lambdas(self) -> None:
-        h = self.hyper
-        pick = self._n_pick * h["pick_delta"]
-        self._lam_selected = pick + self._n_grow.to(torch.float64) * h["delta"]
-        if self.method == "greg2":
-            self._lam_kept = torch.where(self._n_grow > 0, torch.full_like(self._lam_selected, h["recover"]),
-                                         torch.full_like(self._lam_selected, pick))
-        else:
-            self._lam_kept = torch.zeros_like(self._lam_selected)
-        # the kernels take fp32 λ; after pruning there is no penalty
-        done = self._phase == "done"
-        self._lam_selected32 = torch.zeros_like(self._lam_selected, dtype=torch.float32) if done else \
-            self._lam_selected.float()
-        self._lam_kept32 = torch.zeros_like(self._lam_kept, dtype=torch.float32) if done else self._lam_kept.float()
-
-    def _select(self, indices, scores) -> None:
-        """Each layer drops its ``n_prune`` lowest-score groups (ties: lowest index first)."""
-        for i in indices:
-            order = torch.sort(scores[i], stable=True).indices
-            kept = torch.ones(self.layers[i].n_groups, dtype=torch.bool, device=self.device)
-            kept[order[: self.layers[i].n_prune]] = False
-            self._kept[i].copy_(kept if self._structured else pack_bits(kept))
-        _from_rank0(self._kept_flat)
-
+    # ---- after pruning: removed groups stay exactly zero ----
     def _prune(self) -> None:
-        self._phase = "done"
-        self._refresh_lambdas()
-        self._zero_removed(grads=False)
-
-    @torch.no_grad()
-    def _zero_removed(self, grads: bool) -> None:
-        """Zero removed groups: in the gradients of biases and BatchNorms every step after pruning
-        (the backend's masked pass does the weights), or once at pruning in the weights and in every
+        """Zero the removed groups in the weights, biases, following BatchNorms and in every
         optimizer state tensor shaped like them, so that SGD (momentum, weight decay), Adam and
-        AdamW leave those entries exactly zero."""
-        for layer, kept in zip(self.layers, self._kept):
-            if grads and layer.granularity == "weight":
-                continue  # nothing but the weight, which the backend has masked
-            for tensor, keep in masked_tensors(self.plan, layer, kept):
-                if grads and tensor is layer.weight:
-                    continue
-                if grads:
-                    if tensor.grad is not None:
-                        tensor.grad.masked_fill_(~keep, 0)
-                    continue
-                tensor.masked_fill_(~keep, 0)
-                for value in self.optimizer.state.get(tensor, {}).values():
-                    if isinstance(value, torch.Tensor) and value.shape == tensor.shape:
-                        value.masked_fill_(~keep, 0)
+        AdamW leave those entries at zero; the backend's masked pass keeps them there."""
+        self.schedule.finish()
+        with torch.no_grad():
+            for layer, kept in zip(self.layers, self.schedule.kept):
+                for tensor, keep in masked_tensors(self.plan, layer, kept):
+                    tensor.masked_fill_(~keep, 0)
+                    for value in self.optimizer.state.get(tensor, {}).values():
+                        if isinstance(value, torch.Tensor) and value.shape == tensor.shape:
+                            value.masked_fill_(~keep, 0)
 
-    def state_bytes(self) -> int:
-        """Bytes the schedule keeps on the device besides the optimizer: masks (a bool per group,
-        or a bit per weight for unstructured layers), per-layer counts, ratios and λ, and the
-        latest group scores of structured layers."""
-        tensors = [self._kept_flat, self._n_grow, self._finished, self._hist, self._segment,
-                   self._lam_selected, self._lam_kept, self._lam_selected32, self._lam_kept32]
-        tensors += [s for s in self._scores if s is not None]
-        return sum(t.numel() * t.element_size() for t in tensors)
+    def _zero_removed_grads(self) -> None:
+        """Every step after pruning: the removed groups' gradients of biases and BatchNorms (the
+        backend's masked pass does the weights)."""
+        for layer, kept in zip(self.layers, self.schedule.kept):
+            if layer.granularity == "weight":
+                continue  # nothing but the weight
+            for tensor, keep in masked_tensors(self.plan, layer, kept):
+                if tensor is not layer.weight and tensor.grad is not None:
+                    tensor.grad.masked_fill_(~keep, 0)
 
     # ---- views of the state ----
+    def state_bytes(self) -> int:
+        """Bytes the schedule keeps on the device besides the optimizer (see Schedule.state_bytes)."""
+        return self.schedule.state_bytes()
+
     def masks(self) -> dict[str, torch.Tensor]:
         """``{layer: bool mask}``, True = kept, for every planned layer (all True where nothing is
         selected yet or nothing is pruned): ``[n_groups]`` for filters and channels, the weight's
         shape for unstructured layers (so that ``weight * mask`` is the pruned weight)."""
         def shaped(layer, kept):
             return kept.view(layer.weight.shape) if layer.granularity == "weight" else kept
-        kept = dict(zip((l.name for l in self.layers), self._kept))
+        kept = dict(zip((l.name for l in self.layers), self.schedule.kept))
         return {l.name: shaped(l, kept_bool(l, kept[l.name]).clone() if l.name in kept else
                                torch.ones(l.n_groups, dtype=torch.bool, device=self.device))
                 for l in self.plan.layers}
 
     def penalties(self) -> dict[str, torch.Tensor]:
         """Current λ per group, ``{layer: float64 [n_groups]}``, for the regularized layers."""
-        return {l.name: torch.where(kept_bool(l, k), self._lam_kept[i], self._lam_selected[i])
-                for i, (l, k) in enumerate(zip(self.layers, self._kept))}
+        return self.schedule.penalties()
 
     def lambdas(self) -> dict[str, tuple[float, float]]:
         """``{layer: (λ selected, λ kept)}`` as Python floats (one host sync)."""
-        sel, kept = self._lam_selected.tolist(), self._lam_kept.tolist()
-        return {l.name: (s, k) for l, s, k in zip(self.layers, sel, kept)}
+        return self.schedule.lambdas()
 
     def scores(self) -> dict[str, torch.Tensor]:
         """Per-group scores (mean |w|) computed at the latest λ update (now, if none yet)."""
-        if not self._structured or any(s is None for s in self._scores):
-            return dict(zip((l.name for l in self.layers), self.backend.scores(self.layers)))
-        return dict(zip((l.name for l in self.layers), self._scores))
+        last = self.schedule.last_scores
+        if not self.schedule.structured or any(s is None for s in last):
+            last = self.backend.scores(self.layers)
+        return dict(zip((l.name for l in self.layers), last))
 
     def magnitude_ratios(self) -> dict[str, float]:
         """Smoothed magnitude ratio (mean kept score / mean removed score) per layer, NaN before any."""
-        return dict(zip((l.name for l in self.layers), self._hist.tolist()))
+        return self.schedule.magnitude_ratios()
 
     # ---- checkpointing ----
     def state_dict(self) -> dict:
@@ -428,78 +302,25 @@ class GrowingReg(torch.optim.Optimizer):
         State-dict hooks registered on this wrapper run as on any optimizer."""
         for hook in self._optimizer_state_dict_pre_hooks.values():
             hook(self)
-        state = self._state_dict()
+        state = {"optimizer": self.optimizer.state_dict(),
+                 "greg": {**self.schedule.state_dict(), "skipped_steps": self.skipped_steps}}
         for hook in self._optimizer_state_dict_post_hooks.values():
             state = hook(self, state) or state
         return state
 
-    def _state_dict(self) -> dict:
-        return {
-            "optimizer": self.optimizer.state_dict(),
-            "greg": {
-                "method": self.method, "hyper": dict(self.hyper), "phase": self._phase,
-                "layers": [l.name for l in self.layers], "n_groups": [l.n_groups for l in self.layers],
-                "n_prune": [l.n_prune for l in self.layers], "granularity": [l.granularity for l in self.layers],
-                "iteration": self.iteration, "n_pick": self._n_pick,
-                "skipped_steps": self.skipped_steps,
-                "picked": self._picked, "stabilize_end": self._stabilize_end,
-                "n_grow": self._n_grow.clone(), "finished": self._finished.clone(), "hist": self._hist.clone(),
-                "kept": [k.clone() for k in self._kept],
-                "scores": [s.clone() if s is not None else None for s in self._scores],
-            },
-        }
-
     def load_state_dict(self, state_dict: dict) -> None:
         for hook in self._optimizer_load_state_dict_pre_hooks.values():
             state_dict = hook(self, state_dict) or state_dict
-        self._load_state_dict(state_dict)
-        for hook in self._optimizer_load_state_dict_post_hooks.values():
-            hook(self)
-
-    def _load_state_dict(self, state_dict: dict) -> None:
         try:
-            g = state_dict["greg"]
-            opt = state_dict["optimizer"]
+            g, opt = state_dict["greg"], state_dict["optimizer"]
         except (KeyError, TypeError) as err:
             raise ValueError("not a GrowingReg state_dict (expected keys 'optimizer' and 'greg')") from err
-        if g["method"] != self.method:
-            raise ValueError(f"checkpoint is for method {g['method']!r}, this GrowingReg runs {self.method!r}")
-        names, groups = [l.name for l in self.layers], [l.n_groups for l in self.layers]
-        if g["layers"] != names or g["n_groups"] != groups:
-            raise ValueError("checkpoint was saved for other layers: "
-                             f"{list(zip(g['layers'], g['n_groups']))[:4]}... vs {list(zip(names, groups))[:4]}...")
-        for key in ("n_prune", "granularity"):
-            mine = [getattr(l, key) for l in self.layers]
-            if key in g and g[key] != mine:
-                bad = next(i for i, (a, b) in enumerate(zip(g[key], mine)) if a != b)
-                raise ValueError(f"checkpoint was saved for a plan with other {key}: layer {names[bad]!r} has "
-                                 f"{key}={g[key][bad]!r} there, {mine[bad]!r} in this plan")
-        for key, value in self.hyper.items():
-            if g["hyper"].get(key) != value:
-                raise ValueError(f"checkpoint was saved with {key}={g['hyper'].get(key)!r}, "
-                                 f"this GrowingReg has {key}={value!r}")
-        if g["phase"] not in PHASES:
-            raise ValueError(f"checkpoint has unknown phase {g['phase']!r}")
-        dev = self.device
-        kept = [k.to(dev) for k in g["kept"]]
-        if [(k.dtype, k.shape) for k in kept] != [(v.dtype, v.shape) for v in self._kept]:
-            raise ValueError("checkpoint masks do not match this plan's layers")
-        for layer, k in zip(self.layers, kept):  # a selection removes exactly n_prune groups
-            removed = layer.n_groups - int(kept_bool(layer, k).sum())
-            if removed not in (0, layer.n_prune) or (removed == 0 and g["picked"] and layer.n_prune):
-                raise ValueError(f"checkpoint mask of {layer.name!r} removes {removed} groups, this plan "
-                                 f"prunes {layer.n_prune}: it was saved for a plan with other ratios")
+        kept = self.schedule.check_state_dict(g)  # everything checked before anything is loaded
         self.optimizer.load_state_dict(opt)
-        self._phase, self.iteration = g["phase"], g["iteration"]
-        self._n_pick, self._picked, self._stabilize_end = g["n_pick"], g["picked"], g["stabilize_end"]
+        self.schedule.load_state_dict(g, kept)
         self.skipped_steps = g.get("skipped_steps", 0)
-        self._n_grow = g["n_grow"].to(dev, torch.int64)
-        self._finished = g["finished"].to(dev, torch.bool)
-        self._hist = g["hist"].to(dev, torch.float64)
-        for view, k in zip(self._kept, kept):
-            view.copy_(k)
-        self._scores = [s.to(dev) if s is not None else None for s in g["scores"]]
-        self._refresh_lambdas()
+        for hook in self._optimizer_load_state_dict_post_hooks.values():
+            hook(self)
 
     def _check_fusable(self) -> None:
         if type(self.optimizer) is not torch.optim.SGD:
