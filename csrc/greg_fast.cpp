@@ -155,13 +155,19 @@ bool walkable(const at::Tensor& t, const at::Tensor& w, int64_t A, int64_t B) {
          w.is_contiguous(at::MemoryFormat::ChannelsLast);
 }
 
+// A dtype or layout the loops cannot walk is a refusal (NotImplementedError in Python: the caller
+// sends those layers through eager, see greg_fast.backend.base.eligible); any other failed check
+// is a bug and stays a RuntimeError. Every check runs before anything is written.
 void check_tensor(const at::Tensor& t, const char* what, int64_t i, const at::Tensor& like, const Layer& layer) {
   TORCH_CHECK(t.device().is_cpu(), what, "[", i, "] must be a CPU tensor, got ", t.device());
-  TORCH_CHECK(t.scalar_type() == like.scalar_type(), what, "[", i, "] has dtype ", t.scalar_type(),
-              " but the weight has ", like.scalar_type());
+  const auto dtype = like.scalar_type();
+  TORCH_CHECK_NOT_IMPLEMENTED(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, what, "[", i,
+                              "] has dtype ", dtype, ": the kernel takes fp32, fp16 and bf16");
+  TORCH_CHECK_NOT_IMPLEMENTED(t.scalar_type() == dtype, what, "[", i, "] has dtype ", t.scalar_type(),
+                              " but the weight has ", dtype);
   TORCH_CHECK(t.numel() == like.numel(), what, "[", i, "] has ", t.numel(), " elements, the weight ", like.numel());
-  TORCH_CHECK(walkable(t, like, layer.A, layer.B), what, "[", i,
-              "] must be contiguous (or, for filter groups, channels_last like the weight)");
+  TORCH_CHECK_NOT_IMPLEMENTED(walkable(t, like, layer.A, layer.B), what, "[", i,
+                              "] must be contiguous (or, for filter groups, channels_last like the weight)");
 }
 
 std::vector<Layer> make_layers(at::TensorList weights, at::IntArrayRef views, const at::Tensor& scores) {

@@ -1,7 +1,10 @@
 """The C++ backend (csrc/greg_fast.cpp through greg_fast.ops): one call for all layers of CPU
 tensors, OpenMP over (layer, block of groups), fp32 accumulation for fp32 / bf16 / fp16 weights.
-Layers the kernel cannot walk (see base.eligible) are sorted out before the call and go through
-eager; an error from the op itself is a bug and propagates."""
+
+All layers go into one call first: the op checks every tensor before it writes anything and
+refuses a dtype or layout it cannot walk with NotImplementedError; only then are the layers
+sorted by base.eligible, the rest going through eager (sorting every step would cost more host
+time than the step on small models). Any other error from the op is a bug and propagates."""
 from __future__ import annotations
 
 import torch
@@ -36,6 +39,8 @@ def _step(batch: base.StepBatch, *, want_scores: bool, mask: bool):
     out = base.score_buffer(batch, want_scores, "cpu")
     weights = [l.weight for l in batch.layers]
     grads = [w.grad for w in weights]
+    if any(g is None for g in grads):
+        raise NotImplementedError("a layer without a gradient")  # eager handles those
     if batch.sgd is None:
         ops.penalty_(weights, grads, batch.kept, batch.lam_kept, batch.lam_selected, batch.views, mask=mask,
                      scores=out)
@@ -47,4 +52,7 @@ def _step(batch: base.StepBatch, *, want_scores: bool, mask: bool):
 
 
 def step(batch: base.StepBatch, *, want_scores: bool, mask: bool):
-    return base.split_run(_step, batch, want_scores=want_scores, mask=mask)
+    try:
+        return _step(batch, want_scores=want_scores, mask=mask)
+    except NotImplementedError:  # a refusal, before anything was written
+        return base.split_run(_step, batch, want_scores=want_scores, mask=mask)
