@@ -175,8 +175,8 @@ def _maps_zero_to_zero(fn, node: fx.Node, shape, dtype) -> bool:
     all zeros in the masked model and must stay zero for the cut model to compute the same."""
     if any(isinstance(a, fx.Node) for a in list(node.args[1:]) + list(node.kwargs.values())):
         return False  # an argument computed at run time: cannot evaluate it here
-    with torch.no_grad():
-        out = fn(torch.zeros(shape, dtype=dtype), *node.args[1:], **node.kwargs)
+    with torch.no_grad():  # one element per axis: elementwise, so the value is all that matters
+        out = fn(torch.zeros((1,) * len(shape), dtype=dtype), *node.args[1:], **node.kwargs)
     return isinstance(out, torch.Tensor) and bool((out == 0).all())
 
 
