@@ -49,6 +49,8 @@ _ELEMENTWISE_FUNCTIONS = {F.relu, F.relu_, torch.relu, torch.relu_, F.relu6, F.l
 _ELEMENTWISE_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "contiguous"}
 _RESHAPE_METHODS = {"view", "reshape", "flatten"}
 _PERMUTES = {"permute", "transpose", torch.permute, torch.transpose}
+# Reductions over other axes than the channels' (global pooling as x.mean((2, 3))): 0 stays 0.
+_REDUCTIONS = {"mean", "sum", "amax", "amin", torch.mean, torch.sum, torch.amax, torch.amin}
 _METADATA_METHODS = {"size", "dim", "numel"}  # uses that read the shape, not the values
 _ADDS = {operator.add, operator.iadd, torch.add, operator.sub, torch.sub}
 _CONCATS = {torch.cat, torch.concat, torch.stack}
@@ -170,6 +172,18 @@ def _permuted(node: fx.Node, ndim: int, at: _Axis) -> _Axis | None:
     return _Axis([d % ndim for d in dims].index(at.dim), at.block)
 
 
+def _reduced(node: fx.Node, ndim: int, at: _Axis) -> _Axis | None:
+    """The channels' axis after a reduction over other axes, or None if it reduces over them."""
+    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+    if dims is None or not isinstance(keepdim, bool):
+        return None  # over everything, or written so that it cannot be read here
+    dims = {d % ndim for d in ((dims,) if isinstance(dims, int) else dims)}
+    if at.dim in dims:
+        return None
+    return _Axis(at.dim if keepdim else at.dim - sum(d < at.dim for d in dims), at.block)
+
+
 def _maps_zero_to_zero(fn, node: fx.Node, shape, dtype) -> bool:
     """Evaluate an elementwise op at 0 (with the call's other arguments): a removed channel is
     all zeros in the masked model and must stay zero for the cut model to compute the same."""
@@ -244,6 +258,9 @@ def _step(node: fx.Node, src: fx.Node, at: _Axis, channels: int, modules: dict, 
         if at.dim >= ndim - _POOL_FUNCTIONS[target]:
             return f"pooling '{node.name}' pools over the channel axis", None
         return None, at
+    if target in _REDUCTIONS:
+        new = _reduced(node, ndim, at)
+        return (None, new) if new else (f"{_describe(node)} reduces over the channel axis", None)
     if target in _PERMUTES:
         new = _permuted(node, ndim, at)
         return (None, new) if new else (f"cannot follow the channel axis through {_describe(node)}", None)
@@ -298,11 +315,11 @@ def _walk_backward(node: fx.Node, modules: dict, layer_names: set) -> tuple[str 
             if not isinstance(modules[node.target], passing):
                 return None, f"its input comes from unsupported module '{node.target}'"
         elif node.op == "call_function":
-            ok = _ELEMENTWISE_FUNCTIONS | set(_POOL_FUNCTIONS) | _PERMUTES | {torch.flatten, torch.reshape}
+            ok = _ELEMENTWISE_FUNCTIONS | set(_POOL_FUNCTIONS) | _PERMUTES | _REDUCTIONS | {torch.flatten, torch.reshape}
             if node.target not in ok:
                 return None, f"its input comes from {_describe(node)}"
         elif node.op == "call_method":
-            if node.target not in _ELEMENTWISE_METHODS | _RESHAPE_METHODS | _PERMUTES:
+            if node.target not in _ELEMENTWISE_METHODS | _RESHAPE_METHODS | _PERMUTES | _REDUCTIONS:
                 return None, f"its input comes from {_describe(node)}"
         else:
             return None, f"its input comes from {_describe(node)}"

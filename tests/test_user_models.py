@@ -263,6 +263,39 @@ def test_derived_widths_follow_the_pruned_channels(flatten):
     assert plan["c2"].consumers == ["fc"] and plan._deps["c2"].consumers[0].spatial == 16
 
 
+class GlobalPool(nn.Module):  # global pooling written as a reduction, SE-style 1x1 consumer
+    def __init__(self, reduce):
+        super().__init__()
+        self.reduce = reduce
+        self.c1, self.c2 = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.c2(self.reduce(torch.relu(self.c1(x))))
+
+
+@pytest.mark.parametrize("reduce,prunable", [
+    (lambda x: x.mean((2, 3), keepdim=True), True), (lambda x: torch.amax(x, dim=[-1, -2], keepdim=True), True),
+    (lambda x: x.sum(3).unsqueeze(3), False),  # unsqueeze: not followed (yet)
+    (lambda x: x.mean(1, keepdim=True).expand(-1, 8, -1, -1), False)])
+def test_reductions_over_other_axes_pass_the_channels(reduce, prunable):
+    plan = check_exact(GlobalPool(reduce), torch.zeros(1, 3, 8, 8))
+    assert ("c1" in [l.name for l in plan.layers]) == prunable
+    if not prunable:
+        assert "c1" in plan.excluded
+
+
+def test_a_mean_pooled_classifier_is_cut_through_the_reduction():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.fc = nn.Conv2d(3, 8, 3), nn.Linear(8, 5)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.c1(x)).mean((2, 3)))
+    plan = check_exact(Net(), torch.zeros(1, 3, 8, 8))
+    assert plan["c1"].consumers == ["fc"]
+
+
 def test_channels_follow_a_permute_to_a_pointwise_linear():
     plan = check_exact(ChannelsLastLinear(), torch.zeros(1, 3, 8, 8))
     assert plan["c1"].consumers == ["fc1"] and plan["fc1"].consumers == ["fc2"]
