@@ -1,4 +1,4 @@
-"""The ``greg-fast`` command: ``prune``, ``demo``, ``info`` and ``bench``."""
+"""The ``greg-fast`` command: ``prune``, ``demo``, ``recipes``, ``info`` and ``bench``."""
 from __future__ import annotations
 
 import argparse
@@ -13,6 +13,7 @@ import torch
 from . import __version__, data, models
 from .backend import ENV_VAR, auto_choice, backends
 from .hyper import METHODS, Hyper
+from .recipes import RECIPES, table as recipes_table
 from .plan import GRANULARITIES
 
 # The demo: digits, a CIFAR ResNet, GReg-1 at 0.5 on the prunable layers, a schedule shortened from
@@ -30,17 +31,24 @@ def _ratio_list(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of ratios") from err
 
 
-def _add_prune_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
-    req = not demo
-    p.add_argument("--model", required=req, choices=models.names())
-    p.add_argument("--data", required=req, choices=data.DATASETS)
+# What a run needs, from the command line or from --recipe.
+_REQUIRED = ("model", "data", "method", "finetune_epochs", "lr_ft", "out")
+
+
+def _add_prune_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--recipe", choices=list(RECIPES), default=None,
+                   help="the paper's settings for a model (see `greg-fast recipes`); explicit flags override them")
+    p.add_argument("--model", choices=models.names())
+    p.add_argument("--data", choices=data.DATASETS)
     p.add_argument("--data-dir", default=None, help="folder of cifar10/cifar100/imagefolder data")
-    p.add_argument("--method", required=req, choices=METHODS)
+    p.add_argument("--method", choices=METHODS)
     p.add_argument("--granularity", default="filter", choices=GRANULARITIES)
-    ratio = p.add_mutually_exclusive_group(required=req)
+    ratio = p.add_mutually_exclusive_group()
     ratio.add_argument("--ratio", type=float, help="pruning ratio of every prunable layer, in [0, 1)")
     ratio.add_argument("--stage-ratios", type=_ratio_list,
                        help="reference ResNet stage list 'stem,stage1,...,fc', e.g. 0,0.75,0.75,0.32,0")
+    p.add_argument("--skip", type=lambda text: text.split(","), default=None, metavar="GLOBS",
+                   help="layers (names or globs, comma-separated) kept whole")
     s = p.add_argument_group("schedule (reference CIFAR defaults)")
     for f in dataclasses.fields(Hyper):
         s.add_argument("--" + f.name.replace("_", "-"), type=int if f.type == "int" else float, default=f.default,
@@ -51,13 +59,13 @@ def _add_prune_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
     dense.add_argument("--pretrain-epochs", type=int, default=0, help="train the dense model this long first")
     dense.add_argument("--checkpoint", default=None, help="dense weights (state_dict or greg-fast model.pt)")
     t.add_argument("--lr-pretrain", type=float, default=0.1, help="peak lr of the cosine pretraining")
-    t.add_argument("--finetune-epochs", type=int, required=req)
-    t.add_argument("--lr-ft", required=req, help="fine-tune lr schedule 'epoch:lr,...', e.g. 0:0.01,60:0.001,90:1e-4")
+    t.add_argument("--finetune-epochs", type=int)
+    t.add_argument("--lr-ft", help="fine-tune lr schedule 'epoch:lr,...', e.g. 0:0.01,60:0.001,90:1e-4")
     t.add_argument("--momentum", type=float, default=0.9)
     t.add_argument("--weight-decay", type=float, default=5e-4)
     t.add_argument("--batch-size", type=int, default=128)
     t.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--out", required=req, help="output folder")
+    p.add_argument("--out", help="output folder")
     p.add_argument("--resume", default=None, metavar="DIR", help="continue the run whose --out is DIR")
     p.add_argument("--checkpoint-every", type=int, default=500, metavar="STEPS",
                    help="checkpoint interval in steps (also at every phase change and epoch end)")
@@ -67,9 +75,24 @@ def _add_prune_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars or plan table")
 
 
-def _check_dense_source(args, parser) -> None:
+def _prune_args(prune: argparse.ArgumentParser, argv) -> argparse.Namespace:
+    """Parse ``greg-fast prune``: a recipe's settings become the defaults, so that flags given
+    explicitly override them; then everything a run needs must be there."""
+    args = prune.parse_args(argv)
+    if args.recipe is not None:
+        settings = RECIPES[args.recipe].defaults()
+        if args.ratio is not None or args.stage_ratios is not None:  # the user's ratios replace the recipe's
+            settings.pop("ratio", None), settings.pop("stage_ratios", None)
+        prune.set_defaults(**settings)
+        args = prune.parse_args(argv)
+    missing = [f"--{k.replace('_', '-')}" for k in _REQUIRED if getattr(args, k) is None]
+    if args.ratio is None and args.stage_ratios is None:
+        missing.append("--ratio or --stage-ratios")
+    if missing:
+        prune.error(f"missing {', '.join(missing)} (or a --recipe that sets them)")
     if args.checkpoint is None and args.pretrain_epochs <= 0:
-        parser.error("give --pretrain-epochs N (> 0) or --checkpoint FILE for the dense model")
+        prune.error("give --pretrain-epochs N (> 0) or --checkpoint FILE for the dense model")
+    return args
 
 
 def info() -> None:
@@ -93,6 +116,7 @@ def info() -> None:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(prog="greg-fast", description=__doc__)
     parser.add_argument("--version", action="version", version=f"greg_fast {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -102,6 +126,7 @@ def main(argv=None) -> int:
     demo.add_argument("--out", default="runs/demo")
     demo.add_argument("--quiet", action="store_true")
     sub.add_parser("info", help="versions, device and available backends")
+    sub.add_parser("recipes", help="the paper's settings (prune --recipe NAME) with its reported results")
     b = sub.add_parser("bench", help="time one regularization step per provider on ResNet conv weights (CPU set)")
     b.add_argument("--models", default="resnet56,resnet50,resnet152")
     b.add_argument("--device", default="cpu")
@@ -110,6 +135,9 @@ def main(argv=None) -> int:
 
     if args.command == "info":
         info()
+        return 0
+    if args.command == "recipes":
+        print(recipes_table())
         return 0
     if args.command == "bench":
         from . import bench
@@ -127,7 +155,7 @@ def main(argv=None) -> int:
             old.unlink()
         args = prune.parse_args(DEMO_ARGS + ["--out", args.out] + (["--quiet"] if args.quiet else []))
     else:
-        _check_dense_source(args, prune)
+        args = _prune_args(prune, argv[argv.index("prune") + 1:])
     try:
         run(args)
     except (ValueError, TypeError, FileNotFoundError, FileExistsError, RuntimeError) as err:

@@ -33,12 +33,13 @@ from .io import save as save_model
 from .sparse import pack_model
 from .engine import GrowingReg
 from .hyper import Hyper
+from .recipes import RECIPES
 from .plan import count_flops, plan as make_plan, stage_ratios
 from .train import epoch_metrics, evaluate, lr_at, n_batches, parse_lr_schedule, train_epoch
 
 # Arguments that must agree between a run and its resume.
 _HYPER = tuple(f.name for f in dataclasses.fields(Hyper))
-_RUN_IDENTITY = ("model", "data", "method", "granularity", "ratio", "stage_ratios", *_HYPER,
+_RUN_IDENTITY = ("model", "data", "method", "granularity", "ratio", "stage_ratios", "skip", *_HYPER,
                  "pretrain_epochs", "checkpoint", "finetune_epochs", "lr_ft", "lr_pretrain", "lr_reg",
                  "momentum", "weight_decay", "batch_size", "seed")
 
@@ -189,7 +190,7 @@ class _Run:
         self.example = (self.data.train[0][0].unsqueeze(0).to(self.device),)
         ratios = stage_ratios(self.model, args.stage_ratios) if args.stage_ratios is not None else None
         self.plan = make_plan(self.model, args.ratio or 0.0, granularity=args.granularity, ratios=ratios,
-                              example_inputs=self.example)
+                              skip=getattr(args, "skip", None) or (), example_inputs=self.example)
         self.planned_cost = self.plan.cost()
         self.structured = args.granularity != "weight"
         self.state = RunState()
@@ -353,6 +354,8 @@ class _Run:
         dense_arch = models.create(args.model, self.data.num_classes, in_channels=self.data.in_channels)  # widths only
         latency = compare_latency(dense_arch, self.model, self.example)
         summary = _summary(args, state, self.planned_cost, self.structured, n_pruned, latency)
+        if getattr(args, "recipe", None) is not None:  # the paper's figures beside this run's
+            summary["recipe"] = {"name": args.recipe, "paper": RECIPES[args.recipe].paper}
         save_model(self.model, self.out / "model.pt", masks=None if self.structured else state.results["masks"])
         if not self.structured:  # unstructured: the kept weights in a compact format beside the dense file
             packed = pack_model(self.model, self._masks(), self.plan, "bitmap")
