@@ -43,3 +43,16 @@ def test_a_run_without_a_recipe_names_what_is_missing(capsys):
         main(["prune", "--method", "greg1", "--pretrain-epochs", "1"])
     err = capsys.readouterr().err
     assert "missing --model, --data, --finetune-epochs, --lr-ft, --out, --ratio or --stage-ratios" in err
+
+
+def test_a_recipe_sets_the_published_schedule(tmp_path, monkeypatch):
+    import greg_fast.job
+    seen = {}
+    monkeypatch.setattr(greg_fast.job, "run", lambda args: seen.update(vars(args)))
+    assert main(["prune", "--recipe", "resnet50-imagenet-2.31x", "--method", "greg2", "--checkpoint", "dense.pt",
+                 "--out", str(tmp_path / "o"), "--interval", "7"]) == 0
+    assert seen["model"] == "resnet50" and seen["data"] == "imagefolder"
+    assert seen["stage_ratios"] == [0, 0.6, 0.6, 0.6, 0.21, 0] and seen["ratio"] is None
+    assert seen["interval"] == 7  # given explicitly: beats the recipe's 5
+    assert (seen["stabilize"], seen["weight_decay"], seen["batch_size"], seen["finetune_epochs"]) == (40000, 1e-4, 256, 90)
+    assert seen["lr_ft"] == "0:0.01,30:0.001,60:0.0001,75:0.00001"
