@@ -251,6 +251,28 @@ TRAIN_STEPS = {"resnet56": (64, 32), "resnet50": (8, 224)}
 TRAIN_PROVIDERS = ("train_sgd", "train_greg", "train_greg_fused")
 
 
+def alternate(calls: dict[str, Callable[[], None]], rounds: int, device: torch.device, warmup: int = 1
+              ) -> dict[str, list[float]]:
+    """Seconds of every call in every round, the calls taken in turn (one of each per round), so
+    that load on a shared machine hits all of them alike; the first ``warmup`` rounds are dropped."""
+    times = {name: [] for name in calls}
+    for i in range(warmup + rounds):
+        for name, fn in calls.items():
+            synchronize(device)
+            start = time.perf_counter()
+            fn()
+            synchronize(device)
+            if i >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return times
+
+
+def ratio_spread(numerators: list[float], denominators: list[float]) -> tuple[float, list[float]]:
+    """Median and [10th, 90th percentile] of the per-round ratios."""
+    ratios = sorted(a / b for a, b in zip(numerators, denominators))
+    return statistics.median(ratios), [ratios[len(ratios) // 10], ratios[-1 - len(ratios) // 10]]
+
+
 def training_step_records(name: str, device: torch.device, rounds: int = 15) -> list[dict]:
     """One training step of ``name`` with plain SGD, under GrowingReg, and under GrowingReg with
     ``fused=True`` (defaults otherwise: NaN guard on, λ updated every 10 steps), timed in
@@ -264,30 +286,26 @@ def training_step_records(name: str, device: torch.device, rounds: int = 15) -> 
     x = torch.randn(batch, 3, size, size, device=device)
     y = torch.randint(0, [m for m in base.modules() if isinstance(m, torch.nn.Linear)][-1].out_features,
                       (batch,), device=device)
-    runs = {}
+    def training_step(model, opt):
+        def step():
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+        return step
+
+    steps = {}
     for provider in TRAIN_PROVIDERS:
         model = copy.deepcopy(base)
         opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)
         if provider != "train_sgd":
             opt = GrowingReg(opt, plan(model, 0.5, example_inputs=x[:1]), fused=provider == "train_greg_fused")
-        runs[provider] = (model, opt)
-    times = {k: [] for k in runs}
-    for i in range(rounds + 1):  # the first round warms up
-        for provider, (model, opt) in runs.items():
-            synchronize(device)
-            start = time.perf_counter()
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(model(x), y).backward()
-            opt.step()
-            synchronize(device)
-            if i:
-                times[provider].append(time.perf_counter() - start)
+        steps[provider] = training_step(model, opt)
+    times = alternate(steps, rounds, device)
     out = []
     for provider, t in times.items():
-        ratios = sorted(a / b for a, b in zip(t, times["train_sgd"]))
+        median, spread = ratio_spread(t, times["train_sgd"])
         out.append({"kind": "train_step", "model": name, "provider": provider, "batch": batch, "image": size,
-                    "seconds": statistics.median(t), "vs_train_sgd": statistics.median(ratios),
-                    "vs_train_sgd_p10_p90": [ratios[len(ratios) // 10], ratios[-1 - len(ratios) // 10]],
+                    "seconds": statistics.median(t), "vs_train_sgd": median, "vs_train_sgd_p10_p90": spread,
                     "rounds": rounds, "device": device_name(device), "threads": torch.get_num_threads(),
                     "torch": torch.__version__, "date": datetime.date.today().isoformat()})
     return out

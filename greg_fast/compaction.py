@@ -117,7 +117,7 @@ def compact(model: nn.Module, masks: Mapping[str, torch.Tensor], plan: Plan,
     tensors = [j[2].detach() for j in jobs] + [v for _, _, v in extra]
     rows = [j[3] for j in jobs] + [j[3] for j, _, _ in extra]
     cols = [j[4] for j in jobs] + [j[4] for j, _, _ in extra]
-    new = gather(tensors, rows, cols, backend=backend) if tensors else []
+    new = gather(tensors, rows, cols, backend=backend)
 
     # from here on nothing can fail: swap the tensors in
     replaced = {}

@@ -204,7 +204,7 @@ class GrowingReg(torch.optim.Optimizer):
             with torch.no_grad():
                 self.backend.step(self._batch(), want_scores=False, mask=self.done)
                 energy = sum(0.5 * (expand_groups(l, lam) * l.weight.detach().square()).sum()
-                             for l, lam in zip(self.layers, self.schedule.group_lambdas32()))
+                             for l, lam in zip(self.layers, self.schedule.group_lambdas(as_applied=True)))
             return loss + energy if loss is not None else loss
         return evaluate
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -190,8 +191,7 @@ class _Run:
         self.example = (self.data.train[0][0].unsqueeze(0).to(self.device),)
         ratios = stage_ratios(self.model, args.stage_ratios) if args.stage_ratios is not None else None
         self.plan = make_plan(self.model, args.ratio or 0.0, granularity=args.granularity, ratios=ratios,
-                              skip=getattr(args, "skip", None) or (), example_inputs=self.example)
-        self.planned_cost = self.plan.cost()
+                              skip=args.skip or (), example_inputs=self.example)
         self.structured = args.granularity != "weight"
         self.state = RunState()
         self.checkpoint = _load_latest(self.out, self.device) if args.resume is not None else None
@@ -350,11 +350,11 @@ class _Run:
         """Latency, summary, the model file (and sparse pack), the accuracy plot; the summary."""
         args, state, n_pruned = self.args, self.state, len(self.plan.pruned)
         if not self.main_rank:
-            return _summary(args, state, self.planned_cost, self.structured, n_pruned, latency=None)
+            return _summary(args, state, self.plan.cost(), self.structured, n_pruned, latency=None)
         dense_arch = models.create(args.model, self.data.num_classes, in_channels=self.data.in_channels)  # widths only
         latency = compare_latency(dense_arch, self.model, self.example)
-        summary = _summary(args, state, self.planned_cost, self.structured, n_pruned, latency)
-        if getattr(args, "recipe", None) is not None:  # the paper's figures beside this run's
+        summary = _summary(args, state, self.plan.cost(), self.structured, n_pruned, latency)
+        if args.recipe is not None:  # the paper's figures beside this run's
             summary["recipe"] = {"name": args.recipe, "paper": RECIPES[args.recipe].paper}
         save_model(self.model, self.out / "model.pt", masks=None if self.structured else state.results["masks"])
         if not self.structured:  # unstructured: the kept weights in a compact format beside the dense file
@@ -443,24 +443,19 @@ def compare_latency(dense, pruned, example, batches=(1, 64), rounds=31) -> dict:
     """CPU inference latency of the dense and the pruned model, timed in alternation (one call
     each per round) so that load on a shared machine hits both alike: per batch size, the median
     time of each and the median and 10th-90th percentile range of the per-round speed-up."""
-    dense, pruned = (copy.deepcopy(m).cpu().eval() for m in (dense, pruned))
+    from .bench import alternate, ratio_spread
+    timed = {"dense": copy.deepcopy(dense).cpu().eval(), "pruned": copy.deepcopy(pruned).cpu().eval()}
     x = example[0].cpu()
     out = {}
     with torch.no_grad():
         for b in batches:
             xb = x.expand(b, *x.shape[1:]).contiguous()
-            times = {"dense": [], "pruned": []}
-            for i in range(rounds + 2):
-                for name, m in (("dense", dense), ("pruned", pruned)):
-                    t = time.perf_counter()
-                    m(xb)
-                    if i >= 2:  # warm-up rounds
-                        times[name].append(time.perf_counter() - t)
-            ratios = sorted(d / p for d, p in zip(times["dense"], times["pruned"]))
+            times = alternate({k: functools.partial(m, xb) for k, m in timed.items()}, rounds,
+                              torch.device("cpu"), warmup=2)
+            speedup, spread = ratio_spread(times["dense"], times["pruned"])
             out[f"batch{b}"] = {"dense_ms": 1e3 * statistics.median(times["dense"]),
                                 "pruned_ms": 1e3 * statistics.median(times["pruned"]),
-                                "speedup": statistics.median(ratios),
-                                "speedup_p10_p90": [ratios[len(ratios) // 10], ratios[-1 - len(ratios) // 10]]}
+                                "speedup": speedup, "speedup_p10_p90": spread}
     return out
 
 

@@ -179,15 +179,16 @@ class Schedule:
         self.lam_kept32 = torch.zeros_like(self.lam_kept, dtype=torch.float32) if done else self.lam_kept.float()
 
     # ---- views ----
-    def group_lambdas32(self) -> list[torch.Tensor]:
-        """λ of every group, fp32 ``[n_groups]`` per layer, as the kernels apply it."""
-        return [torch.where(kept_bool(l, k), self.lam_kept32[i], self.lam_selected32[i])
+    def group_lambdas(self, as_applied: bool = False) -> list[torch.Tensor]:
+        """λ of every group, ``[n_groups]`` per layer: float64, or with ``as_applied`` the fp32
+        values the kernels apply (0 once pruned)."""
+        kept_lam, sel_lam = (self.lam_kept32, self.lam_selected32) if as_applied else (self.lam_kept, self.lam_selected)
+        return [torch.where(kept_bool(l, k), kept_lam[i], sel_lam[i])
                 for i, (l, k) in enumerate(zip(self.layers, self.kept))]
 
     def penalties(self) -> dict[str, torch.Tensor]:
         """Current λ per group, ``{layer: float64 [n_groups]}``."""
-        return {l.name: torch.where(kept_bool(l, k), self.lam_kept[i], self.lam_selected[i])
-                for i, (l, k) in enumerate(zip(self.layers, self.kept))}
+        return dict(zip((l.name for l in self.layers), self.group_lambdas()))
 
     def lambdas(self) -> dict[str, tuple[float, float]]:
         """``{layer: (λ selected, λ kept)}`` as Python floats (one host sync)."""

@@ -3,8 +3,8 @@
 ``auto`` takes the first available backend for the weights' device (CUDA: triton, then eager;
 CPU: cpp, then eager); ``GREG_FAST_BACKEND`` overrides ``auto`` from the environment; an
 explicitly named backend that cannot run raises with the reason instead of falling back.
-Each backend implements the step contract of :mod:`greg_fast.backends.base` (a
-:class:`~greg_fast.backends.base.StepBatch` in, group scores out).
+Each backend implements the step contract of :mod:`greg_fast.backend.base` (a
+:class:`~greg_fast.backend.base.StepBatch` in, group scores out).
 """
 from __future__ import annotations
 

@@ -4,8 +4,9 @@ A backend module provides ``name``, ``unavailable(device)``, ``scores(layers)`` 
 ``step(batch, *, want_scores, mask)``: one regularization step over a :class:`StepBatch`
 (``grad += λ_g·w``; with ``batch.sgd`` also weight decay, momentum and the SGD update), returning
 every layer's group scores when asked. :func:`eligible` is the only statement of which layers a
-compiled kernel can walk; the C++ op checks the same conditions as assertions, and the Triton
-launcher reads them through :func:`layout` and :func:`follows`, its per-step lean form.
+compiled kernel can walk; the Triton launcher reads it through :func:`layout` and :func:`follows`,
+and the C++ op checks the same conditions, refusing with NotImplementedError. A compiled backend
+takes all layers first and sorts them only on such a refusal (:func:`run_all_first`).
 """
 from __future__ import annotations
 
@@ -97,6 +98,16 @@ def score_buffer(batch: StepBatch, want_scores: bool, device) -> torch.Tensor:
 
 def split_scores(scores: torch.Tensor, layers: Sequence[LayerPlan]) -> list[torch.Tensor]:
     return list(scores.split([l.n_groups for l in layers]))
+
+
+def run_all_first(native: Callable, refused: type[Exception], batch: StepBatch, *, want_scores: bool, mask: bool):
+    """``native`` over the whole batch in one call; only if it refuses a layer (``refused``,
+    raised before anything is written) sort the layers with :func:`split_run`. Sorting every step
+    would cost more host time than the step itself on small models."""
+    try:
+        return native(batch, want_scores=want_scores, mask=mask)
+    except refused:
+        return split_run(native, batch, want_scores=want_scores, mask=mask)
 
 
 def split_run(native: Callable, batch: StepBatch, *, want_scores: bool, mask: bool):

@@ -1,10 +1,9 @@
 """The C++ backend (csrc/greg_fast.cpp through greg_fast.ops): one call for all layers of CPU
 tensors, OpenMP over (layer, block of groups), fp32 accumulation for fp32 / bf16 / fp16 weights.
 
-All layers go into one call first: the op checks every tensor before it writes anything and
-refuses a dtype or layout it cannot walk with NotImplementedError; only then are the layers
-sorted by base.eligible, the rest going through eager (sorting every step would cost more host
-time than the step on small models). Any other error from the op is a bug and propagates."""
+All layers go into one call first (base.run_all_first): the op checks every tensor before it
+writes anything and refuses a dtype or layout it cannot walk with NotImplementedError. Any other
+error from the op is a bug and propagates."""
 from __future__ import annotations
 
 import torch
@@ -26,13 +25,14 @@ def unavailable(device: torch.device) -> str | None:
 
 def scores(layers) -> list[torch.Tensor]:
     layers = list(layers)
-    walkable = [l.weight.dtype in base.DTYPES and base.layout(l.weight, l.view) is not False for l in layers]
-    fast = [l for l, ok in zip(layers, walkable) if ok]
-    out = torch.empty(sum(l.n_groups for l in fast), dtype=torch.float32)
-    if fast:
-        ops.scores_([l.weight.detach() for l in fast], [l.view for l in fast], out)
-    fast_scores = iter(base.split_scores(out, fast))
-    return [next(fast_scores) if ok else eager.group_scores(l) for l, ok in zip(layers, walkable)]
+    if not layers:
+        return []
+    out = torch.empty(sum(l.n_groups for l in layers), dtype=torch.float32)
+    try:
+        ops.scores_([l.weight.detach() for l in layers], [l.view for l in layers], out)
+    except NotImplementedError:  # a dtype or layout the op refuses (only at selections: not per step)
+        return eager.scores(layers)
+    return base.split_scores(out, layers)
 
 
 def _step(batch: base.StepBatch, *, want_scores: bool, mask: bool):
@@ -52,7 +52,4 @@ def _step(batch: base.StepBatch, *, want_scores: bool, mask: bool):
 
 
 def step(batch: base.StepBatch, *, want_scores: bool, mask: bool):
-    try:
-        return _step(batch, want_scores=want_scores, mask=mask)
-    except NotImplementedError:  # a refusal, before anything was written
-        return base.split_run(_step, batch, want_scores=want_scores, mask=mask)
+    return base.run_all_first(_step, NotImplementedError, batch, want_scores=want_scores, mask=mask)

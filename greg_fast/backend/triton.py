@@ -220,18 +220,11 @@ def scores(layers) -> list[torch.Tensor]:
 
 def _step(batch: base.StepBatch, *, want_scores: bool, mask: bool):
     k, sgd = _kernels(), batch.sgd
-    if sgd is None:
-        return _launch(batch.layers, batch.kept, batch.lam_kept, batch.lam_selected, mode=k.MODE_PENALTY.value,
-                       want_scores=want_scores, mask=mask)
-    return _launch(batch.layers, batch.kept, batch.lam_kept, batch.lam_selected, mode=k.MODE_SGD.value,
-                   want_scores=want_scores, mask=mask, buffers=sgd.buffers,
-                   hyper=list(zip(sgd.lr, sgd.momentum, sgd.weight_decay)))
+    fused = {} if sgd is None else {"buffers": sgd.buffers, "hyper": list(zip(sgd.lr, sgd.momentum, sgd.weight_decay))}
+    return _launch(batch.layers, batch.kept, batch.lam_kept, batch.lam_selected,
+                   mode=(k.MODE_PENALTY if sgd is None else k.MODE_SGD).value, want_scores=want_scores, mask=mask,
+                   **fused)
 
 
 def step(batch: base.StepBatch, *, want_scores: bool, mask: bool):
-    """All layers in one launch; only when the launcher refuses one (before writing anything) are
-    the layers sorted with base.split_run."""
-    try:
-        return _step(batch, want_scores=want_scores, mask=mask)
-    except _NeedsEager:
-        return base.split_run(_step, batch, want_scores=want_scores, mask=mask)
+    return base.run_all_first(_step, _NeedsEager, batch, want_scores=want_scores, mask=mask)
