@@ -106,7 +106,7 @@ def workload(name: str, device: torch.device, dtype=torch.float32) -> Workload:
     model = models.create(name).to(device=device, dtype=dtype)
     size = model.greg_input_size
     example = torch.zeros(1, *size[:1], 64, 64, device=device, dtype=dtype) if size[1] > 64 else None
-    p = plan(model, 0.5, example_inputs=example)
+    p = plan(model, 0.5, example_inputs=example, coupled=False)  # whole layer weights: bytes per step are theirs
     for param in model.parameters():
         param.grad = torch.randn_like(param) * 1e-3
     numel = sum(l.weight.numel() for l in p.pruned)
@@ -352,7 +352,7 @@ def memory_records(name: str = "resnet50") -> list[dict]:
     for granularity in ("filter", "channel", "weight"):
         torch.manual_seed(0)
         model = models.create(name)
-        p = plan(model, 0.5, granularity=granularity, example_inputs=torch.zeros(1, 3, 64, 64))
+        p = plan(model, 0.5, granularity=granularity, example_inputs=torch.zeros(1, 3, 64, 64), coupled=False)
         greg = GrowingReg(torch.optim.SGD(model.parameters(), lr=0.0), p)
         for param in model.parameters():
             param.grad = torch.zeros_like(param)

@@ -13,6 +13,7 @@ import torch
 from . import __version__, data, models
 from .backend import ENV_VAR, auto_choice, backends
 from .hyper import METHODS, Hyper
+from .plan import PENALIZE
 from .recipes import RECIPES, table as recipes_table
 from .plan import GRANULARITIES
 
@@ -43,6 +44,13 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", default=None, help="folder of cifar10/cifar100/imagefolder data")
     p.add_argument("--method", choices=METHODS)
     p.add_argument("--granularity", default="filter", choices=GRANULARITIES)
+    p.add_argument("--coupled", action=argparse.BooleanOptionalAction, default=None,
+                   help="prune coupled channel groups (residual streams, concats, depthwise and grouped convs, "
+                        "gating) as units; default: on for filters. --no-coupled plans single layers as the "
+                        "2021 reference does")
+    p.add_argument("--penalize", default="filters", choices=PENALIZE,
+                   help="what a coupled group's penalty applies to: its filter rows (the paper's method) or "
+                        "every parameter entry removed with it (default filters)")
     ratio = p.add_mutually_exclusive_group()
     ratio.add_argument("--ratio", type=float, help="pruning ratio of every prunable layer, in [0, 1)")
     ratio.add_argument("--stage-ratios", type=_ratio_list,

@@ -9,33 +9,15 @@ import torch.nn as nn
 
 from .masks import check_masks
 from . import ops
-from .graph import LAYER_TYPES
+from .graph import LAYER_TYPES, NORM_TYPES
 from .plan import Plan
 
-_NORM_TENSORS = ("weight", "bias", "running_mean", "running_var")
-
-
-def _indices(mask: torch.Tensor) -> torch.Tensor:
-    return mask.reshape(-1).nonzero().reshape(-1).cpu()
-
-
-def _expand(keep: torch.Tensor, spatial: int) -> torch.Tensor:
-    """Kept channels -> kept input features when each channel is ``spatial`` flattened features."""
-    if spatial == 1:
-        return keep
-    return (keep[:, None] * spatial + torch.arange(spatial)).reshape(-1)
-
-
-def cuts(masks: Mapping[str, torch.Tensor], plan: Plan) -> dict[str, dict[str, torch.Tensor]]:
-    """``{module name: {"out": kept output indices, "in": kept input indices}}`` implied by the masks:
-    a removed filter takes its weight row, bias, BatchNorm channel and every consumer's input
-    columns; a removed input channel (channel granularity) also takes its producer's filter."""
+def cuts(masks: Mapping[str, torch.Tensor], plan: Plan) -> dict[tuple[str, str], dict[int, torch.Tensor]]:
+    """``{(module name, tensor name): {axis: kept indices}}`` implied by the masks: every member of
+    a removed group loses that group's positions (a filter takes its weight row, bias, BatchNorm
+    channel and every consumer's input columns; a coupled group takes all of its tensors' entries)."""
     check_masks(plan, masks)
-    out: dict[str, dict[str, torch.Tensor]] = {}
-
-    def cut(name, side, keep):
-        out.setdefault(name, {})[side] = keep
-
+    keeps: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
     for layer in plan.layers:
         mask = masks.get(layer.name)
         if mask is None or bool(mask.all()):
@@ -43,20 +25,17 @@ def cuts(masks: Mapping[str, torch.Tensor], plan: Plan) -> dict[str, dict[str, t
         if layer.granularity == "weight":
             raise ValueError("unstructured (weight) plans remove nothing physically: keep the masks, or "
                              "export with greg_fast.sparse.pack")
-        keep = _indices(mask)
-        if keep.numel() == 0:
+        if not bool(mask.any()):
             raise ValueError(f"the mask of {layer.name!r} keeps no group: a layer cannot be removed whole")
-        if layer.granularity == "filter":
-            producer, consumers = layer.name, layer.consumers
-        else:
-            producer, consumers = layer.producer, [layer.name]
-        cut(producer, "out", keep)
-        for norm in plan.norms_of(producer):
-            cut(norm, "out", keep)
-        for consumer in consumers:
-            spatial = plan.module(consumer).weight.shape[1] // mask.numel()
-            cut(consumer, "in", _expand(keep, spatial))
-    return out
+        removed = ~mask.reshape(-1).cpu()
+        for key, positions in layer.members.items():
+            tensor = getattr(plan.module(key.module), key.tensor) if key.tensor else None
+            if tensor is None:
+                continue
+            axes = keeps.setdefault((key.module, key.tensor), {})
+            keep = axes.setdefault(key.axis, torch.ones(tensor.shape[key.axis], dtype=torch.bool))
+            keep[positions[removed].reshape(-1)] = False
+    return {at: {axis: keep.nonzero().view(-1) for axis, keep in axes.items()} for at, axes in keeps.items()}
 
 
 def _gather_torch(tensors, rows, cols) -> list[torch.Tensor]:
@@ -101,16 +80,9 @@ def compact(model: nn.Module, masks: Mapping[str, torch.Tensor], plan: Plan,
         return model
     empty = torch.empty(0, dtype=torch.int64)
     jobs = []  # (module, attribute, old tensor, rows, cols)
-    for name, cut in plan_cuts.items():
+    for (name, attr), axes in plan_cuts.items():
         module = plan.module(name)
-        rows, cols = cut.get("out", empty), cut.get("in", empty)
-        if isinstance(module, LAYER_TYPES):
-            jobs.append((module, "weight", module.weight, rows, cols))
-            if module.bias is not None:
-                jobs.append((module, "bias", module.bias, rows, empty))
-        else:  # a BatchNorm (an affine-free one without running statistics has no tensor to cut)
-            jobs += [(module, a, getattr(module, a), rows, empty) for a in _NORM_TENSORS
-                     if getattr(module, a) is not None]
+        jobs.append((module, attr, getattr(module, attr), axes.get(0, empty), axes.get(1, empty)))
     state = optimizer.state if optimizer is not None else {}
     extra = [(job, key, value) for job in jobs for key, value in state.get(job[2], {}).items()
              if isinstance(value, torch.Tensor) and value.shape == job[2].shape]
@@ -128,9 +100,13 @@ def compact(model: nn.Module, masks: Mapping[str, torch.Tensor], plan: Plan,
             setattr(module, attr, param)
         else:
             setattr(module, attr, tensor)
-    for name, cut in plan_cuts.items():
-        kept_out = cut.get("out")
-        set_widths(plan.module(name), None if kept_out is None else kept_out.numel())
+    for name in dict.fromkeys(name for name, _ in plan_cuts):
+        set_widths(plan.module(name))
+    for layer in plan.layers:  # BatchNorms without any tensor (affine=False, no running stats)
+        for norm in layer.norms:
+            bn = plan.module(norm)
+            if bn.weight is None and bn.running_mean is None and layer.name in masks:
+                bn.num_features -= int((~masks[layer.name]).sum())
     if optimizer is not None:
         moved = {}
         for ((_, _, old, _, _), key, _), tensor in zip(extra, new[len(jobs):]):
@@ -146,15 +122,14 @@ def compact(model: nn.Module, masks: Mapping[str, torch.Tensor], plan: Plan,
     return model
 
 
-def set_widths(module: nn.Module, out_width: int | None = None) -> None:
-    """Make a module's size attributes agree with its (cut) tensors; ``out_width`` gives a
-    BatchNorm's width when it holds no tensor (affine=False, track_running_stats=False)."""
-    w = module.weight
+def set_widths(module: nn.Module) -> None:
+    """Make a module's size attributes agree with its (cut) tensors."""
+    w = getattr(module, "weight", None)
     if isinstance(module, nn.Linear):
         module.out_features, module.in_features = w.shape
     elif isinstance(module, LAYER_TYPES):
+        if module.groups > 1 and module.in_channels == module.groups:  # depthwise: a group per input channel
+            module.groups = w.shape[0] // (module.out_channels // module.groups)
         module.out_channels, module.in_channels = w.shape[0], w.shape[1] * module.groups
-    elif out_width is not None:
-        module.num_features = out_width
-    else:
+    elif isinstance(module, NORM_TYPES):
         module.num_features = (module.running_mean if module.running_mean is not None else w).shape[0]

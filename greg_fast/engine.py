@@ -17,8 +17,9 @@ import torch
 from .backend import SGDArgs, StepBatch, module as backend_module, resolve as resolve_backend
 from .hyper import Hyper
 from .masks import expand_groups, kept_bool, masked_tensors
-from .plan import Plan
+from .plan import PENALIZE, Plan, Slice
 from .schedule import Schedule
+from .slices import SliceMap
 from .train import grads_finite
 
 
@@ -42,6 +43,11 @@ class GrowingReg(torch.optim.Optimizer):
     never advance) ``step()`` raises. The check is the only host sync outside λ updates;
     ``nan_guard=False`` (e.g. under a GradScaler, which guards itself) makes ordinary steps sync-free.
 
+    For a coupled plan, ``penalize`` says what a group's λ applies to and its score averages over:
+    ``"filters"`` (its producers' and depthwise convs' filter rows: on an uncoupled layer exactly the
+    reference's method) or ``"group"`` (every parameter entry that goes with the channel: also
+    biases, BatchNorm weight and bias, layer scales and the consumers' columns).
+
     ``step(closure)`` evaluates the closure once for the schedule; an inner optimizer that needs
     the closure itself (LBFGS) gets one that adds the penalty to every re-evaluation (gradient
     ``λ_g·w`` and loss ``½ Σ λ_g ‖w_g‖²``).
@@ -56,7 +62,7 @@ class GrowingReg(torch.optim.Optimizer):
 
     def __init__(self, optimizer: torch.optim.Optimizer, plan: Plan, *, method: str = "greg1",
                  backend: str = "auto", fused: bool = False, nan_guard: bool = True,
-                 max_skipped_in_a_row: int = 100, **settings):
+                 max_skipped_in_a_row: int = 100, penalize: str = "filters", **settings):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"GrowingReg wraps a torch.optim optimizer, e.g. GrowingReg(torch.optim.SGD("
                             f"model.parameters(), lr=1e-3), plan); got {type(optimizer).__name__}")
@@ -68,7 +74,14 @@ class GrowingReg(torch.optim.Optimizer):
         hyper = Hyper.from_settings(method, **settings)
         if not isinstance(max_skipped_in_a_row, int) or max_skipped_in_a_row < 1:
             raise ValueError(f"max_skipped_in_a_row must be an integer >= 1, got {max_skipped_in_a_row!r}")
-        frozen = [l.name for l in plan.pruned if not l.weight.requires_grad]
+        if penalize not in PENALIZE:
+            raise ValueError(f"penalize must be one of {PENALIZE}, got {penalize!r}")
+        self.penalize = penalize
+        self._map = SliceMap(plan.pruned, plan.module, penalize,
+                             next((l.weight.device for l in plan.layers), torch.device("cpu")), whole=fused)
+        self._removed = None  # after pruning: (tensor, removed entries) whose gradients stay zero
+        self.slices = self._map.slices
+        frozen = [l.name for l in plan.pruned if not all(s.param.requires_grad for s in l.slices(plan.module, penalize))]
         if frozen:
             warnings.warn(f"planned layers {frozen[:5]} are frozen (requires_grad=False): they get no "
                           "gradient, so they lose their groups without being regularized", stacklevel=2)
@@ -89,13 +102,13 @@ class GrowingReg(torch.optim.Optimizer):
         self._skipped_in_a_row = 0
         if fused:
             group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
-            self._fused_groups = [group_of[id(l.weight)] for l in self.layers]
+            self._fused_groups = [group_of[id(s.param)] for s in self.slices]
             self._check_fusable()
-            fused_ids = {id(l.weight) for l in self.layers}
+            fused_ids = {id(s.param) for s in self.slices}
             self._others = [p for g in optimizer.param_groups for p in g["params"] if id(p) not in fused_ids]
         self.schedule = Schedule(self.layers, method, hyper, self.device)
         if method != "greg2":  # GReg-1 and L1 select on the weights as they are
-            self.schedule.select(self.backend.scores(self.layers))
+            self.schedule.select(self._map.unit_scores(self.backend.scores(self.slices)))
         if method == "l1" or not self.layers:
             self._prune()
 
@@ -203,14 +216,18 @@ class GrowingReg(torch.optim.Optimizer):
                 loss = closure()
             with torch.no_grad():
                 self.backend.step(self._batch(), want_scores=False, mask=self.done)
-                energy = sum(0.5 * (expand_groups(l, lam) * l.weight.detach().square()).sum()
-                             for l, lam in zip(self.layers, self.schedule.group_lambdas(as_applied=True)))
+                per_unit = self.schedule.group_lambdas(as_applied=True)
+                lams = per_unit if self._map.identity else \
+                    [per_unit[u][c] for u, c in zip(self._map._unit_of, self._map.channels)]
+                energy = sum(0.5 * (expand_groups(s, lam) * s.weight.detach().square()).sum()
+                             for s, lam in zip(self.slices, lams))
             return loss + energy if loss is not None else loss
         return evaluate
 
     def _batch(self, sgd: SGDArgs | None = None) -> StepBatch:
-        s = self.schedule
-        return StepBatch(self.layers, s.kept, s.lam_kept32, s.lam_selected32, sgd)
+        s, m = self.schedule, self._map
+        return StepBatch(self.slices, m.kept(s.kept, s.version), m.per_slice(s.lam_kept32),
+                         m.per_slice(s.lam_selected32), sgd)
 
     def apply_penalty(self) -> None:
         """Update λ when due, then ``grad += λ_g * w`` (once pruned: zero the removed groups'
@@ -227,7 +244,7 @@ class GrowingReg(torch.optim.Optimizer):
         sgd = None
         if fused:
             groups = self._fused_groups
-            sgd = SGDArgs(buffers=[self._momentum_buffer(l.weight, g) for l, g in zip(self.layers, groups)],
+            sgd = SGDArgs(buffers=[self._momentum_buffer(s, g) for s, g in zip(self.slices, groups)],
                           lr=[g["lr"] for g in groups], momentum=[g["momentum"] for g in groups],
                           weight_decay=[g["weight_decay"] for g in groups])
         scores = self.backend.step(self._batch(sgd), want_scores=self.schedule.wants_scores(update, pick_now),
@@ -235,7 +252,7 @@ class GrowingReg(torch.optim.Optimizer):
         if done:
             self._zero_removed_grads()
         if update:
-            self.schedule.end_step(scores, pick_now)
+            self.schedule.end_step(self._map.unit_scores(scores) if scores is not None else scores, pick_now)
 
     # ---- after pruning: removed groups stay exactly zero ----
     def _prune(self) -> None:
@@ -252,14 +269,16 @@ class GrowingReg(torch.optim.Optimizer):
                             value.masked_fill_(~keep, 0)
 
     def _zero_removed_grads(self) -> None:
-        """Every step after pruning: the removed groups' gradients of biases and BatchNorms (the
-        backend's masked pass does the weights)."""
-        for layer, kept in zip(self.layers, self.schedule.kept):
-            if layer.granularity == "weight":
-                continue  # nothing but the weight
-            for tensor, keep in masked_tensors(self.plan, layer, kept):
-                if tensor is not layer.weight and tensor.grad is not None:
-                    tensor.grad.masked_fill_(~keep, 0)
+        """Every step after pruning: the removed groups' gradients of biases, BatchNorms and the
+        other zeroed members (the backend's masked pass does the penalized weights)."""
+        if self._removed is None:  # the masks no longer change: build the list once
+            penalized = {id(s.param) for s in self.slices}
+            self._removed = [(t, ~keep) for layer, kept in zip(self.layers, self.schedule.kept)
+                             if layer.granularity != "weight"
+                             for t, keep in masked_tensors(self.plan, layer, kept) if id(t) not in penalized]
+        for tensor, removed in self._removed:
+            if tensor.grad is not None:
+                tensor.grad.masked_fill_(removed, 0)
 
     # ---- views of the state ----
     def state_bytes(self) -> int:
@@ -289,8 +308,13 @@ class GrowingReg(torch.optim.Optimizer):
         """Per-group scores (mean |w|) computed at the latest λ update (now, if none yet)."""
         last = self.schedule.last_scores
         if not self.schedule.structured or any(s is None for s in last):
-            last = self.backend.scores(self.layers)
+            last = self._map.unit_scores(self.backend.scores(self.slices))
         return dict(zip((l.name for l in self.layers), last))
+
+    def current_scores(self, name: str) -> torch.Tensor:
+        """One regularized unit's per-group scores (mean |w| of what it penalizes), computed now."""
+        i = next(i for i, l in enumerate(self.layers) if l.name == name)
+        return self._map.unit_scores_of(i, self.backend.scores)
 
     def magnitude_ratios(self) -> dict[str, float]:
         """Smoothed magnitude ratio (mean kept score / mean removed score) per layer, NaN before any."""
@@ -303,7 +327,8 @@ class GrowingReg(torch.optim.Optimizer):
         for hook in self._optimizer_state_dict_pre_hooks.values():
             hook(self)
         state = {"optimizer": self.optimizer.state_dict(),
-                 "greg": {**self.schedule.state_dict(), "skipped_steps": self.skipped_steps}}
+                 "greg": {**self.schedule.state_dict(), "skipped_steps": self.skipped_steps,
+                          "penalize": self.penalize}}
         for hook in self._optimizer_state_dict_post_hooks.values():
             state = hook(self, state) or state
         return state
@@ -316,8 +341,12 @@ class GrowingReg(torch.optim.Optimizer):
         except (KeyError, TypeError) as err:
             raise ValueError("not a GrowingReg state_dict (expected keys 'optimizer' and 'greg')") from err
         kept = self.schedule.check_state_dict(g)  # everything checked before anything is loaded
+        if g.get("penalize", "filters") != self.penalize:
+            raise ValueError(f"checkpoint was saved with penalize={g.get('penalize')!r}, this GrowingReg has "
+                             f"penalize={self.penalize!r}")
         self.optimizer.load_state_dict(opt)
         self.schedule.load_state_dict(g, kept)
+        self._removed = None
         self.skipped_steps = g.get("skipped_steps", 0)
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
@@ -325,28 +354,39 @@ class GrowingReg(torch.optim.Optimizer):
     def _check_fusable(self) -> None:
         if type(self.optimizer) is not torch.optim.SGD:
             raise ValueError(f"fused=True needs a torch.optim.SGD inner optimizer, got {type(self.optimizer).__name__}")
-        for layer, g in zip(self.layers, self._fused_groups):
+        rows: dict[int, int] = {}
+        for s in self.slices:  # the fused update must visit every entry of a parameter exactly once
+            covers = s.param.shape[0] if not isinstance(s, Slice) else s.n_groups if s.axis == 0 else -1
+            rows[id(s.param)] = rows.get(id(s.param), 0) + covers
+        partial = [s.name for s in self.slices if rows[id(s.param)] != s.param.shape[0]]
+        if partial:
+            raise ValueError(f"fused=True updates each parameter entry once, but penalize={self.penalize!r} "
+                             f"regularizes {partial[0]} through overlapping slices (rows and columns); use "
+                             "fused=False")
+        for part, g in zip(self.slices, self._fused_groups):
             bad = [k for k, ok in (("dampening", g["dampening"] == 0), ("nesterov", not g["nesterov"]),
                                    ("maximize", not g["maximize"])) if not ok]
             if bad:
                 raise ValueError(f"fused=True supports SGD without {', '.join(bad)} "
-                                 f"(the param group of {layer.name!r} sets them)")
+                                 f"(the param group of {part.name!r} sets them)")
 
-    def _momentum_buffer(self, weight: torch.Tensor, group: dict) -> torch.Tensor | None:
-        """SGD's own buffer (a zero start equals SGD's copy-on-first-step: 0 * m + d = d)."""
+    def _momentum_buffer(self, part, group: dict) -> torch.Tensor | None:
+        """SGD's own buffer, the slice's part of it (a zero start equals SGD's copy-on-first-step:
+        0 * m + d = d)."""
         if group["momentum"] == 0:
             return None
+        weight = part.param
         state = self.optimizer.state[weight]
         buf = state.get("momentum_buffer")
         if buf is None:
             buf = state["momentum_buffer"] = torch.zeros_like(weight, memory_format=torch.preserve_format)
-        return buf
+        return part.part(buf)
 
     def _step_others(self) -> None:
         """The inner SGD steps every parameter but the fused weights (SGD skips a None grad)."""
         if all(p.grad is None for p in self._others):
             return
-        grads = [(l.weight, l.weight.grad) for l in self.layers]
+        grads = list({id(s.param): (s.param, s.param.grad) for s in self.slices}.values())
         for w, _ in grads:
             w.grad = None
         try:
@@ -357,7 +397,7 @@ class GrowingReg(torch.optim.Optimizer):
 
     def _check_optimizer(self) -> None:
         held = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
-        missing = [l.name for l in self.layers if id(l.weight) not in held]
+        missing = [s.name for s in self.slices if id(s.param) not in held]
         if missing:
             raise ValueError(f"the optimizer does not hold the weights of planned layers {missing[:5]}"
                              f"{' ...' if len(missing) > 5 else ''}; build it from model.parameters()")

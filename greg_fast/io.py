@@ -64,12 +64,27 @@ def load(path: str | Path, map_location="cpu", *, model: nn.Module | None = None
         model = models.create(arch["name"], arch["num_classes"], in_channels=arch["in_channels"])
     model = unwrap(model)
     resize(model, obj["widths"])
+    _resize_others(model, obj["state_dict"])
     try:
         model.load_state_dict(obj["state_dict"])
     except RuntimeError as err:
         raise ValueError(f"{path}: weights do not fit the described architecture: {err}") from err
     model.greg_masks = obj["masks"]
     return model.to(map_location)
+
+
+@torch.no_grad()
+def _resize_others(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Other tensors a coupled group cut (a layer scale): take the saved shape, to be loaded into."""
+    for name, m in model.named_modules():
+        if isinstance(m, LAYER_TYPES + NORM_TYPES):
+            continue
+        for table in (m._parameters, m._buffers):
+            for attr, t in table.items():
+                saved = state.get(f"{name}.{attr}" if name else attr)
+                if t is not None and isinstance(saved, torch.Tensor) and saved.shape != t.shape:
+                    new = t.new_empty(saved.shape)
+                    table[attr] = nn.Parameter(new, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else new
 
 
 @torch.no_grad()

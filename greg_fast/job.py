@@ -28,7 +28,6 @@ from . import data as datasets
 from . import models, plots, table
 from .atomic import save_atomic, write_text_atomic
 from .compaction import compact
-from .backend.eager import group_scores
 from .masks import apply_masks
 from .io import save as save_model
 from .sparse import pack_model
@@ -40,7 +39,7 @@ from .train import epoch_metrics, evaluate, lr_at, n_batches, parse_lr_schedule,
 
 # Arguments that must agree between a run and its resume.
 _HYPER = tuple(f.name for f in dataclasses.fields(Hyper))
-_RUN_IDENTITY = ("model", "data", "method", "granularity", "ratio", "stage_ratios", "skip", *_HYPER,
+_RUN_IDENTITY = ("model", "data", "method", "granularity", "coupled", "penalize", "ratio", "stage_ratios", "skip", *_HYPER,
                  "pretrain_epochs", "checkpoint", "finetune_epochs", "lr_ft", "lr_pretrain", "lr_reg",
                  "momentum", "weight_decay", "batch_size", "seed")
 
@@ -139,6 +138,8 @@ def check_args(args) -> None:
         raise ValueError("--resume DIR must be the run's --out DIR")
     if (args.ratio is None) == (args.stage_ratios is None):
         raise ValueError("give exactly one of --ratio and --stage-ratios")
+    if args.coupled and args.granularity != "filter":
+        raise ValueError(f"--coupled prunes groups of filters; --granularity {args.granularity} plans single layers")
     for flag, value, low in (("--batch-size", args.batch_size, 1), ("--checkpoint-every", args.checkpoint_every, 1),
                              ("--pretrain-epochs", args.pretrain_epochs, 0),
                              ("--finetune-epochs", args.finetune_epochs, 0),
@@ -190,8 +191,8 @@ class _Run:
         self.model = models.create(args.model, self.data.num_classes, in_channels=self.data.in_channels).to(self.device)
         self.example = (self.data.train[0][0].unsqueeze(0).to(self.device),)
         ratios = stage_ratios(self.model, args.stage_ratios) if args.stage_ratios is not None else None
-        self.plan = make_plan(self.model, args.ratio or 0.0, granularity=args.granularity, ratios=ratios,
-                              skip=args.skip or (), example_inputs=self.example)
+        self.plan = make_plan(self.model, args.ratio or 0.0, granularity=args.granularity, coupled=args.coupled,
+                              ratios=ratios, skip=args.skip or (), example_inputs=self.example)
         self.structured = args.granularity != "weight"
         self.state = RunState()
         self.checkpoint = _load_latest(self.out, self.device) if args.resume is not None else None
@@ -309,7 +310,7 @@ class _Run:
         args, state = self.args, self.state
         opt = torch.optim.SGD(self.model.parameters(), lr=args.lr_reg, momentum=args.momentum,
                               weight_decay=args.weight_decay)
-        greg = GrowingReg(opt, self.plan, **_greg_kwargs(args), nan_guard=False)  # train_epoch guards every stage
+        greg = GrowingReg(opt, self.plan, **_greg_kwargs(args), penalize=args.penalize, nan_guard=False)  # train_epoch guards every stage
         self._restore(greg)
         tracer = _Tracer(greg, args, state)
         self.train_stage("regularize", greg, None, lambda e: args.lr_reg, after_step=tracer.after_step,
@@ -416,7 +417,7 @@ class _Tracer:
         self.lam_max = max(sel) if sel else 0.0
         self.state.trace.append({"iteration": greg.iteration, "lambda_selected": sel,
                                  "lambda_kept": [v[1] for v in lam.values()],
-                                 "scores": group_scores(self.layer)[self.subset.to(self.layer.weight.device)].cpu()})
+                                 "scores": greg.current_scores(self.layer.name)[self.subset.to(self.layer.weight.device)].cpu()})
 
     def after_step(self) -> bool:
         """Sample when due; True when the phase changed (a checkpoint is due too)."""

@@ -48,19 +48,29 @@ def expand_groups(layer: LayerPlan, values: torch.Tensor) -> torch.Tensor:
     return values.view(w.shape)
 
 
+def member_keep(tensor: torch.Tensor, axis: int, positions: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """Bool over ``tensor``'s ``axis``: False at the positions of the removed groups."""
+    keep = torch.ones(tensor.shape[axis], dtype=torch.bool, device=tensor.device)
+    keep[positions.to(tensor.device)[~kept].reshape(-1)] = False
+    return keep
+
+
 def masked_tensors(plan: Plan, layer: LayerPlan, kept: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``(tensor, kept mask broadcastable to it)`` for everything through which a removed group
-    still reaches the output: the weight's groups, and for filters the bias and the following
-    BatchNorms' weight, bias and running mean (so the channel is exactly zero downstream: an
-    affine-free BatchNorm in eval mode would otherwise turn the zero into -mean/std)."""
+    still reaches the output (the members marked ``masked``: filter rows, biases, BatchNorm weight,
+    bias and running mean, added parameters; for channels the layer's columns), so that a removed
+    channel is exactly zero downstream: an affine-free BatchNorm in eval mode would otherwise turn
+    the zero into -mean/std. Unstructured layers: the weight, under its per-weight mask."""
     kept = kept_bool(layer, kept)
-    pairs = [(layer.weight, expand_groups(layer, kept))]
-    if layer.granularity == "filter":
-        if layer.module.bias is not None:
-            pairs.append((layer.module.bias, kept))
-        for norm in layer.norms:
-            bn = plan.module(norm)
-            pairs += [(t, kept) for t in (bn.weight, bn.bias, bn.running_mean) if t is not None]
+    if layer.granularity == "weight":
+        return [(layer.weight, expand_groups(layer, kept))]
+    pairs = []
+    for key, positions in layer.members.items():
+        tensor = getattr(plan.module(key.module), key.tensor) if key.masked and key.tensor else None
+        if tensor is not None:
+            shape = [1] * tensor.dim()
+            shape[key.axis] = -1
+            pairs.append((tensor, member_keep(tensor, key.axis, positions, kept).view(shape)))
     return pairs
 
 

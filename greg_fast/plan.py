@@ -4,22 +4,29 @@ from __future__ import annotations
 import fnmatch
 import math
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .graph import LAYER_TYPES, LayerDeps, analyze, unwrap
+from .groups import MemberKey, analyze_groups
 from .table import format_table
 
 GRANULARITIES = ("filter", "channel", "weight")
 
 
-@dataclass
+@dataclass(eq=False)
 class LayerPlan:
-    """One regularized layer. Its weight is viewed as ``[outer, n_groups, inner]``: a group is one
-    index of the middle axis (filter: ``[1, N, C*k]``; channel: ``[N, C, k]``; weight: ``[1, numel, 1]``).
+    """One regularized unit: a layer, or with ``coupled`` a channel group of several tensors.
+
+    A layer's weight is viewed as ``[outer, n_groups, inner]``: a group is one index of the middle
+    axis (filter: ``[1, N, C*k]``; channel: ``[N, C, k]``; weight: ``[1, numel, 1]``). ``members``
+    maps every tensor axis that loses entries with a group to the positions of each group there,
+    int64 ``[n_groups, k]`` (structured plans; masks, compaction and cost read only these). A coupled
+    group's ``module`` and ``weight`` are its first producer's; what it regularizes is
+    :meth:`slices`.
     """
     name: str
     module: nn.Module
@@ -31,11 +38,107 @@ class LayerPlan:
     norms: list[str] = field(default_factory=list)      # BatchNorms cut with the filters
     consumers: list[str] = field(default_factory=list)  # layers whose input channels are cut with them
     producer: str | None = None                          # channel granularity: whose filters are cut too
+    members: dict[MemberKey, torch.Tensor] = field(default_factory=dict)
+    coupled: bool = False
+    _slices: dict = field(default_factory=dict, repr=False)
 
     @property
     def weight(self) -> torch.Tensor:
         # read every step: a dict lookup, not Module.__getattr__; always the module's current weight
         return self.module._parameters["weight"]
+
+    @property
+    def grad(self) -> torch.Tensor | None:
+        return self.module._parameters["weight"].grad
+
+    param = weight  # the parameter a backend's slice belongs to (a layer is its own slice)
+
+    def part(self, t: torch.Tensor | None) -> torch.Tensor | None:
+        """A tensor shaped like the parameter (its momentum buffer), as this slice sees it: whole."""
+        return t
+
+    def slices(self, module_of: Callable[[str], nn.Module], penalize: str = "filters") -> list:
+        """What growing regularization penalizes and scores: the layer itself, or for a coupled
+        group runs of rows/columns of its parameters (:class:`Slice`): its producers' filter rows
+        (``penalize="filters"``), or every parameter entry it removes (``"group"``: consumers'
+        columns, biases, BatchNorm weight and bias, layer scales too)."""
+        if not self.coupled:
+            return [self]
+        if penalize not in self._slices:
+            self._slices[penalize] = _group_slices(self, module_of, penalize)
+        return self._slices[penalize]
+
+
+PENALIZE = ("filters", "group")
+
+
+@dataclass(eq=False)
+class Slice:
+    """Consecutive rows (``axis`` 0) or columns (1) of one parameter of a coupled group, seen by the
+    backends as a layer: ``weight`` and ``grad`` are those entries viewed as ``[outer, n_groups,
+    inner]``; ``channels`` gives the group channel of each row or column."""
+    name: str
+    module: nn.Module
+    tensor: str
+    axis: int
+    start: int
+    n_groups: int
+    channels: torch.Tensor
+    view: tuple[int, int, int]
+    granularity: str  # "filter" for rows, "channel" for columns: how the kernels tile it
+
+    @property
+    def param(self) -> torch.Tensor:
+        return self.module._parameters[self.tensor]
+
+    def part(self, t: torch.Tensor | None) -> torch.Tensor | None:
+        """This slice's entries of ``t``, a tensor shaped like the parameter (itself, its gradient,
+        its momentum buffer)."""
+        if t is None or (self.start == 0 and self.n_groups == t.shape[self.axis]):
+            return t
+        return t.narrow(self.axis, self.start, self.n_groups)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.part(self.param)
+
+    @property
+    def grad(self) -> torch.Tensor | None:
+        return self.part(self.param.grad)
+
+
+def runs(positions: list[int]) -> list[tuple[int, int]]:
+    """Sorted positions -> maximal ``[start, end)`` runs of consecutive ones."""
+    out = []
+    for p in positions:
+        if out and out[-1][1] == p:
+            out[-1] = (out[-1][0], p + 1)
+        else:
+            out.append((p, p + 1))
+    return out
+
+
+def _group_slices(group: LayerPlan, module_of: Callable[[str], nn.Module], penalize: str) -> list[Slice]:
+    if penalize not in PENALIZE:
+        raise ValueError(f"penalize must be one of {PENALIZE}, got {penalize!r}")
+    out = []
+    for key, positions in group.members.items():
+        module = module_of(key.module)
+        p = module._parameters.get(key.tensor) if key.tensor else None
+        if p is None or (key.role != "filter" if penalize == "filters" else key.axis > 1):
+            continue
+        channel_of = torch.full((p.shape[key.axis],), -1, dtype=torch.int64)
+        channel_of[positions] = torch.arange(positions.shape[0]).view(-1, 1).expand_as(positions)
+        for a, b in runs((channel_of >= 0).nonzero().view(-1).tolist()):
+            outer = 1 if key.axis == 0 else p.shape[0]
+            inner = p[0].numel() if key.axis == 0 and p.dim() > 1 else (
+                math.prod(p.shape[2:]) if key.axis == 1 else 1)
+            whole = a == 0 and b == p.shape[key.axis]
+            where = "" if whole else f"[{'' if key.axis == 0 else ':, '}{a}:{b}]"
+            out.append(Slice(f"{key.module}.{key.tensor}{where}", module,
+                             key.tensor, key.axis, a, b - a, channel_of[a:b].clone(), (outer, b - a, inner),
+                             "filter" if key.axis == 0 else "channel"))
+    return out
 
 
 def n_prune_for(ratio: float, n_groups: int) -> int:
@@ -57,6 +160,27 @@ def _matches(name: str, pattern: str) -> bool:
     return name == pattern or fnmatch.fnmatchcase(name, pattern)
 
 
+def _layer_members(d: LayerDeps, granularity: str, n: int, deps: Mapping[str, LayerDeps],
+                   modules: Mapping[str, nn.Module]) -> dict[MemberKey, torch.Tensor]:
+    """The tensor axes an uncoupled layer's groups take with them. Filters: the weight's rows and
+    bias, the BatchNorms after it, its consumers' columns; the rows, bias and norms are zeroed in the
+    masked model. Channels: the weight's columns (zeroed) and the producer's rows, bias and norms."""
+    rows = torch.arange(n).view(n, 1)
+    filter_side = granularity == "filter"
+    producer = d.name if filter_side else d.producer
+    members = {MemberKey(producer, "weight", 0, "filter", filter_side): rows}
+    if modules[producer].bias is not None:
+        members[MemberKey(producer, "bias", 0, "bias", filter_side)] = rows
+    for norm in deps[producer].norms:
+        for tensor in ("weight", "bias", "running_mean", "running_var"):
+            if getattr(modules[norm], tensor, None) is not None:
+                members[MemberKey(norm, tensor, 0, "norm", filter_side and tensor != "running_var")] = rows
+    readers = [(c.name, c.spatial) for c in d.consumers] if filter_side else [(d.name, d.input_spatial)]
+    for name, spatial in readers:
+        members[MemberKey(name, "weight", 1, "input", not filter_side)] = torch.arange(n * spatial).view(n, spatial)
+    return members
+
+
 def _group_view(module: nn.Module, granularity: str, input_spatial: int) -> tuple[int, int, int]:
     w = module.weight
     if granularity == "filter":
@@ -72,11 +196,10 @@ class Plan:
     (``{name: reason}``); ``print(plan)`` shows the table with parameter and FLOP totals."""
 
     def __init__(self, model: nn.Module, layers: list[LayerPlan], excluded: dict[str, str],
-                 deps: dict[str, LayerDeps], layer_flops: dict[str, int], total_flops: int):
+                 layer_flops: dict[str, int], total_flops: int):
         self.model_class = type(model).__name__
         self.layers = layers
         self.excluded = excluded
-        self._deps = deps
         self._layer_flops = layer_flops
         self.total_flops = total_flops
         self.total_params = sum(p.numel() for p in model.parameters())
@@ -99,10 +222,6 @@ class Plan:
 
     def module(self, name: str) -> nn.Module:
         return self._modules[name]
-
-    def norms_of(self, name: str) -> list[str]:
-        """The BatchNorms that carry layer ``name``'s filters (cut with them)."""
-        return list(self._deps[name].norms)
 
     def check_model(self, model: nn.Module) -> None:
         """Raise unless the planned layers are modules of ``model`` (not of a copy or another model)
@@ -129,56 +248,58 @@ class Plan:
         """Layers that lose at least one group."""
         return [l for l in self.layers if l.n_prune > 0]
 
-    def _kept_fractions(self) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
-        """Per layer: kept fraction of filters, of input channels, of individual weights."""
-        out, inp, dense = {}, {}, {}
-        for l in self.pruned:
-            kept = (l.n_groups - l.n_prune) / l.n_groups
-            if l.granularity == "weight":
-                dense[l.name] = kept
-                continue
-            producer = l.name if l.granularity == "filter" else l.producer
-            consumers = l.consumers if l.granularity == "filter" else [l.name]
-            out[producer] = kept
-            for c in consumers:
-                inp[c] = kept
-        return out, inp, dense
-
     def cost(self) -> dict[str, int]:
         """Parameters and FLOPs (``torch.utils.flop_counter``, one example input) before and after
-        removing the planned groups, assuming removal of everything they feed exclusively (of the
-        model as planned)."""
+        removing the planned groups (of the model as planned). A layer's FLOPs shrink with its
+        weight's kept entries (rows times columns)."""
         return dict(self._cost)
 
     def _compute_cost(self) -> dict[str, int]:
-        out, inp, dense = self._kept_fractions()
+        removed: dict[tuple[str, str, int], int] = {}  # positions removed per tensor axis
+        kept: dict[tuple[str, str], float] = {}        # kept fraction per tensor
+        for l in self.pruned:
+            if l.granularity == "weight":
+                kept[(l.name, "weight")] = (l.n_groups - l.n_prune) / l.n_groups
+            for key, positions in l.members.items():
+                if not key.tensor:
+                    continue
+                at = (key.module, key.tensor, key.axis)
+                removed[at] = removed.get(at, 0) + l.n_prune * positions.shape[1]
+        for (module, tensor, axis), n in removed.items():
+            size = getattr(self._modules[module], tensor).shape[axis]
+            kept[(module, tensor)] = kept.get((module, tensor), 1.0) * (1 - n / size)
         removed_params = removed_flops = 0.0
-        for name, d in self._deps.items():
-            m = d.module
-            keep = dense.get(name, out.get(name, 1.0) * inp.get(name, 1.0))
-            removed_params += m.weight.numel() * (1 - keep)
-            removed_flops += self._layer_flops.get(name, 0) * (1 - keep)
-            if m.bias is not None:
-                removed_params += m.bias.numel() * (1 - out.get(name, 1.0))
-            for norm in d.norms:
-                bn = self._modules[norm]
-                if bn.affine:
-                    removed_params += 2 * bn.num_features * (1 - out.get(name, 1.0))
+        for (module, tensor), fraction in kept.items():
+            t = getattr(self._modules[module], tensor)
+            if isinstance(t, nn.Parameter):
+                removed_params += t.numel() * (1 - fraction)
+            if tensor == "weight":
+                removed_flops += self._layer_flops.get(module, 0) * (1 - fraction)
         return {"params_before": self.total_params,
                 "params_after": self.total_params - round(removed_params),
                 "flops_before": self.total_flops,
                 "flops_after": self.total_flops - round(removed_flops)}
 
     def __repr__(self) -> str:
-        rows = [("layer", "granularity", "shape", "groups", "pruned", "ratio")]
-        for l in self.layers:
-            rows.append((l.name, l.granularity, "x".join(map(str, self._shapes[l.name])), str(l.n_groups),
-                         str(l.n_prune), f"{l.ratio:.3g}"))
-        lines = [f"Plan for {self.model_class}: {len(self.pruned)} of {len(self.layers)} layers pruned, "
+        if any(l.coupled for l in self.layers):
+            rows = [("group", "channels", "pruned", "ratio", "members")]
+            for l in self.layers:
+                names = list(dict.fromkeys(k.module for k in l.members))
+                shown = ", ".join(names[:3]) + (f" +{len(names) - 3} more" if len(names) > 3 else "")
+                rows.append((l.name, str(l.n_groups), str(l.n_prune), f"{l.ratio:.3g}", shown))
+            right = (1, 2, 3)
+        else:
+            rows = [("layer", "granularity", "shape", "groups", "pruned", "ratio")]
+            for l in self.layers:
+                rows.append((l.name, l.granularity, "x".join(map(str, self._shapes[l.name])), str(l.n_groups),
+                             str(l.n_prune), f"{l.ratio:.3g}"))
+            right = (3, 4, 5)
+        unit = "groups" if any(l.coupled for l in self.layers) else "layers"
+        lines = [f"Plan for {self.model_class}: {len(self.pruned)} of {len(self.layers)} {unit} pruned, "
                  f"{len(self.excluded)} excluded"]
         if self.compacted:
             lines.append("(the model has been compacted since: shapes and costs are those it had when planned)")
-        lines.append(format_table(rows, right=(3, 4, 5)))
+        lines.append(format_table(rows, right=right))
         c = self.cost()
         lines.append(f"parameters: {c['params_before']:,} -> {c['params_after']:,} "
                      f"({c['params_before'] / max(c['params_after'], 1):.2f}x fewer)")
@@ -221,15 +342,23 @@ def count_flops(model: nn.Module, example_inputs: tuple) -> tuple[dict[str, int]
 
 def plan(model: nn.Module, ratio: float = 0.0, *, granularity: str = "filter",
          ratios: Mapping[str, float] | None = None, skip: Sequence[str] = (),
-         example_inputs: tuple | torch.Tensor | None = None) -> Plan:
-    """Decide which layers of ``model`` are regularized and how many groups each loses.
+         example_inputs: tuple | torch.Tensor | None = None, coupled: bool | None = None) -> Plan:
+    """Decide which layers or channel groups of ``model`` are regularized and how many groups each loses.
 
-    Prunability comes from the traced graph (see :mod:`greg_fast.graph`). ``ratio`` applies to
-    every prunable layer; ``ratios`` maps layer names or glob patterns to ratios that override it
-    (the last matching key wins; see :func:`stage_ratios` for the reference's ResNet stage lists);
-    ``skip`` excludes names or globs. A layer prunes ``min(ceil(r * n_groups), n_groups - 1)`` groups.
-    A ``torch.compile``, DataParallel or DistributedDataParallel wrapper is planned through to the
-    module it runs. Layers whose weight is frozen (``requires_grad=False``) are excluded: they
+    Prunability comes from the traced graph. With ``coupled`` (the default for filters) the units are
+    channel groups (:mod:`greg_fast.groups`): all the filters, BatchNorm channels, depthwise filters,
+    layer scales and consumer columns that residual adds, concats, gating and grouped convs tie to one
+    channel go together, and one group loses ``n_prune`` channels. ``coupled=False`` plans single
+    layers as the 2021 reference does (:mod:`greg_fast.graph`: a layer whose channels reach a residual
+    add or a concat is excluded); channel and weight granularity are always uncoupled.
+
+    ``ratio`` applies to every unit; ``ratios`` maps module names or glob patterns to ratios that
+    override it (the last matching key wins; a group is addressed by any module whose own channels it
+    removes: producers, norms, depthwise convs, not the consumers reading it; two of them given
+    different ratios raise); see :func:`stage_ratios` for the reference's ResNet stage lists. ``skip``
+    excludes names or globs the same way. A unit prunes ``min(ceil(r * n_groups), n_groups - 1)``
+    groups. A ``torch.compile``, DataParallel or DistributedDataParallel wrapper is planned through to
+    the module it runs. Units whose weights are frozen (``requires_grad=False``) are excluded: they
     would lose groups without ever being regularized.
     """
     if not isinstance(model, nn.Module):
@@ -237,6 +366,10 @@ def plan(model: nn.Module, ratio: float = 0.0, *, granularity: str = "filter",
     model = unwrap(model)
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    if coupled and granularity != "filter":
+        raise ValueError(f"coupled groups are groups of filters: granularity {granularity!r} plans single layers "
+                         "(pass coupled=False or granularity='filter')")
+    coupled = granularity == "filter" if coupled is None else bool(coupled)
     ratio = _check_ratio(ratio, "ratio")
     if ratios is not None and not isinstance(ratios, Mapping):
         raise TypeError(f"ratios must map layer names or globs to ratios, e.g. {{'layer1.*': 0.5}}; "
@@ -252,16 +385,27 @@ def plan(model: nn.Module, ratio: float = 0.0, *, granularity: str = "filter",
             isinstance(x, torch.Tensor) for x in example_inputs):
         raise TypeError("example_inputs must be a tensor or a tuple of tensors (the model's arguments), "
                         f"got {type(example_inputs).__name__}")
+    example_inputs = tuple(example_inputs)
 
-    deps, order = analyze(model, tuple(example_inputs))
-    all_names = [n for n, m in model.named_modules() if isinstance(m, LAYER_TYPES)]
+    modules = dict(model.named_modules())
+    all_names = [n for n, m in modules.items() if isinstance(m, LAYER_TYPES)]
     for key in ratios:
-        if not any(_matches(n, key) for n in all_names):
-            raise ValueError(f"ratios key {key!r} matches no Conv/Linear layer of {type(model).__name__}")
+        if not any(_matches(n, key) for n in (modules if coupled else all_names)):
+            raise ValueError(f"ratios key {key!r} matches no {'module' if coupled else 'Conv/Linear layer'} "
+                             f"of {type(model).__name__}")
     for pattern in skip:
-        if not any(_matches(n, pattern) for n in dict(model.named_modules())):
+        if not any(_matches(n, pattern) for n in modules):
             raise ValueError(f"skip entry {pattern!r} matches no module of {type(model).__name__}")
 
+    if coupled:
+        layers, excluded = _coupled_units(model, example_inputs, ratio, ratios, skip, modules)
+    else:
+        layers, excluded = _layer_units(*analyze(model, example_inputs), granularity, ratio, ratios, skip, modules)
+    layer_flops, total = count_flops(model, example_inputs)
+    return Plan(model, layers, excluded, layer_flops, total)
+
+
+def _layer_units(deps, order, granularity, ratio, ratios, skip, modules):
     layers, excluded = [], {}
     for index, name in enumerate(order):
         d = deps[name]
@@ -289,9 +433,43 @@ def plan(model: nn.Module, ratio: float = 0.0, *, granularity: str = "filter",
             n_prune=n_prune_for(r, view[1]), ratio=r, view=view,
             norms=list(d.norms) if granularity == "filter" else [],
             consumers=[c.name for c in d.consumers] if granularity == "filter" else [],
-            producer=d.producer if granularity == "channel" else None))
-    layer_flops, total = count_flops(model, tuple(example_inputs))
-    return Plan(model, layers, excluded, deps, layer_flops, total)
+            producer=d.producer if granularity == "channel" else None,
+            members={} if granularity == "weight" else _layer_members(d, granularity, view[1], deps, modules)))
+    return layers, excluded
+
+
+def _coupled_units(model, example_inputs, ratio, ratios, skip, modules):
+    layers, excluded = [], {}
+    for g in analyze_groups(model, example_inputs):
+        owners = list(dict.fromkeys(k.module for k in g.members if k.role != "input"))
+        skipped = next((f"skipped by the user ({m!r} matches {p!r})" for m in owners for p in skip
+                        if _matches(m, p)), None)
+        filters = [k for k in g.members if k.role == "filter"]
+        reason = skipped or g.reason
+        if reason is None and not all(getattr(modules[k.module], k.tensor).requires_grad for k in filters):
+            reason = "a filter in it is frozen (requires_grad=False): it would lose channels without being regularized"
+        if reason is not None:
+            excluded[g.name] = reason
+            continue
+        given = {}
+        for m in owners:
+            for key, value in ratios.items():
+                if _matches(m, key):
+                    given[m] = value
+        values = list(dict.fromkeys(given.values()))
+        if len(values) > 1:
+            m1, m2 = (next(m for m, r in given.items() if r == v) for v in values[:2])
+            raise ValueError(f"group {g.name!r} couples {m1!r} and {m2!r}, which ratios give different values "
+                             f"({values[0]} and {values[1]}); one group of channels has one ratio")
+        r = next(iter(given.values())) if given else ratio
+        n = g.n_channels
+        first = modules[filters[0].module]
+        layers.append(LayerPlan(
+            name=g.name, module=first, granularity="filter", n_groups=n, n_prune=n_prune_for(r, n), ratio=r,
+            view=(1, n, 1), norms=list(dict.fromkeys(k.module for k in g.members if k.role == "norm")),
+            consumers=list(dict.fromkeys(k.module for k in g.members if k.role == "input")),
+            members=g.members, coupled=True))
+    return layers, excluded
 
 
 def stage_ratios(model: nn.Module, stages: Sequence[float]) -> dict[str, float]:

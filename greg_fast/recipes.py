@@ -11,7 +11,8 @@ _CIFAR = {"interval": 10, "stabilize": 10000, "weight_decay": 5e-4, "finetune_ep
 _IMAGENET = {"interval": 5, "stabilize": 40000, "weight_decay": 1e-4, "finetune_epochs": 90,
              "lr_ft": "0:0.01,30:0.001,60:0.0001,75:0.00001", "batch_size": 256}
 _COMMON = {"delta": 1e-4, "ceiling": 1.0, "pick_delta": 1e-5, "pick_ceiling": 1e-2, "recover": -1e-4,
-           "mag_ratio_limit": 1000.0, "lr_reg": 1e-3, "momentum": 0.9, "granularity": "filter"}
+           "mag_ratio_limit": 1000.0, "lr_reg": 1e-3, "momentum": 0.9, "granularity": "filter",
+           "coupled": False}  # the reference prunes single layers: residual streams stay whole
 
 
 @dataclass(frozen=True)

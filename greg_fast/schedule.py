@@ -75,6 +75,7 @@ class Schedule:
         self._hist = torch.full((n,), math.nan, dtype=torch.float64, device=dev)
         self.last_scores: list[torch.Tensor | None] = [None] * n
         self.iteration = 0           # completed steps
+        self.version = 0             # counts changes of the kept masks (selections, loads)
         self._n_pick = 0             # GReg-2 uniform increments (identical for all layers)
         self._picked = method != "greg2"
         self._stabilize_end: int | None = None  # iteration at which the phase becomes "done"
@@ -141,6 +142,7 @@ class Schedule:
             kept[order[: layer.n_prune]] = False
             self.kept[i].copy_(kept if self.structured else pack_bits(kept))
         _from_rank0(self.kept_flat)
+        self.version += 1
 
     def _advance_counts(self) -> bool:
         pick_now = False
@@ -260,5 +262,6 @@ class Schedule:
         self._hist = g["hist"].to(dev, torch.float64)
         for view, k in zip(self.kept, kept):
             view.copy_(k)
+        self.version += 1
         self.last_scores = [s.to(dev) if s is not None else None for s in g["scores"]]
         self._refresh_lambdas()

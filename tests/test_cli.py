@@ -36,7 +36,7 @@ def test_prune_end_to_end_on_digits(tmp_path, method, capsys):
     else:
         assert s["regularization_iterations"] == 0
     assert s["pruned"]["params"] < s["dense"]["params"] and s["pruned"]["flops"] < s["dense"]["flops"]
-    assert 0 <= s["pruned"]["test_acc"] <= 100 and s["layers_pruned"] == 9
+    assert 0 <= s["pruned"]["test_acc"] <= 100 and s["layers_pruned"] == 10  # 9 inner convs and the stem's residual group
     assert set(s["wall_time_s"]) >= {"pretrain", "regularize", "finetune", "total"}
     stages = [json.loads(line)["stage"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert stages[0] == "pretrain" and stages[-1] == "finetune"
@@ -54,7 +54,7 @@ def test_prune_end_to_end_on_digits(tmp_path, method, capsys):
     assert "test accuracy (%)" in capsys.readouterr().out
     trace = torch.load(out / "regularization.pt", weights_only=True)
     if method != "l1":
-        assert trace["lambda_selected"].shape[1] == 9 and trace["scores"].shape[0] == len(trace["iteration"])
+        assert trace["lambda_selected"].shape[1] == 10 and trace["scores"].shape[0] == len(trace["iteration"])
 
 
 def same_result(a, b):

@@ -148,7 +148,7 @@ def test_save_load_rebuilds_the_compacted_model_without_pickled_code(tmp_path):
     gf.save(small, tmp_path / "m.pt")
     raw = torch.load(tmp_path / "m.pt", weights_only=True)
     assert raw["arch"] == {"name": "resnet56", "num_classes": 10, "in_channels": 3}
-    assert raw["widths"]["layer1.0.conv1"] == [8, 16, 3, 3]
+    assert raw["widths"]["layer1.0.conv1"] == [8, 8, 3, 3]  # its filters and the stem's residual group halved
     loaded = gf.load(tmp_path / "m.pt").eval()
     assert_same_outputs(small, loaded, CIFAR, rtol=0)
     (tmp_path / "cut.pt").write_bytes((tmp_path / "m.pt").read_bytes()[:1000])

@@ -99,5 +99,5 @@ def test_prune_job_runs_under_torchrun_with_rank0_writing(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("test accuracy (%)") == 1  # one table: rank 0 reports
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["layers_pruned"] == 9 and summary["pruned"]["params"] < summary["dense"]["params"]
+    assert summary["layers_pruned"] == 10 and summary["pruned"]["params"] < summary["dense"]["params"]
     assert gf.load(out / "model.pt").layer3[0].conv1.out_channels == 32

@@ -365,7 +365,7 @@ def test_optimizer_must_hold_the_planned_weights():
     net = SmallNet()
     plan = gf.plan(net, 0.5, example_inputs=X)
     opt = torch.optim.SGD(net.fc2.parameters(), lr=0.1)
-    with pytest.raises(ValueError, match=r"does not hold the weights of planned layers \['conv1'"):
+    with pytest.raises(ValueError, match=r"does not hold the weights of planned layers \['conv1"):
         gf.GrowingReg(opt, plan)
 
 

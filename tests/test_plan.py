@@ -7,6 +7,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import greg_fast as gf
 from greg_fast import models
+from greg_fast.groups import MemberKey
 
 from conftest import SmallNet
 
@@ -18,8 +19,8 @@ def names(plan):
 
 
 @pytest.mark.parametrize("name,blocks", [("resnet20", 3), ("resnet56", 9)])
-def test_cifar_resnet_prunes_inner_block_convs_only(name, blocks):
-    p = gf.plan(models.create(name), 0.5)
+def test_uncoupled_cifar_resnet_prunes_inner_block_convs_only(name, blocks):
+    p = gf.plan(models.create(name), 0.5, coupled=False)
     assert names(p) == [f"layer{s}.{b}.conv1" for s in (1, 2, 3) for b in range(blocks)]
     assert "residual add" in p.excluded["conv1"]
     assert "residual add" in p.excluded["layer2.0.conv2"]
@@ -29,9 +30,9 @@ def test_cifar_resnet_prunes_inner_block_convs_only(name, blocks):
 
 
 def test_torchvision_resnets_follow_the_reference_rule():
-    p18 = gf.plan(models.create("resnet18"), 0.5, example_inputs=SMALL)
+    p18 = gf.plan(models.create("resnet18"), 0.5, example_inputs=SMALL, coupled=False)
     assert names(p18) == [f"layer{s}.{b}.conv1" for s in (1, 2, 3, 4) for b in range(2)]
-    p50 = gf.plan(models.create("resnet50"), 0.5, example_inputs=SMALL)
+    p50 = gf.plan(models.create("resnet50"), 0.5, example_inputs=SMALL, coupled=False)
     blocks = {1: 3, 2: 4, 3: 6, 4: 3}
     inner = [f"layer{s}.{b}.conv{c}" for s in (1, 2, 3, 4) for b in range(blocks[s]) for c in (1, 2)]
     # beyond the reference: the stem feeds only convs (the first block's conv1 and its projection
@@ -39,7 +40,7 @@ def test_torchvision_resnets_follow_the_reference_rule():
     assert names(p50) == ["conv1"] + inner
     assert sorted(p50["conv1"].consumers) == ["layer1.0.conv1", "layer1.0.downsample.0"]
     staged = gf.plan(models.create("resnet50"), ratios=gf.stage_ratios(models.create("resnet50"), [0, .6, .6, .6, .21, 0]),
-                     example_inputs=SMALL)
+                     example_inputs=SMALL, coupled=False)
     assert [l.name for l in staged.pruned] == inner
     assert "residual add" in p50.excluded["layer1.0.downsample.0"]
 
@@ -53,7 +54,7 @@ def test_vgg_prunes_every_conv_and_cuts_the_classifier_through_flatten():
     assert names(p16)[:13] == [n for n, m in p16._modules.items() if isinstance(m, nn.Conv2d)]
     assert names(p16)[13:] == ["classifier.0", "classifier.3"]
     # flatten-before-linear: one channel of the last conv is 7*7 inputs of classifier.0
-    assert p16._deps["features.40"].consumers[0].spatial == 49
+    assert p16["features.40"].members[MemberKey("classifier.0", "weight", 1, "input", False)].shape == (512, 49)
 
 
 def test_unstructured_covers_every_conv_and_linear_but_the_first():
@@ -86,7 +87,7 @@ def test_stage_ratios_reproduce_the_reference_resnet56_setting():
     m = models.create("resnet56")
     ratios = gf.stage_ratios(m, [0, 0.75, 0.75, 0.32, 0])
     assert ratios == {"conv1": 0.0, "layer1.*": 0.75, "layer2.*": 0.75, "layer3.*": 0.32, "fc": 0.0}
-    p = gf.plan(m, ratios=ratios)
+    p = gf.plan(m, ratios=ratios, coupled=False)
     assert {l.name: l.n_prune for l in p.layers}["layer1.0.conv1"] == 12  # ceil(0.75 * 16)
     assert p["layer3.4.conv1"].n_prune == 21 and p["layer3.4.conv1"].ratio == 0.32
     with pytest.raises(ValueError, match="needs 5 ratios"):
@@ -97,7 +98,7 @@ def test_stage_ratios_reproduce_the_reference_resnet56_setting():
 
 def test_ratios_override_globs_and_skip():
     m = models.create("resnet20")
-    p = gf.plan(m, 0.5, ratios={"layer3.*": 0.25, "layer3.2.conv1": 0.0}, skip=["layer1.1.*"])
+    p = gf.plan(m, 0.5, ratios={"layer3.*": 0.25, "layer3.2.conv1": 0.0}, skip=["layer1.1.*"], coupled=False)
     assert p["layer3.0.conv1"].n_prune == 16 and p["layer3.2.conv1"].n_prune == 0
     assert p["layer1.0.conv1"].n_prune == 8
     assert p.excluded["layer1.1.conv1"] == "skipped by the user"
@@ -107,7 +108,9 @@ def test_ratios_override_globs_and_skip():
 @pytest.mark.parametrize("kwargs,message", [
     (dict(ratio=1.0), r"ratio must be in \[0, 1\)"),
     (dict(ratio=-0.1), r"ratio must be in \[0, 1\)"),
-    (dict(ratios={"layer9.*": 0.5}), "matches no Conv/Linear layer"),
+    (dict(ratios={"layer9.*": 0.5}), "matches no module"),
+    (dict(ratios={"layer9.*": 0.5}, coupled=False), "matches no Conv/Linear layer"),
+    (dict(granularity="channel", coupled=True), "coupled groups are groups of filters"),
     (dict(ratios={"layer1.*": 1.5}), "ratios\\['layer1.\\*'\\]"),
     (dict(skip=["nonexistent"]), "matches no module"),
     (dict(granularity="kernel"), "granularity must be one of"),
@@ -153,8 +156,8 @@ class Branches(nn.Module):
         return self.head(torch.relu(self.dw(y)))
 
 
-def test_concat_grouped_and_output_are_excluded_with_reasons():
-    p = gf.plan(Branches(), 0.5, example_inputs=torch.zeros(1, 3, 8, 8))
+def test_uncoupled_concat_grouped_and_output_are_excluded_with_reasons():
+    p = gf.plan(Branches(), 0.5, example_inputs=torch.zeros(1, 3, 8, 8), coupled=False)
     assert names(p) == []
     assert "concat" in p.excluded["a"] and "concat" in p.excluded["b"]
     assert "grouped/depthwise conv 'dw'" in p.excluded["c"]

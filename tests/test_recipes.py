@@ -22,7 +22,7 @@ def test_recipe_plans_reproduce_the_published_speedup(name):
     size = 224 if flags["data"] == "imagefolder" else 32
     ratios = gf.stage_ratios(model, flags["stage_ratios"]) if "stage_ratios" in flags else None
     plan = gf.plan(model, flags.get("ratio", 0.0), ratios=ratios, skip=flags.get("skip", ()),
-                   example_inputs=torch.zeros(1, 3, size, size))
+                   example_inputs=torch.zeros(1, 3, size, size), coupled=flags["coupled"])
     cost = plan.cost()
     speedup = cost["flops_before"] / cost["flops_after"]
     assert speedup == pytest.approx(RECIPES[name].paper["speedup"], rel=0.02)

@@ -85,7 +85,7 @@ def eligible(layer: LayerPlan, buffer: torch.Tensor | None = None) -> bool:
     """Can a compiled backend take this layer (and its momentum buffer)?"""
     w = layer.weight
     w_layout = layout(w, layer.view)
-    return (w.dtype in DTYPES and w_layout is not False and follows(w.grad, w_layout, w.dtype)
+    return (w.dtype in DTYPES and w_layout is not False and follows(layer.grad, w_layout, w.dtype)
             and (buffer is None or follows(buffer, w_layout, w.dtype)))
 
 

@@ -38,7 +38,7 @@ def scores(layers) -> list[torch.Tensor]:
 def _step(batch: base.StepBatch, *, want_scores: bool, mask: bool):
     out = base.score_buffer(batch, want_scores, "cpu")
     weights = [l.weight for l in batch.layers]
-    grads = [w.grad for w in weights]
+    grads = [l.grad for l in batch.layers]
     if any(g is None for g in grads):
         raise NotImplementedError("a layer without a gradient")  # eager handles those
     if batch.sgd is None:

@@ -50,7 +50,7 @@ def step(batch: StepBatch, *, want_scores: bool, mask: bool) -> list[torch.Tenso
 def _penalty(layer: LayerPlan, keep: torch.Tensor, lam: torch.Tensor, mask: bool) -> None:
     """``grad += λ_g * w``; with ``mask`` (after pruning) the removed groups' weights and gradients
     are then zeroed."""
-    w, g = layer.weight, layer.weight.grad
+    w, g = layer.weight, layer.grad
     if g is not None:
         g.addcmul_(w, lam)
     if mask:
@@ -65,7 +65,7 @@ def _sgd(layer: LayerPlan, keep: torch.Tensor, lam: torch.Tensor, mask: bool, bu
     """Penalty, weight decay, momentum and the SGD update (dampening 0, no nesterov), in the order
     ``torch.optim.SGD`` applies them after :func:`_penalty`; the gradient itself is not written.
     With ``mask``, the removed groups' weights and momentum are zeroed instead of updated."""
-    w, g = layer.weight, layer.weight.grad
+    w, g = layer.weight, layer.grad
     if g is None:
         return
     kept = expand_groups(layer, keep)

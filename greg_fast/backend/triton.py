@@ -157,12 +157,13 @@ def _launch(layers, kept, lam_kept, lam_selected, *, mode, want_scores, mask, bu
     out = _placeholder(device, torch.float32)
     if want_scores:
         out = torch.zeros(sum(l.n_groups for l in layers), dtype=torch.float32, device=device)
-    dtypes = {w.dtype for w in weights}
-    if not dtypes <= set(base.DTYPES):
+    kinds = {(w.dtype, l.granularity) for w, l in zip(weights, layers)}
+    if not {dtype for dtype, _ in kinds} <= set(base.DTYPES):
         raise _NeedsEager
     pending = []  # every layer is checked before any kernel writes: a refusal leaves nothing half done
-    for dtype in dtypes:
-        idx = range(len(layers)) if len(dtypes) == 1 else [i for i, w in enumerate(weights) if w.dtype is dtype]
+    for dtype, granularity in kinds:  # one launch per kind (one, unless a coupled plan mixes rows and columns)
+        idx = range(len(layers)) if len(kinds) == 1 else [
+            i for i, (w, l) in enumerate(zip(weights, layers)) if w.dtype is dtype and l.granularity == granularity]
         sub = [layers[i] for i in idx]
         views = tuple(l.view for l in sub)
         dims, offsets, work, tiling, runs_gcd = _static(views, sub[0].granularity, device, want_scores)
@@ -176,7 +177,7 @@ def _launch(layers, kept, lam_kept, lam_selected, *, mode, want_scores, mask, bu
         lk = ls = _placeholder(device, torch.float32)
         has_momentum = False
         if mode != k.MODE_SCORES.value:
-            grads = _addresses_like([w.grad for w in ws], layouts, dtype)
+            grads = _addresses_like([layers[i].grad for i in idx], layouts, dtype)
             addresses += grads
             g_table = _table(grads, device)
             kept_table = _table(tuple(kept[i].data_ptr() for i in idx), device)
@@ -195,7 +196,6 @@ def _launch(layers, kept, lam_kept, lam_selected, *, mode, want_scores, mask, bu
                 m_table = _table(momenta, device)
             hyper_table = _table(tuple(map(float, itertools.chain.from_iterable(hyper[i] for i in idx))), device,
                                  torch.float32)
-        granularity = sub[0].granularity
         pending.append(((out, w_table, g_table, m_table, kept_table, dims, offsets, lk, ls, hyper_table, work),
                         dict(elem=_elem(dtype), mode=mode, mask=mask, want_scores=want_scores,
                              packed=kept is not None and kept[idx[0]].dtype == torch.uint8,

@@ -1,0 +1,112 @@
+"""What the backends see of a plan's units: the penalized slices, each with its unit's mask and λ.
+
+An uncoupled layer is its own slice, so a plan of layers passes through untouched (no copy, no
+gather per step). A coupled group is regularized through runs of rows or columns of several
+parameters (:meth:`greg_fast.plan.LayerPlan.slices`); each slice reads its unit's kept mask through
+its channel index (gathered again only when a selection changed it) and its unit's two λ values.
+A unit's score per channel is the mean |w| over all its slices' entries of that channel, summed in
+a fixed order (one gather and one sum: the same picks every run). With ``whole`` (the fused SGD
+step, which updates parameters, not penalties), rows of a penalized parameter that no unit owns
+(a group excluded beside a pruned one) become filler slices with λ = 0 and nothing removed.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+import torch.nn as nn
+
+from .plan import LayerPlan, Slice, runs
+
+
+class SliceMap:
+    def __init__(self, units: Sequence[LayerPlan], module_of: Callable[[str], nn.Module], penalize: str,
+                 device: torch.device, whole: bool = False):
+        self.units = list(units)
+        per_unit = [u.slices(module_of, penalize) for u in self.units]
+        self.slices = [s for slices in per_unit for s in slices]
+        self.identity = all(not u.coupled for u in self.units)
+        self._version = None
+        self._kept: list[torch.Tensor] = []
+        if self.identity:
+            return
+        unit_of = [i for i, slices in enumerate(per_unit) for _ in slices]
+        self.fillers = _fillers(self.slices) if whole else []
+        self.slices += self.fillers
+        unit_of += [len(self.units)] * len(self.fillers)  # a unit of its own: λ 0, all kept
+        self._unit_of = unit_of  # on the host too: the kept gather needs no device sync
+        self.unit_index = torch.tensor(unit_of, dtype=torch.int64, device=device)
+        self.channels = [s.channels.to(device) for s in self.slices]
+        # per unit: where each channel's entries are in the flat per-slice score buffer, and their count
+        self.gather, self.counts = [], []
+        offset = 0
+        starts = []
+        for s in self.slices:
+            starts.append(offset)
+            offset += s.n_groups
+        self._starts, self._total = starts, offset
+        for i, unit in enumerate(self.units):
+            where: list[list[int]] = [[] for _ in range(unit.n_groups)]
+            entries = torch.zeros(unit.n_groups, dtype=torch.float64)
+            for j in (j for j, u in enumerate(unit_of) if u == i):
+                s = self.slices[j]
+                per_entry = s.view[0] * s.view[2]
+                for pos, c in enumerate(s.channels.tolist()):
+                    where[c].append(starts[j] + pos)
+                entries.index_add_(0, s.channels, torch.full((s.n_groups,), float(per_entry), dtype=torch.float64))
+            if len({len(w) for w in where}) != 1:
+                raise ValueError(f"group {unit.name!r} has channels with different numbers of regularized slices")
+            self.gather.append(torch.tensor(where, dtype=torch.int64, device=device))
+            self.counts.append(entries.to(device=device, dtype=torch.float32))
+
+    def kept(self, unit_kept: Sequence[torch.Tensor], version: int) -> list[torch.Tensor]:
+        """Each slice's kept mask (the unit's, through the slice's channel index)."""
+        if self.identity:
+            return list(unit_kept)
+        if version != self._version:
+            kept = list(unit_kept) + [torch.ones(max((s.n_groups for s in self.fillers), default=0),
+                                                 dtype=torch.bool, device=self.unit_index.device)]
+            self._kept = [kept[u][c] for u, c in zip(self._unit_of, self.channels)]
+            self._version = version
+        return self._kept
+
+    def per_slice(self, per_unit: torch.Tensor) -> torch.Tensor:
+        """A per-unit vector (λ) indexed per slice (0 for fillers)."""
+        if self.identity:
+            return per_unit
+        return torch.cat([per_unit, per_unit.new_zeros(1)]).index_select(0, self.unit_index)
+
+    def unit_scores(self, slice_scores: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Per-slice mean |w| of every row/column -> per-unit mean |w| of every channel."""
+        if self.identity:
+            return list(slice_scores)
+        flat = torch.cat([s * (sl.view[0] * sl.view[2]) for s, sl in zip(slice_scores, self.slices)])
+        return [flat[g].sum(1) / n for g, n in zip(self.gather, self.counts)]
+
+
+    def unit_scores_of(self, i: int, scores_fn) -> torch.Tensor:
+        """Unit ``i``'s scores now, from ``scores_fn`` (a backend's ``scores``) over its slices only."""
+        if self.identity:
+            return scores_fn([self.units[i]])[0]
+        mine = [j for j, u in enumerate(self._unit_of) if u == i]
+        flat = torch.zeros(self._total, dtype=torch.float32, device=self.unit_index.device)
+        for j, s in zip(mine, scores_fn([self.slices[j] for j in mine])):
+            sl = self.slices[j]
+            flat[self._starts[j]:self._starts[j] + sl.n_groups] = s * (sl.view[0] * sl.view[2])
+        return flat[self.gather[i]].sum(1) / self.counts[i]
+
+
+def _fillers(slices: Sequence[Slice]) -> list[Slice]:
+    """Row runs of the penalized parameters that no slice covers (channel index: 0..n-1)."""
+    covered: dict[int, tuple[Slice, torch.Tensor]] = {}
+    for s in slices:
+        if s.axis == 0:
+            rows = covered.setdefault(id(s.param), (s, torch.zeros(s.param.shape[0], dtype=torch.bool)))[1]
+            rows[s.start:s.start + s.n_groups] = True
+    out = []
+    for s, rows in covered.values():
+        free = (~rows).nonzero().view(-1).tolist()
+        for a, b in runs(free):
+            out.append(Slice(f"{s.name.split('[')[0]}[{a}:{b}] (excluded)", s.module, s.tensor, 0, a, b - a,
+                             torch.arange(b - a), (1, b - a, s.view[2]), "filter"))
+    return out
