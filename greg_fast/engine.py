@@ -215,7 +215,7 @@ class GrowingReg(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
             with torch.no_grad():
-                self.backend.step(self._batch(), want_scores=False, mask=self.done)
+                self._step_slices(self._batch(), want_scores=False, mask=self.done)
                 per_unit = self.schedule.group_lambdas(as_applied=True)
                 lams = per_unit if self._map.identity else \
                     [per_unit[u][c] for u, c in zip(self._map._unit_of, self._map.channels)]
@@ -228,6 +228,20 @@ class GrowingReg(torch.optim.Optimizer):
         s, m = self.schedule, self._map
         return StepBatch(self.slices, m.kept(s.kept, s.version), m.per_slice(s.lam_kept32),
                          m.per_slice(s.lam_selected32), sgd)
+
+    def _step_slices(self, batch: StepBatch, *, want_scores: bool, mask: bool):
+        """The backend's step, in one call; with ``penalize="group"`` a parameter's rows and columns
+        can be in two slices, so rows go first and columns second (never in one parallel pass: two
+        writers of one gradient entry would race), on every backend in the same order."""
+        passes = self._map.passes
+        if len(passes) == 1:
+            return self.backend.step(batch, want_scores=want_scores, mask=mask)
+        out = [None] * len(batch)
+        for idx in passes:
+            scores = self.backend.step(batch.subset(idx), want_scores=want_scores, mask=mask)
+            for i, s in zip(idx, scores or ()):
+                out[i] = s
+        return out if want_scores else None
 
     def apply_penalty(self) -> None:
         """Update λ when due, then ``grad += λ_g * w`` (once pruned: zero the removed groups'
@@ -247,7 +261,7 @@ class GrowingReg(torch.optim.Optimizer):
             sgd = SGDArgs(buffers=[self._momentum_buffer(s, g) for s, g in zip(self.slices, groups)],
                           lr=[g["lr"] for g in groups], momentum=[g["momentum"] for g in groups],
                           weight_decay=[g["weight_decay"] for g in groups])
-        scores = self.backend.step(self._batch(sgd), want_scores=self.schedule.wants_scores(update, pick_now),
+        scores = self._step_slices(self._batch(sgd), want_scores=self.schedule.wants_scores(update, pick_now),
                                    mask=done)
         if done:
             self._zero_removed_grads()

@@ -28,6 +28,11 @@ class SliceMap:
         self.identity = all(not u.coupled for u in self.units)
         self._version = None
         self._kept: list[torch.Tensor] = []
+        # slices that may share entries (a parameter's rows and its columns) never run in one pass
+        rows = [i for i, s in enumerate(self.slices) if getattr(s, "axis", 0) == 0]
+        columns = [i for i, s in enumerate(self.slices) if getattr(s, "axis", 0) == 1]
+        self.passes = [rows, columns] if columns and {id(self.slices[i].param) for i in rows} & {
+            id(self.slices[i].param) for i in columns} else [list(range(len(self.slices)))]
         if self.identity:
             return
         unit_of = [i for i, slices in enumerate(per_unit) for _ in slices]

@@ -1,0 +1,269 @@
+"""Coupled channel groups: what the graph couples, that compaction of whole groups is exact on the
+networks of the zoo, and that growing regularization over groups runs on every backend alike."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+
+import greg_fast as gf
+from greg_fast import models
+from greg_fast.groups import MemberKey
+from greg_fast.plan import count_flops
+
+from test_compact import assert_same_outputs
+from test_user_models import randomize
+
+X8 = torch.zeros(1, 3, 8, 8)
+
+
+def random_group_masks(plan, ratio, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {l.name: torch.randperm(l.n_groups, generator=g) >= gf.n_prune_for(ratio, l.n_groups) for l in plan.layers}
+
+
+def exact_after_compaction(model, x, ratio, plan=None):
+    """Mask a copy at random, compact another copy: same outputs in eval mode. Returns the small model."""
+    masked = copy.deepcopy(model).eval()
+    plan = gf.plan(masked, ratio, example_inputs=x[:1])
+    masks = random_group_masks(plan, ratio)
+    gf.apply_masks(masked, masks, plan)
+    small = copy.deepcopy(masked)
+    gf.compact(small, masks, gf.plan(small, ratio, example_inputs=x[:1]))
+    assert_same_outputs(masked, small, x)
+    return small, plan
+
+
+def members_of(plan, name):
+    return {(k.module, k.tensor, k.axis) for k in plan[name].members}
+
+
+class Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.bn0 = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.c1, self.bn1 = nn.Conv2d(8, 6, 3, padding=1), nn.BatchNorm2d(6)
+        self.c2, self.bn2 = nn.Conv2d(6, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        x = F.relu(self.bn0(self.stem(x)))
+        x = F.relu(x + self.bn2(self.c2(F.relu(self.bn1(self.c1(x))))))
+        return self.head(x).mean((2, 3))
+
+
+def test_a_residual_add_joins_both_producers_in_one_group():
+    plan = gf.plan(Residual(), 0.5, example_inputs=X8)
+    assert [l.name for l in plan.layers] == ["stem", "c1"]
+    assert members_of(plan, "stem") >= {("stem", "weight", 0), ("bn0", "weight", 0), ("c2", "weight", 0),
+                                        ("c2", "bias", 0), ("bn2", "running_mean", 0), ("c1", "weight", 1),
+                                        ("head", "weight", 1)}
+    assert plan["stem"].n_groups == 8 and plan["stem"].n_prune == 4
+    small, _ = exact_after_compaction(randomize(Residual()), torch.randn(2, 3, 8, 8), 0.5)
+    assert small.stem.out_channels == small.c2.out_channels == small.head.in_channels == 4
+    uncoupled = gf.plan(Residual(), 0.5, example_inputs=X8, coupled=False)
+    assert "residual add" in uncoupled.excluded["stem"] and [l.name for l in uncoupled.layers] == ["c1"]
+
+
+class Gated(nn.Module):  # squeeze-and-excitation, depthwise, a grouped conv, a concat, a layer scale
+    def __init__(self):
+        super().__init__()
+        self.expand, self.bn = nn.Conv2d(3, 12, 1), nn.BatchNorm2d(12)
+        self.dw = nn.Conv2d(12, 12, 3, padding=1, groups=12)
+        self.fc1, self.fc2 = nn.Conv2d(12, 4, 1), nn.Conv2d(4, 12, 1)
+        self.grouped = nn.Conv2d(12, 8, 3, padding=1, groups=2)
+        self.side = nn.Conv2d(3, 5, 1)
+        self.scale = nn.Parameter(torch.rand(13, 1, 1) + 0.5)
+        self.head = nn.Conv2d(13, 3, 1)
+
+    def forward(self, x):
+        y = self.dw(F.relu(self.bn(self.expand(x))))
+        y = y * torch.sigmoid(self.fc2(F.relu(self.fc1(y.mean((2, 3), keepdim=True)))))
+        z = torch.cat([self.grouped(y), self.side(x)], 1)
+        return self.head(self.scale * z).mean((2, 3))
+
+
+def test_gating_depthwise_grouped_concat_and_layer_scale_are_grouped():
+    plan = gf.plan(Gated(), 0.5, example_inputs=X8)
+    names = [l.name for l in plan.layers]
+    assert names == ["expand", "fc1", "grouped", "side"], (names, plan.excluded)
+    # the gate's fc2 filters go with the channels they gate; the depthwise filters too
+    assert members_of(plan, "expand") >= {("dw", "weight", 0), ("dw", "bias", 0), ("fc2", "weight", 0),
+                                          ("fc1", "weight", 1), ("grouped", "weight", 1)}
+    # a grouped conv keeps equal conv groups: the same input position goes in each, so 12 -> 6 "channels"
+    # of 2 positions each; its filters likewise (8 = 2 conv groups x 4)
+    assert plan["expand"].n_groups == 6 and plan["expand"].members[MemberKey("expand", "weight", 0, "filter", True)].shape == (6, 2)
+    assert plan["grouped"].n_groups == 4
+    # each concat segment is its own group, with its slice of the layer scale and of head's columns
+    assert plan["side"].members[MemberKey("", "scale", 0, "param", False)].view(-1).tolist() == [8, 9, 10, 11, 12]
+    assert plan["side"].members[MemberKey("head", "weight", 1, "input", False)].view(-1).tolist() == [8, 9, 10, 11, 12]
+    for ratio in (0.3, 0.7):
+        small, _ = exact_after_compaction(randomize(Gated()), torch.randn(2, 3, 8, 8), ratio)
+        assert small.dw.groups == small.dw.in_channels == small.expand.out_channels
+        assert small.grouped.groups == 2 and small.scale.shape[0] == small.head.in_channels
+
+
+class ChannelNorm(nn.Module):
+    def __init__(self, norm):
+        super().__init__()
+        self.c1, self.norm, self.c2 = nn.Conv2d(3, 8, 1), norm, nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.c2(self.norm(self.c1(x)))
+
+
+@pytest.mark.parametrize("norm", [nn.GroupNorm(2, 8), nn.LayerNorm([8, 8, 8])])
+def test_norms_over_the_channels_exclude_the_group(norm):
+    plan = gf.plan(ChannelNorm(norm), 0.5, example_inputs=X8)
+    assert "normalizes channels together" in plan.excluded["c1"]
+
+
+class Split(nn.Module):  # chunk, shuffle with a written group count, a literal slice
+    def __init__(self, literal):
+        super().__init__()
+        self.literal = literal
+        self.c1, self.c2, self.head = nn.Conv2d(3, 8, 1), nn.Conv2d(4, 4, 1), nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        y = F.relu(self.c1(x))
+        a, b = (y[:, :4], y[:, 4:]) if self.literal else y.chunk(2, dim=1)
+        y = torch.cat([a, self.c2(b)], 1)
+        n, c, h, w = y.shape
+        y = y.view(n, 2, c // 2, h, w).transpose(1, 2).contiguous().view(n, -1, h, w)
+        return self.head(y).mean((2, 3))
+
+
+@pytest.mark.parametrize("literal", [False, True])
+def test_chunk_and_channel_shuffle_keep_their_written_structure(literal):
+    plan = gf.plan(Split(literal), 0.5, example_inputs=X8)
+    if literal:
+        assert "slices the channel axis at written positions" in plan.excluded["c1"]
+    else:
+        assert "c1" in [l.name for l in plan.pruned]
+    for ratio in (0.3, 0.7):
+        exact_after_compaction(randomize(Split(literal)), torch.randn(2, 3, 8, 8), ratio)
+
+
+def test_ratios_and_skip_address_a_group_through_its_members():
+    net = Residual()
+    plan = gf.plan(net, 0.5, example_inputs=X8, ratios={"bn2": 0.25}, skip=["c1"])
+    assert plan["stem"].ratio == 0.25 and plan["stem"].n_prune == 2
+    assert "skipped by the user ('c1' matches 'c1')" == plan.excluded["c1"]
+    # a consumer reading the group does not address it: head's ratio is head's own
+    assert gf.plan(net, 0.5, example_inputs=X8, ratios={"head": 0.0})["stem"].ratio == 0.5
+    with pytest.raises(ValueError, match=r"group 'stem' couples 'stem' and 'c2'.*\(0.1 and 0.2\)"):
+        gf.plan(net, 0.5, example_inputs=X8, ratios={"stem": 0.1, "c2": 0.2})
+    text = repr(plan)
+    assert "stem" in text and "members" in text and "FLOPs:" in text
+
+
+def test_cost_of_a_coupled_plan_is_the_compacted_model():
+    small, plan = exact_after_compaction(randomize(Gated()), torch.randn(2, 3, 8, 8), 0.5)
+    c = plan.cost()
+    assert sum(p.numel() for p in small.parameters()) == c["params_after"]
+    assert count_flops(small, (X8,))[1] == c["flops_after"]
+
+
+# ---- the zoo ----
+ZOO = {
+    "resnet18": {}, "resnet50": {}, "wide_resnet50_2": {}, "resnext50_32x4d": {}, "vgg16_bn": {},
+    "mobilenet_v2": {}, "mobilenet_v3_large": {}, "efficientnet_b0": {}, "densenet121": {},
+    "googlenet": dict(aux_logits=False, init_weights=True), "regnet_y_400mf": {}, "convnext_tiny": {},
+    "squeezenet1_0": {}, "shufflenet_v2_x1_0": {}, "resnet56": None, "vgg19_bn_cifar": None,
+}
+
+
+def zoo_model(name):
+    torch.manual_seed(0)
+    if ZOO[name] is None:
+        return models.create(name), torch.randn(2, 3, 32, 32)
+    return getattr(torchvision.models, name)(**ZOO[name]), torch.randn(2, 3, 64, 64)
+
+
+@pytest.mark.parametrize("name", list(ZOO))
+def test_zoo_groups_compact_exactly_and_regularize(name):
+    model, x = zoo_model(name)
+    randomize(model)
+    plan = gf.plan(model.eval(), 0.5, example_inputs=x[:1])
+    assert len(plan.pruned) > 0
+    for ratio in (0.3, 0.7):  # random masks, one plan: the mask decides what goes
+        masks = random_group_masks(plan, ratio)
+        masked, mplan = copy.deepcopy((model, plan))
+        gf.apply_masks(masked, masks, mplan)
+        small = copy.deepcopy(masked)
+        gf.compact(small, masks, gf.plan(small, 0.5, example_inputs=x[:1]))
+        assert_same_outputs(masked, small, x)
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    greg = gf.GrowingReg(opt, plan, method="greg1", delta=0.5, interval=1, ceiling=1.0, stabilize=1)
+    for _ in range(4):
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        greg.step()
+    assert greg.done
+    for layer in plan.pruned:
+        assert int((~greg.masks()[layer.name]).sum()) == layer.n_prune
+
+
+# ---- growing regularization over groups ----
+def one_step(model, x, backend, penalize, fused, method="greg1"):
+    """A GrowingReg step at a λ large enough to show: the parameters after it, the masks, the scores."""
+    model = copy.deepcopy(model)
+    plan = gf.plan(model, 0.5, example_inputs=x[:1])
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+    greg = gf.GrowingReg(opt, plan, method=method, backend=backend, penalize=penalize, fused=fused,
+                         delta=0.5, interval=1, pick_delta=0.5, pick_ceiling=0.5, ceiling=10.0)
+    for _ in range(3):
+        opt.zero_grad()
+        F.cross_entropy(model(x), torch.arange(x.shape[0]) % 3).backward()
+        greg.step()
+    return [p.detach().clone() for p in model.parameters()], greg.masks(), greg.scores()
+
+
+@pytest.mark.parametrize("penalize,fused", [("filters", False), ("filters", True), ("group", False)])
+@pytest.mark.parametrize("method", ["greg1", "greg2"])
+@pytest.mark.parametrize("name", ["gated", "resnet20"])
+def test_backends_regularize_groups_like_eager(name, method, penalize, fused):
+    if name == "gated":
+        model, x = randomize(Gated()).train(), torch.randn(4, 3, 8, 8)
+    else:
+        torch.manual_seed(0)
+        model, x = models.create("resnet20"), torch.randn(4, 3, 16, 16)
+    ref = one_step(model, x, "eager", penalize, fused, method)
+    for backend in ("cpp", "triton"):
+        params, masks, scores = one_step(model, x, backend, penalize, fused, method)
+        for a, b in zip(ref[0], params):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+        assert all(torch.equal(masks[k], ref[1][k]) for k in masks)
+        for k in scores:
+            torch.testing.assert_close(scores[k], ref[2][k], rtol=1e-5, atol=1e-7)
+
+
+def test_penalize_group_also_shrinks_batchnorm_and_scores_count_it():
+    torch.manual_seed(0)
+    net = randomize(Residual()).train()
+    plan = gf.plan(net, 0.5, example_inputs=X8)
+    opt = torch.optim.SGD(net.parameters(), lr=0.0)
+    x = torch.randn(2, 3, 8, 8)
+    grads = {}
+    for penalize in ("filters", "group"):
+        greg = gf.GrowingReg(opt, plan, method="greg1", penalize=penalize, delta=0.5, interval=1)
+        opt.zero_grad()
+        net(x).sum().backward()
+        before = net.bn0.weight.grad.clone()
+        greg.apply_penalty()
+        grads[penalize] = net.bn0.weight.grad - before
+        removed = ~greg.masks()["stem"]
+        w = net.bn0.weight.detach()
+        expect = torch.where(removed, 0.5 * w, torch.zeros_like(w))
+        scores = greg.scores()["stem"]
+        # the score of a channel: mean |w| over what is penalized
+        rows = torch.cat([net.stem.weight.detach().abs().flatten(1), net.c2.weight.detach().abs().flatten(1)], 1)
+        if penalize == "group":
+            torch.testing.assert_close(grads[penalize], expect)
+            assert scores.shape == (8,)
+        else:
+            assert not grads[penalize].any()
+            torch.testing.assert_close(scores, rows.mean(1))
