@@ -7,7 +7,7 @@ from greg_fast import bench
 
 @pytest.mark.parametrize("name", bench.PENALTY_PROVIDERS + bench.SGD_PROVIDERS)
 def test_step(benchmark, name, workload, device, records):
-    reason = bench.unavailable(name, device)
+    reason = bench.unavailable(name, device, workload)
     if name == "triton" and device.type != "cuda":
         reason = "GPU only (the interpreter is for tests, not timings)"
     if reason:

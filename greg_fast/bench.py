@@ -1,7 +1,9 @@
 """Workloads and providers of the regularization-step benchmarks (bench/ and ``greg-fast bench``).
 
 A workload is one model's regularized conv weights with random gradients under a 50% filter plan
-(GReg-1, past its first λ update); a provider is a callable doing one step over them. Every record
+(GReg-1, past its first λ update): of single layers as the reference plans them, or with the
+``-coupled`` suffix of coupled channel groups (residual streams too); a provider is a callable doing
+one step over them. Every record
 states the bytes the step must move (see ``Workload.bytes_moved``), the effective GB/s and its
 fraction of the copy bandwidth measured in the same run.
 """
@@ -25,7 +27,9 @@ from .engine import GrowingReg
 from .plan import Plan, plan
 from .table import format_table
 
-MODELS = ("resnet56", "resnet50", "resnet152")
+MODELS = ("resnet56", "resnet50", "resnet152", "resnet50-coupled")
+COUPLED = "-coupled"
+_LAYER_ONLY = ("reference", "foreach")  # written for the reference's per-layer λ
 PENALTY_PROVIDERS = ("reference", "eager", "foreach", "compile", "cpp", "triton", "torch_pruning")
 SGD_PROVIDERS = ("torch_sgd", "greg_fused_sgd")
 
@@ -90,7 +94,9 @@ class Workload:
 
     @property
     def weights(self) -> list[torch.Tensor]:
-        return [l.weight for l in self.plan.pruned]
+        """The regularized parameters (a coupled group's slices are rows of these)."""
+        slices = [s for l in self.plan.pruned for s in l.slices(self.plan.module)]
+        return list({id(s.param): s.param for s in slices}.values())
 
     def bytes_moved(self, provider: str) -> int:
         """What the step must move: the penalty reads w and grad and writes grad of the groups
@@ -103,14 +109,17 @@ class Workload:
 
 def workload(name: str, device: torch.device, dtype=torch.float32) -> Workload:
     torch.manual_seed(0)
-    model = models.create(name).to(device=device, dtype=dtype)
+    model = models.create(name.removesuffix(COUPLED)).to(device=device, dtype=dtype)
     size = model.greg_input_size
     example = torch.zeros(1, *size[:1], 64, 64, device=device, dtype=dtype) if size[1] > 64 else None
-    p = plan(model, 0.5, example_inputs=example, coupled=False)  # whole layer weights: bytes per step are theirs
+    p = plan(model, 0.5, example_inputs=example, coupled=name.endswith(COUPLED))
     for param in model.parameters():
         param.grad = torch.randn_like(param) * 1e-3
-    numel = sum(l.weight.numel() for l in p.pruned)
-    penalized = sum(l.n_prune * l.view[0] * l.view[2] for l in p.pruned)
+    numel = penalized = 0
+    for unit in p.pruned:  # every channel of a unit has the same number of penalized entries
+        entries = sum(s.weight.numel() for s in unit.slices(p.module))
+        numel += entries
+        penalized += unit.n_prune * entries // unit.n_groups
     return Workload(name, model, p, device, numel=numel, penalized=penalized,
                     copy_bw=copy_bandwidth(device, numel, dtype))
 
@@ -197,11 +206,13 @@ def provider(name: str, work: Workload) -> Callable[[], None]:
     return _greg(work, name).apply_penalty
 
 
-def unavailable(name: str, device: torch.device) -> str | None:
-    """Why a provider cannot run here (None: it can)."""
+def unavailable(name: str, device: torch.device, work: Workload | None = None) -> str | None:
+    """Why a provider cannot run here, or on ``work`` (None: it can)."""
     if name in ("eager", "cpp", "triton"):
         status = backends(device)[name]
         return None if status == "available" else status
+    if name in _LAYER_ONLY and work is not None and work.name.endswith(COUPLED):
+        return "written for single layers (the reference has no coupled groups)"
     if name == "torch_pruning" and importlib.util.find_spec("torch_pruning") is None:
         return "Torch-Pruning is not installed (pip install greg-fast[bench])"
     if name == "greg_fused_sgd":
@@ -239,7 +250,7 @@ def run_set(device: torch.device, model_names=MODELS, providers=PENALTY_PROVIDER
     for model in model_names:
         work = workload(model, device)
         for name in providers:
-            if unavailable(name, device) or (name == "triton" and device.type != "cuda"):
+            if unavailable(name, device, work) or (name == "triton" and device.type != "cuda"):
                 continue
             progress(f"{model} {name}")
             records.append(record(work, name, time_call(provider(name, work), device)))

@@ -13,6 +13,7 @@ import torch
 from . import __version__, data, models
 from .backend import ENV_VAR, auto_choice, backends
 from .hyper import METHODS, Hyper
+from . import bench
 from .plan import PENALIZE
 from .recipes import RECIPES, table as recipes_table
 from .plan import GRANULARITIES
@@ -136,7 +137,8 @@ def main(argv=None) -> int:
     sub.add_parser("info", help="versions, device and available backends")
     sub.add_parser("recipes", help="the paper's settings (prune --recipe NAME) with its reported results")
     b = sub.add_parser("bench", help="time one regularization step per provider on ResNet conv weights (CPU set)")
-    b.add_argument("--models", default="resnet56,resnet50,resnet152")
+    b.add_argument("--models", default=",".join(bench.MODELS),
+                   help="zoo models; NAME-coupled plans coupled groups (default %(default)s)")
     b.add_argument("--device", default="cpu")
     b.add_argument("--out", default="bench/results", help="folder of the results JSON")
     args = parser.parse_args(argv)
@@ -148,8 +150,7 @@ def main(argv=None) -> int:
         print(recipes_table())
         return 0
     if args.command == "bench":
-        from . import bench
-        unknown = [m for m in args.models.split(",") if m not in models.names()]
+        unknown = [m for m in args.models.split(",") if m.removesuffix(bench.COUPLED) not in models.names()]
         if unknown:
             parser.error(f"bench --models: unknown model(s) {', '.join(unknown)}; known: {', '.join(models.names())}")
         device = torch.device(args.device)
