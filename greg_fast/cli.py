@@ -47,8 +47,8 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--granularity", default="filter", choices=GRANULARITIES)
     p.add_argument("--coupled", action=argparse.BooleanOptionalAction, default=None,
                    help="prune coupled channel groups (residual streams, concats, depthwise and grouped convs, "
-                        "gating) as units; default: on for filters. --no-coupled plans single layers as the "
-                        "2021 reference does")
+                        "gating) as units; default: on for filters with --ratio, off with --stage-ratios. "
+                        "--no-coupled plans single layers as the 2021 reference does")
     p.add_argument("--penalize", default="filters", choices=PENALIZE,
                    help="what a coupled group's penalty applies to: its filter rows (the paper's method) or "
                         "every parameter entry removed with it (default filters)")

@@ -317,23 +317,19 @@ class _Analysis:
         if in_ids is None:
             self.freeze(x.ids, f"{type(m).__name__.lower()} '{name}' does not read the channels as its input channels")
             return self.producer_output(node, m)
-        self.consume(x)
         groups = getattr(m, "groups", 1)
         per_group = m.weight.shape[1]
+        mult = m.weight.shape[0] // groups
+        if groups > 1 and per_group == 1:
+            # depthwise: each input channel has its own `mult` filters, which go with it; being zeroed
+            # with it, they make its output exactly zero whatever the input holds
+            out_ids = self.fresh(m.weight.shape[0])
+            self.join(out_ids, in_ids.repeat_interleave(mult))
+            return self.producer_output(node, m, out_ids)
+        self.consume(x)
         if groups == 1:
             self.member(name, "weight", 1, "input", False, in_ids)
             return self.producer_output(node, m)
-        mult = m.weight.shape[0] // groups
-        if per_group == 1:  # depthwise: each input channel has its own `mult` filters
-            out_ids = self.fresh(m.weight.shape[0])
-            self.join(out_ids, in_ids.repeat_interleave(mult))
-            out = self.producer_output(node, m, out_ids)
-            lost = x.lost.movedim(axis, 0).reshape(in_ids.numel(), -1).amax(1)
-            lost = torch.where(in_ids >= 0, lost, 0).repeat_interleave(mult)
-            view = [1] * out.ids.dim()
-            view[axis] = lost.numel()
-            out.lost = lost.view(view).expand_as(out.ids).clone()
-            return out
         # grouped: the same input position in every conv group goes together, and so do the filters
         by_group = in_ids.view(groups, per_group)
         self.join(by_group, by_group[:1].expand_as(by_group),

@@ -191,7 +191,9 @@ class _Run:
         self.model = models.create(args.model, self.data.num_classes, in_channels=self.data.in_channels).to(self.device)
         self.example = (self.data.train[0][0].unsqueeze(0).to(self.device),)
         ratios = stage_ratios(self.model, args.stage_ratios) if args.stage_ratios is not None else None
-        self.plan = make_plan(self.model, args.ratio or 0.0, granularity=args.granularity, coupled=args.coupled,
+        # the reference's stage lists are per-layer settings: they plan single layers unless told otherwise
+        coupled = args.coupled if args.coupled is not None or ratios is None else False
+        self.plan = make_plan(self.model, args.ratio or 0.0, granularity=args.granularity, coupled=coupled,
                               ratios=ratios, skip=args.skip or (), example_inputs=self.example)
         self.structured = args.granularity != "weight"
         self.state = RunState()

@@ -99,7 +99,12 @@ class VGGCifar(nn.Module):
 
 
 _CIFAR = {"resnet20": 20, "resnet32": 32, "resnet56": 56, "resnet110": 110}
-_TORCHVISION = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "vgg16_bn")
+# torchvision's ImageNet models (224x224), with the arguments a training-free build needs
+_TORCHVISION = {name: {} for name in (
+    "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "vgg16_bn", "wide_resnet50_2",
+    "resnext50_32x4d", "mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0", "densenet121",
+    "regnet_y_400mf", "convnext_tiny", "squeezenet1_0", "shufflenet_v2_x1_0")}
+_TORCHVISION["googlenet"] = {"aux_logits": False, "init_weights": True}
 
 
 def names() -> list[str]:
@@ -113,7 +118,7 @@ def create(name: str, num_classes: int = 10, *, in_channels: int = 3) -> nn.Modu
     elif name == "vgg19_bn_cifar":
         model, size = VGGCifar(num_classes, in_channels), 32
     elif name in _TORCHVISION:
-        model, size = getattr(torchvision.models, name)(weights=None, num_classes=num_classes), 224
+        model, size = getattr(torchvision.models, name)(weights=None, num_classes=num_classes, **_TORCHVISION[name]), 224
         if in_channels != 3:
             _replace_stem(model, in_channels)
     else:

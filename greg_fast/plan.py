@@ -255,39 +255,44 @@ class Plan:
         return dict(self._cost)
 
     def _compute_cost(self) -> dict[str, int]:
-        removed: dict[tuple[str, str, int], int] = {}  # positions removed per tensor axis
-        kept: dict[tuple[str, str], float] = {}        # kept fraction per tensor
-        for l in self.pruned:
-            if l.granularity == "weight":
-                kept[(l.name, "weight")] = (l.n_groups - l.n_prune) / l.n_groups
-            for key, positions in l.members.items():
-                if not key.tensor:
-                    continue
-                at = (key.module, key.tensor, key.axis)
-                removed[at] = removed.get(at, 0) + l.n_prune * positions.shape[1]
-        for (module, tensor, axis), n in removed.items():
-            size = getattr(self._modules[module], tensor).shape[axis]
-            kept[(module, tensor)] = kept.get((module, tensor), 1.0) * (1 - n / size)
-        removed_params = removed_flops = 0.0
-        for (module, tensor), fraction in kept.items():
-            t = getattr(self._modules[module], tensor)
-            if isinstance(t, nn.Parameter):
-                removed_params += t.numel() * (1 - fraction)
-            if tensor == "weight":
-                removed_flops += self._layer_flops.get(module, 0) * (1 - fraction)
+        removed_params, removed_flops = self._removed(self.pruned)
         return {"params_before": self.total_params,
                 "params_after": self.total_params - round(removed_params),
                 "flops_before": self.total_flops,
                 "flops_after": self.total_flops - round(removed_flops)}
 
+    def _removed(self, units: Sequence[LayerPlan]) -> tuple[float, float]:
+        """Parameters and FLOPs that removing ``units``' planned groups takes away."""
+        removed: dict[tuple[str, str, int], int] = {}  # positions removed per tensor axis
+        kept: dict[tuple[str, str], float] = {}        # kept fraction per tensor
+        for l in units:
+            if l.granularity == "weight":
+                kept[(l.name, "weight")] = (l.n_groups - l.n_prune) / l.n_groups
+            for key, positions in l.members.items():
+                if key.tensor:
+                    at = (key.module, key.tensor, key.axis)
+                    removed[at] = removed.get(at, 0) + l.n_prune * positions.shape[1]
+        for (module, tensor, axis), n in removed.items():
+            size = getattr(self._modules[module], tensor).shape[axis]
+            kept[(module, tensor)] = kept.get((module, tensor), 1.0) * (1 - n / size)
+        params = flops = 0.0
+        for (module, tensor), fraction in kept.items():
+            t = getattr(self._modules[module], tensor)
+            if isinstance(t, nn.Parameter):
+                params += t.numel() * (1 - fraction)
+            if tensor == "weight":
+                flops += self._layer_flops.get(module, 0) * (1 - fraction)
+        return params, flops
+
     def __repr__(self) -> str:
         if any(l.coupled for l in self.layers):
-            rows = [("group", "channels", "pruned", "ratio", "members")]
-            for l in self.layers:
+            rows = [("group", "channels", "pruned", "ratio", "FLOPs -%", "members")]
+            for l in self.layers:  # FLOPs -%: of the model's, by this group's cut alone
                 names = list(dict.fromkeys(k.module for k in l.members))
                 shown = ", ".join(names[:3]) + (f" +{len(names) - 3} more" if len(names) > 3 else "")
-                rows.append((l.name, str(l.n_groups), str(l.n_prune), f"{l.ratio:.3g}", shown))
-            right = (1, 2, 3)
+                share = 100 * self._removed([l])[1] / max(self.total_flops, 1)
+                rows.append((l.name, str(l.n_groups), str(l.n_prune), f"{l.ratio:.3g}", f"{share:.1f}", shown))
+            right = (1, 2, 3, 4)
         else:
             rows = [("layer", "granularity", "shape", "groups", "pruned", "ratio")]
             for l in self.layers:
@@ -460,7 +465,8 @@ def _coupled_units(model, example_inputs, ratio, ratios, skip, modules):
         if len(values) > 1:
             m1, m2 = (next(m for m, r in given.items() if r == v) for v in values[:2])
             raise ValueError(f"group {g.name!r} couples {m1!r} and {m2!r}, which ratios give different values "
-                             f"({values[0]} and {values[1]}); one group of channels has one ratio")
+                             f"({values[0]} and {values[1]}); one group of channels has one ratio (per-layer "
+                             "settings such as the reference's stage lists plan single layers: coupled=False)")
         r = next(iter(given.values())) if given else ratio
         n = g.n_channels
         first = modules[filters[0].module]

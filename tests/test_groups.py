@@ -267,3 +267,19 @@ def test_penalize_group_also_shrinks_batchnorm_and_scores_count_it():
         else:
             assert not grads[penalize].any()
             torch.testing.assert_close(scores, rows.mean(1))
+
+
+class SigmoidDepthwise(nn.Module):  # a depthwise conv zeroes its removed channel whatever it reads
+    def __init__(self):
+        super().__init__()
+        self.c1, self.dw, self.c2 = nn.Conv2d(3, 6, 1), nn.Conv2d(6, 6, 3, padding=1, groups=6), nn.Conv2d(6, 4, 1)
+
+    def forward(self, x):
+        return self.c2(self.dw(torch.sigmoid(self.c1(x)))).mean((2, 3))
+
+
+def test_a_depthwise_conv_after_a_nonzero_activation_keeps_the_group_exact():
+    plan = gf.plan(SigmoidDepthwise(), 0.5, example_inputs=X8)
+    assert "c1" in [l.name for l in plan.pruned]
+    assert ("dw", "weight", 0) in members_of(plan, "c1")
+    exact_after_compaction(SigmoidDepthwise(), torch.randn(2, 3, 8, 8), 0.5)

@@ -1,0 +1,131 @@
+"""What a uniform ratio removes on the zoo, greg_fast (coupled groups, and single layers as the
+2021 reference) next to Torch-Pruning's MetaPruner (L1 magnitude, classifier ignored) on the same
+models in the same run; plan and compact times; a check that the compacted model is the masked one.
+
+    pip install -e ".[bench]" && python bench/zoo.py [--ratio 0.5] [--size 224] [--models a,b]
+
+writes bench/results/zoo-<device>-<date>.json and .md (the table).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+import greg_fast as gf
+from greg_fast import bench, models
+from greg_fast.plan import count_flops
+from greg_fast.table import format_table
+
+ZOO = ("resnet18", "resnet50", "wide_resnet50_2", "resnext50_32x4d", "vgg16_bn", "mobilenet_v2",
+       "mobilenet_v3_large", "efficientnet_b0", "densenet121", "googlenet", "regnet_y_400mf", "convnext_tiny",
+       "squeezenet1_0", "shufflenet_v2_x1_0", "resnet56", "vgg19_bn_cifar")
+
+
+def removed(before: tuple[int, int], after: tuple[int, int]) -> tuple[float, float]:
+    return tuple(100.0 * (1 - a / b) for a, b in zip(after, before))
+
+
+def cost_of(model: nn.Module, x: torch.Tensor) -> tuple[int, int]:
+    return sum(p.numel() for p in model.parameters()), count_flops(model, (x,))[1]
+
+
+def greg_fast_row(model: nn.Module, x: torch.Tensor, ratio: float, coupled: bool) -> dict:
+    model = copy.deepcopy(model).eval()
+    start = time.perf_counter()
+    plan = gf.plan(model, ratio, example_inputs=x, coupled=coupled)
+    plan_s = time.perf_counter() - start
+    c = plan.cost()
+    row = {"params_removed": 100 * (1 - c["params_after"] / c["params_before"]),
+           "flops_removed": 100 * (1 - c["flops_after"] / c["flops_before"]), "plan_s": plan_s,
+           "groups": len(plan.pruned), "excluded": len(plan.excluded)}
+    if coupled:  # L1 picks, then compaction: timed, and checked against the masked model
+        masks = gf.GrowingReg(torch.optim.SGD(model.parameters(), lr=0.0), plan, method="l1").masks()
+        masked = copy.deepcopy(model)
+        gf.apply_masks(masked, masks, gf.plan(masked, ratio, example_inputs=x, coupled=True))
+        start = time.perf_counter()
+        gf.compact(model, masks, plan)
+        row["compact_s"] = time.perf_counter() - start
+        with torch.no_grad():
+            a, b = masked(x), model(x)
+        row["max_rel_error"] = float((a - b).abs().max() / a.abs().max())
+        row["params_after_matches_plan"] = sum(p.numel() for p in model.parameters()) == c["params_after"]
+    return row
+
+
+def torch_pruning_row(model: nn.Module, x: torch.Tensor, ratio: float) -> dict:
+    import torch_pruning as tp
+    model = copy.deepcopy(model).eval()
+    before = cost_of(model, x)
+    classifier = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))][-1]
+    start = time.perf_counter()
+    try:
+        pruner = tp.pruner.MetaPruner(model, x, importance=tp.importance.MagnitudeImportance(p=1),
+                                      pruning_ratio=ratio, ignored_layers=[classifier])
+        pruner.step()
+        params, flops = removed(before, cost_of(model, x))
+    except Exception as err:  # report it, as the issue's table does
+        return {"error": f"{type(err).__name__}: {str(err)[:120]}"}
+    return {"params_removed": params, "flops_removed": flops, "seconds": time.perf_counter() - start}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ratio", type=float, default=0.5)
+    p.add_argument("--size", type=int, default=224, help="input size of the ImageNet models (CIFAR ones: 32)")
+    p.add_argument("--models", default=",".join(ZOO))
+    p.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = p.parse_args(argv)
+    rows = []
+    for name in args.models.split(","):
+        torch.manual_seed(0)
+        model = models.create(name, 1000 if name in models._TORCHVISION else 10).eval()
+        size = args.size if name in models._TORCHVISION else 32
+        x = torch.randn(1, 3, size, size)
+        row = {"model": name, "input": size, "coupled": greg_fast_row(model, x, args.ratio, True),
+               "layers": greg_fast_row(model, x, args.ratio, False)}
+        try:
+            row["torch_pruning"] = torch_pruning_row(model, x, args.ratio)
+        except ImportError:
+            row["torch_pruning"] = {"error": "Torch-Pruning not installed (pip install -e '.[bench]')"}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    device = torch.device("cpu")
+    meta = {"ratio": args.ratio, "device": bench.device_name(device), "torch": torch.__version__,
+            "date": datetime.date.today().isoformat()}
+    try:
+        import torch_pruning
+        meta["torch_pruning"] = getattr(torch_pruning, "__version__", "?")
+    except ImportError:
+        pass
+    table = [("model", "FLOPs removed: coupled", "layers only", "Torch-Pruning", "params removed: coupled",
+              "Torch-Pruning", "groups", "plan s", "compact s", "compacted == masked")]
+    for r in rows:
+        c, lay, tp_ = r["coupled"], r["layers"], r["torch_pruning"]
+        tp_flops = f"{tp_['flops_removed']:.1f}%" if "error" not in tp_ else "fails"
+        tp_params = f"{tp_['params_removed']:.1f}%" if "error" not in tp_ else "-"
+        table.append((r["model"], f"{c['flops_removed']:.1f}%", f"{lay['flops_removed']:.1f}%", tp_flops,
+                      f"{c['params_removed']:.1f}%", tp_params, str(c["groups"]), f"{c['plan_s']:.1f}",
+                      f"{c['compact_s']:.2f}", f"{c['max_rel_error']:.0e}" + ("" if c["params_after_matches_plan"] else " (params differ!)")))
+    text = format_table(table, right=tuple(range(1, 10)))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    slug = "".join(c if c.isalnum() else "-" for c in meta["device"]).strip("-").lower()
+    stem = f"zoo-{slug}-{meta['date']}"
+    (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    header = (f"Uniform ratio {args.ratio}, inputs {args.size}x{args.size} (CIFAR models 32x32), FLOPs by "
+              f"torch.utils.flop_counter; {meta['device']}, torch {meta['torch']}, Torch-Pruning "
+              f"{meta.get('torch_pruning', '-')}, {meta['date']}.\n\n")
+    (out / f"{stem}.md").write_text(header + text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
