@@ -81,7 +81,8 @@ class GrowingReg(torch.optim.Optimizer):
                              next((l.weight.device for l in plan.layers), torch.device("cpu")), whole=fused)
         self._removed = None  # after pruning: (tensor, removed entries) whose gradients stay zero
         self.slices = self._map.slices
-        frozen = [l.name for l in plan.pruned if not all(s.param.requires_grad for s in l.slices(plan.module, penalize))]
+        frozen = [l.name for l in plan.pruned
+                  if not all(s.param.requires_grad for s in l.slices(plan.module, penalize))]
         if frozen:
             warnings.warn(f"planned layers {frozen[:5]} are frozen (requires_grad=False): they get no "
                           "gradient, so they lose their groups without being regularized", stacklevel=2)

@@ -20,6 +20,8 @@ from .plan import LayerPlan, Slice, runs
 
 
 class SliceMap:
+    """The slices of ``units`` for one ``penalize`` mode, and the maps between slices and units."""
+
     def __init__(self, units: Sequence[LayerPlan], module_of: Callable[[str], nn.Module], penalize: str,
                  device: torch.device, whole: bool = False):
         self.units = list(units)
@@ -28,16 +30,19 @@ class SliceMap:
         self.identity = all(not u.coupled for u in self.units)
         self._version = None
         self._kept: list[torch.Tensor] = []
-        # slices that may share entries (a parameter's rows and its columns) never run in one pass
-        rows = [i for i, s in enumerate(self.slices) if getattr(s, "axis", 0) == 0]
-        columns = [i for i, s in enumerate(self.slices) if getattr(s, "axis", 0) == 1]
-        self.passes = [rows, columns] if columns and {id(self.slices[i].param) for i in rows} & {
-            id(self.slices[i].param) for i in columns} else [list(range(len(self.slices)))]
+        self.passes = [list(range(len(self.slices)))]
         if self.identity:
             return
         unit_of = [i for i, slices in enumerate(per_unit) for _ in slices]
         self.fillers = _fillers(self.slices) if whole else []
         self.slices += self.fillers
+        # slices that may share entries (a parameter's rows and its columns) never run in one pass
+        rows = [i for i, s in enumerate(self.slices) if s.axis == 0]
+        columns = [i for i, s in enumerate(self.slices) if s.axis == 1]
+        if {id(self.slices[i].param) for i in rows} & {id(self.slices[i].param) for i in columns}:
+            self.passes = [rows, columns]
+        else:
+            self.passes = [list(range(len(self.slices)))]
         unit_of += [len(self.units)] * len(self.fillers)  # a unit of its own: λ 0, all kept
         self._unit_of = unit_of  # on the host too: the kept gather needs no device sync
         self.unit_index = torch.tensor(unit_of, dtype=torch.int64, device=device)

@@ -283,3 +283,19 @@ def test_a_depthwise_conv_after_a_nonzero_activation_keeps_the_group_exact():
     assert "c1" in [l.name for l in plan.pruned]
     assert ("dw", "weight", 0) in members_of(plan, "c1")
     exact_after_compaction(SigmoidDepthwise(), torch.randn(2, 3, 8, 8), 0.5)
+
+
+def test_fused_sgd_on_groups_updates_what_plain_sgd_updates():
+    """ResNet-20's stage-2 stream has rows of an excluded group (lined up with the shortcut's
+    padding) in the same weights as a pruned one: the fused step must still update them."""
+    torch.manual_seed(0)
+    model, x = models.create("resnet20"), torch.randn(4, 3, 16, 16)
+    plain, _, _ = one_step(model, x, "cpp", "filters", fused=False)
+    fused, _, _ = one_step(model, x, "cpp", "filters", fused=True)
+    for a, b in zip(plain, fused):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    names = [n for n, _ in model.named_parameters()]
+    i = names.index("layer2.0.conv2.weight")
+    assert not torch.equal(fused[i][:8], model.layer2[0].conv2.weight[:8])
+    with pytest.raises(ValueError, match="overlapping slices"):
+        one_step(model, x, "cpp", "group", fused=True)
