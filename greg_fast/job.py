@@ -159,6 +159,14 @@ def check_args(args) -> None:
     Hyper.from_settings(**_greg_kwargs(args))
 
 
+def _coupled(args) -> bool:
+    """Whether the run plans coupled groups: asked for, or by default with filters and --ratio (the
+    reference's stage lists are per-layer settings: they plan single layers unless told otherwise)."""
+    if args.coupled is not None:
+        return args.coupled
+    return args.granularity == "filter" and args.stage_ratios is None
+
+
 def _greg_kwargs(args) -> dict:
     return {"method": args.method, **{name: getattr(args, name) for name in _HYPER}}
 
@@ -191,9 +199,7 @@ class _Run:
         self.model = models.create(args.model, self.data.num_classes, in_channels=self.data.in_channels).to(self.device)
         self.example = (self.data.train[0][0].unsqueeze(0).to(self.device),)
         ratios = stage_ratios(self.model, args.stage_ratios) if args.stage_ratios is not None else None
-        # the reference's stage lists are per-layer settings: they plan single layers unless told otherwise
-        coupled = args.coupled if args.coupled is not None or ratios is None else False
-        self.plan = make_plan(self.model, args.ratio or 0.0, granularity=args.granularity, coupled=coupled,
+        self.plan = make_plan(self.model, args.ratio or 0.0, granularity=args.granularity, coupled=_coupled(args),
                               ratios=ratios, skip=args.skip or (), example_inputs=self.example)
         self.structured = args.granularity != "weight"
         self.state = RunState()
@@ -472,7 +478,7 @@ def _summary(args, state: RunState, cost: dict, structured: bool, n_pruned: int,
            for b in (1, 64)} if latency else {}
     return {
         "model": args.model, "data": args.data, "method": args.method, "granularity": args.granularity,
-        "ratio": args.ratio, "stage_ratios": args.stage_ratios,
+        "coupled": _coupled(args), "penalize": args.penalize, "ratio": args.ratio, "stage_ratios": args.stage_ratios,
         "dense": {**{k: dense[k] for k in ("test_acc", "params", "flops")},
                   **{k: v["dense"] for k, v in lat.items()}},
         "pruned": {"test_acc_before_finetune": r["pruned"]["test_acc"], "test_acc": final["test_acc"],
@@ -493,8 +499,9 @@ def _summary(args, state: RunState, cost: dict, structured: bool, n_pruned: int,
 
 def format_table(s: dict) -> str:
     lo, hi = s["speedup_batch64_p10_p90"]
-    label = f"{s['method']} {s['granularity']} " + (f"ratio {s['ratio']}" if s["ratio"] is not None
-                                                    else f"stages {s['stage_ratios']}")
+    unit = ("groups" + (", penalize group" if s.get("penalize") == "group" else "")) if s.get("coupled") \
+        else s["granularity"]
+    label = f"{s['method']} {unit} " + (f"ratio {s['ratio']}" if s["ratio"] is not None else f"stages {s['stage_ratios']}")
     rows = [
         ("", "dense", f"pruned ({label})"),
         ("test accuracy (%)", f"{s['dense']['test_acc']:.2f}",

@@ -37,6 +37,7 @@ def test_prune_end_to_end_on_digits(tmp_path, method, capsys):
         assert s["regularization_iterations"] == 0
     assert s["pruned"]["params"] < s["dense"]["params"] and s["pruned"]["flops"] < s["dense"]["flops"]
     assert 0 <= s["pruned"]["test_acc"] <= 100 and s["layers_pruned"] == 10  # 9 inner convs and the stem's residual group
+    assert s["coupled"] is True and s["penalize"] == "filters"
     assert set(s["wall_time_s"]) >= {"pretrain", "regularize", "finetune", "total"}
     stages = [json.loads(line)["stage"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert stages[0] == "pretrain" and stages[-1] == "finetune"
