@@ -1,6 +1,6 @@
 """greg_fast: growing-regularization pruning (GReg-1 / GReg-2) for PyTorch convnets."""
 from . import models
-from .compaction import compact
+from .compaction import compact, output_change
 from .io import load, save
 from .backend import backends
 from .masks import apply_masks
@@ -11,5 +11,5 @@ from .graph import UntraceableModelError
 from .plan import GRANULARITIES, LayerPlan, Plan, n_prune_for, plan, stage_ratios
 
 __version__ = "0.1.0"
-__all__ = ["compact", "load", "save", "GRANULARITIES", "METHODS", "PHASES", "GrowingReg", "Hyper", "LayerPlan", "Plan", "UntraceableModelError",
+__all__ = ["compact", "output_change", "load", "save", "GRANULARITIES", "METHODS", "PHASES", "GrowingReg", "Hyper", "LayerPlan", "Plan", "UntraceableModelError",
            "apply_masks", "backends", "models", "n_prune_for", "plan", "stage_ratios", "__version__"]

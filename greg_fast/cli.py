@@ -49,6 +49,9 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
                    help="prune coupled channel groups (residual streams, concats, depthwise and grouped convs, "
                         "gating) as units; default: on for filters with --ratio, off with --stage-ratios. "
                         "--no-coupled plans single layers as the 2021 reference does")
+    p.add_argument("--approximate", action="store_true",
+                   help="also cut coupled groups that a LayerNorm normalizes together (ConvNeXt): the pruned "
+                        "model then differs from the masked one; the summary gives the measured change")
     p.add_argument("--penalize", default="filters", choices=PENALIZE,
                    help="what a coupled group's penalty applies to: its filter rows (the paper's method) or "
                         "every parameter entry removed with it (default filters)")

@@ -2,14 +2,15 @@
 masked model (``apply_masks``) computes; the optimizer's state follows its parameters."""
 from __future__ import annotations
 
+import copy
 from typing import Mapping
 
 import torch
 import torch.nn as nn
 
-from .masks import check_masks
+from .masks import apply_masks, check_masks
 from . import ops
-from .graph import LAYER_TYPES, NORM_TYPES
+from .graph import LAYER_TYPES, NORM_TYPES, unwrap
 from .plan import Plan
 
 def cuts(masks: Mapping[str, torch.Tensor], plan: Plan) -> dict[tuple[str, str], dict[int, torch.Tensor]]:
@@ -122,6 +123,19 @@ def compact(model: nn.Module, masks: Mapping[str, torch.Tensor], plan: Plan,
     return model
 
 
+@torch.no_grad()
+def output_change(model: nn.Module, masks: Mapping[str, torch.Tensor], plan: Plan, example_inputs) -> float:
+    """``max |compacted(x) - masked(x)| / max |masked(x)|`` in eval mode, on copies (the model is
+    not touched): rounding for exact plans, the real change for approximate groups."""
+    masked, masked_plan = copy.deepcopy((unwrap(model), plan))
+    apply_masks(masked, masks, masked_plan)
+    small, small_plan = copy.deepcopy((masked, masked_plan))
+    compact(small, masks, small_plan)
+    x = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    a, b = masked.eval()(*x), small.eval()(*x)
+    return float((a - b).abs().max() / a.abs().max().clamp_min(torch.finfo(a.dtype).tiny))
+
+
 def set_widths(module: nn.Module) -> None:
     """Make a module's size attributes agree with its (cut) tensors."""
     w = getattr(module, "weight", None)
@@ -133,3 +147,5 @@ def set_widths(module: nn.Module) -> None:
         module.out_channels, module.in_channels = w.shape[0], w.shape[1] * module.groups
     elif isinstance(module, NORM_TYPES):
         module.num_features = (module.running_mean if module.running_mean is not None else w).shape[0]
+    elif isinstance(module, nn.LayerNorm) and w is not None:
+        module.normalized_shape = (w.shape[0],)

@@ -77,6 +77,7 @@ class Group:
     name: str
     members: dict[MemberKey, torch.Tensor]
     reason: str | None  # why it cannot be removed, or None
+    approximate: str | None = None  # why its cut changes what the model computes (LayerNorm over channels)
 
     @property
     def n_channels(self) -> int:
@@ -108,6 +109,7 @@ def _describe(node: fx.Node) -> str:
 class _Analysis:
     def __init__(self, model: nn.Module, gm: fx.GraphModule):
         self.model, self.gm = model, gm
+        self.approximate: dict[int, str] = {}  # elements a LayerNorm normalizes with others
         self.modules = dict(gm.named_modules())
         self.shared = _shared_modules(model, gm)
         self.parent: list[int] = []
@@ -233,6 +235,9 @@ class _Analysis:
             return self.layer(node, m, x)
         if isinstance(m, NORM_TYPES):
             return self.batch_norm(node, m, x)
+        if isinstance(m, nn.LayerNorm) and len(m.normalized_shape) == 1:
+            return self.layer_norm(node, x, name, "weight" if m.weight is not None else None,
+                                   "bias" if m.bias is not None else None, f"LayerNorm '{name}'")
         if isinstance(m, _OTHER_NORMS):
             return self.unsupported(node, f"{type(m).__name__} '{name}' normalizes channels together: "
                                           "removing one would change the others")
@@ -256,6 +261,17 @@ class _Analysis:
             return self.binary(node)
         if t in _CATS:
             return self.cat(node)
+        if t is F.layer_norm and isinstance(self.val(node.args[0]), _Val):
+            args = list(node.args) + [None] * 5
+            shape = args[1] if args[1] is not None else node.kwargs.get("normalized_shape")
+            params = [a if a is not None else node.kwargs.get(k) for a, k in zip(args[2:4], ("weight", "bias"))]
+            if (isinstance(shape, (tuple, list)) and len(shape) == 1
+                    and all(p is None or (isinstance(p, fx.Node) and p.op == "get_attr") for p in params)):
+                owner = {p.target.rpartition(".")[0] for p in params if p is not None}
+                if len(owner) <= 1:
+                    return self.layer_norm(node, self.val(node.args[0]), owner.pop() if owner else "",
+                                           *(p.target.rpartition(".")[2] if p is not None else None for p in params),
+                                           _describe(node))
         if t in _NORM_FUNCTIONS:
             return self.unsupported(node, f"{_describe(node)} normalizes channels together: removing one "
                                           "would change the others")
@@ -347,6 +363,28 @@ class _Analysis:
         for tensor, masked in tensors or [("", False)]:  # "": no tensor, only its width to keep in step
             self.member(node.target, tensor, 0, "norm", masked, ids)
         return _Val(torch.where(x.ids == _ZERO, _NONE, x.ids), x.lost)  # BN(0) is the bias, not 0
+
+    def layer_norm(self, node: fx.Node, x: _Val, owner: str, weight: str | None, bias: str | None, what: str):
+        """LayerNorm over the last axis. Over the channels it is approximate: the compacted model
+        normalizes over fewer channels than the masked one (where a removed channel is a zero in the
+        statistics), so these channels are cut only by plans that ask for approximate groups."""
+        ids = _along(x.ids, x.ids.dim() - 1)
+        if ids is None or (bool((ids < 0).any()) and bool((ids >= 0).any())):
+            return self.unsupported(node, f"{what} normalizes channels together with entries that cannot "
+                                          "be removed")
+        if not bool((ids >= 0).any()):
+            return self.none(node)  # no prunable channel in what it normalizes
+        for e in ids.unique().tolist():
+            self.approximate.setdefault(e, f"{what} normalizes channels together: the compacted model "
+                                           "normalizes over the kept ones only, so it does not compute "
+                                           "exactly what the masked model does")
+        for tensor in (weight, bias):  # zeroed at a removed channel: its output is then exactly 0
+            if tensor is not None:
+                self.member(owner, tensor, 0, "norm", True, ids)
+        if not weight and not bias:
+            self.member(owner, "", 0, "norm", False, ids)
+        self.consume(x)  # its statistics read every entry
+        return _Val(x.ids, torch.zeros_like(x.lost))
 
     # ---- per-channel ops ----
     def elementwise(self, node: fx.Node, x: _Val, fn) -> _Val:
@@ -567,6 +605,9 @@ class _Analysis:
         frozen: dict[int, str] = {}
         for e, why in self.frozen.items():
             frozen.setdefault(self.root(e), why)
+        approximate: dict[int, str] = {}
+        for e, why in self.approximate.items():
+            approximate.setdefault(self.root(e), why)
         by_signature: dict[tuple, list[int]] = {}
         for comp, touched in where.items():
             by_signature.setdefault(tuple(sorted((i, len(p)) for i, p in touched.items())), []).append(comp)
@@ -588,7 +629,8 @@ class _Analysis:
             if reason is None and not filters:
                 reason = "it has no filters to remove"
             order = min((module_order.get(k.module, 0) for k in filters), default=len(module_order))
-            out.append((order, Group(name, members, reason)))
+            out.append((order, Group(name, members, reason, next((approximate[c] for c in comps if c in approximate),
+                                                                 None))))
         return [g for _, g in sorted(out, key=lambda x: x[0])]
 
 

@@ -75,7 +75,8 @@ def load(path: str | Path, map_location="cpu", *, model: nn.Module | None = None
 
 @torch.no_grad()
 def _resize_others(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
-    """Other tensors a coupled group cut (a layer scale): take the saved shape, to be loaded into."""
+    """Other tensors a coupled group cut (a layer scale, a LayerNorm): take the saved shape, to be
+    loaded into."""
     for name, m in model.named_modules():
         if isinstance(m, LAYER_TYPES + NORM_TYPES):
             continue
@@ -85,6 +86,7 @@ def _resize_others(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
                 if t is not None and isinstance(saved, torch.Tensor) and saved.shape != t.shape:
                     new = t.new_empty(saved.shape)
                     table[attr] = nn.Parameter(new, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else new
+                    set_widths(m)
 
 
 @torch.no_grad()

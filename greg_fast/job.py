@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from . import data as datasets
 from . import models, plots, table
 from .atomic import save_atomic, write_text_atomic
-from .compaction import compact
+from .compaction import compact, output_change
 from .masks import apply_masks
 from .io import save as save_model
 from .sparse import pack_model
@@ -39,7 +39,7 @@ from .train import epoch_metrics, evaluate, lr_at, n_batches, parse_lr_schedule,
 
 # Arguments that must agree between a run and its resume.
 _HYPER = tuple(f.name for f in dataclasses.fields(Hyper))
-_RUN_IDENTITY = ("model", "data", "method", "granularity", "coupled", "penalize", "ratio", "stage_ratios", "skip", *_HYPER,
+_RUN_IDENTITY = ("model", "data", "method", "granularity", "coupled", "approximate", "penalize", "ratio", "stage_ratios", "skip", *_HYPER,
                  "pretrain_epochs", "checkpoint", "finetune_epochs", "lr_ft", "lr_pretrain", "lr_reg",
                  "momentum", "weight_decay", "batch_size", "seed")
 
@@ -140,6 +140,8 @@ def check_args(args) -> None:
         raise ValueError("give exactly one of --ratio and --stage-ratios")
     if args.coupled and args.granularity != "filter":
         raise ValueError(f"--coupled prunes groups of filters; --granularity {args.granularity} plans single layers")
+    if args.approximate and not _coupled(args):
+        raise ValueError("--approximate cuts coupled groups: it needs --coupled (or --ratio with filters)")
     for flag, value, low in (("--batch-size", args.batch_size, 1), ("--checkpoint-every", args.checkpoint_every, 1),
                              ("--pretrain-epochs", args.pretrain_epochs, 0),
                              ("--finetune-epochs", args.finetune_epochs, 0),
@@ -200,6 +202,7 @@ class _Run:
         self.example = (self.data.train[0][0].unsqueeze(0).to(self.device),)
         ratios = stage_ratios(self.model, args.stage_ratios) if args.stage_ratios is not None else None
         self.plan = make_plan(self.model, args.ratio or 0.0, granularity=args.granularity, coupled=_coupled(args),
+                              approximate=args.approximate,
                               ratios=ratios, skip=args.skip or (), example_inputs=self.example)
         self.structured = args.granularity != "weight"
         self.state = RunState()
@@ -327,15 +330,18 @@ class _Run:
         apply_masks(self.model, masks, self.plan)
         state.results["masks"] = {k: v.cpu() for k, v in masks.items()}
         state.results["regularization"] = {"iterations": greg.iteration, "lambda": greg.lambdas()}
-        state.results["pruned"] = evaluate(self.model, self.data, self.device)
         if self.main_rank:
             trace = plots.stack_trace(state.trace, tracer.meta(masks))
             torch.save(trace, self.out / "regularization.pt")
             if state.trace:
                 plots.lambda_schedule(trace, self.out / "lambda_schedule.png")
                 plots.score_distribution(trace, self.out / "score_distribution.png")
+        if any(l.approximate for l in self.plan.pruned):  # the cut changes the function: say by how much
+            batch = torch.stack([self.data.test[i][0] for i in range(min(64, len(self.data.test)))]).to(self.device)
+            state.results["output_change"] = output_change(self.model, masks, self.plan, batch)
         if self.structured:  # remove the pruned groups for real: a smaller dense model from here on
             compact(self.model, masks, self.plan)
+        state.results["pruned"] = evaluate(self.model, self.data, self.device)
         self.say(f"pruned ({args.method}), before fine-tuning: test accuracy {state.results['pruned']['test_acc']:.2f}%")
         self.next_stage("finetune")
 
@@ -491,7 +497,7 @@ def _summary(args, state: RunState, cost: dict, structured: bool, n_pruned: int,
         "speedup_batch64_p10_p90": latency["batch64"]["speedup_p10_p90"] if latency else None,
         "regularization_iterations": r["regularization"]["iterations"],
         "skipped_steps": state.skipped_steps,
-        "layers_pruned": n_pruned,
+        "layers_pruned": n_pruned, "output_change": r.get("output_change"),
         "wall_time_s": {**{k: round(v, 2) for k, v in state.seconds.items()},
                         "total": round(sum(state.seconds.values()), 2)},
     }

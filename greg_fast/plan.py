@@ -40,6 +40,7 @@ class LayerPlan:
     producer: str | None = None                          # channel granularity: whose filters are cut too
     members: dict[MemberKey, torch.Tensor] = field(default_factory=dict)
     coupled: bool = False
+    approximate: str | None = None  # why cutting it changes what the model computes (approximate plans)
     _slices: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -310,6 +311,9 @@ class Plan:
                      f"({c['params_before'] / max(c['params_after'], 1):.2f}x fewer)")
         lines.append(f"FLOPs:      {c['flops_before']:,} -> {c['flops_after']:,} "
                      f"({c['flops_before'] / max(c['flops_after'], 1):.2f}x fewer)")
+        approximate = [l.name for l in self.layers if l.approximate]
+        if approximate:
+            lines.append(f"approximate (compacted != masked; measure with output_change): {', '.join(approximate)}")
         if self.excluded:
             lines.append("excluded:")
             lines += [f"  {name}: {reason}" for name, reason in self.excluded.items()]
@@ -347,7 +351,8 @@ def count_flops(model: nn.Module, example_inputs: tuple) -> tuple[dict[str, int]
 
 def plan(model: nn.Module, ratio: float = 0.0, *, granularity: str = "filter",
          ratios: Mapping[str, float] | None = None, skip: Sequence[str] = (),
-         example_inputs: tuple | torch.Tensor | None = None, coupled: bool | None = None) -> Plan:
+         example_inputs: tuple | torch.Tensor | None = None, coupled: bool | None = None,
+         approximate: bool = False) -> Plan:
     """Decide which layers or channel groups of ``model`` are regularized and how many groups each loses.
 
     Prunability comes from the traced graph. With ``coupled`` (the default for filters) the units are
@@ -365,6 +370,11 @@ def plan(model: nn.Module, ratio: float = 0.0, *, granularity: str = "filter",
     groups. A ``torch.compile``, DataParallel or DistributedDataParallel wrapper is planned through to
     the module it runs. Units whose weights are frozen (``requires_grad=False``) are excluded: they
     would lose groups without ever being regularized.
+
+    ``approximate=True`` also plans the groups whose cut changes what the model computes: channels
+    a LayerNorm normalizes together (ConvNeXt's stream). Their masked model zeroes the channel, but
+    the compacted model normalizes over fewer channels; ``LayerPlan.approximate`` says so, and
+    :func:`greg_fast.compaction.output_change` measures the difference.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"plan() needs an nn.Module, got {type(model).__name__}")
@@ -375,6 +385,9 @@ def plan(model: nn.Module, ratio: float = 0.0, *, granularity: str = "filter",
         raise ValueError(f"coupled groups are groups of filters: granularity {granularity!r} plans single layers "
                          "(pass coupled=False or granularity='filter')")
     coupled = granularity == "filter" if coupled is None else bool(coupled)
+    if approximate and not coupled:
+        raise ValueError("approximate=True cuts coupled groups (LayerNorm over channels); single-layer plans "
+                         "(coupled=False, channel or weight granularity) have none")
     ratio = _check_ratio(ratio, "ratio")
     if ratios is not None and not isinstance(ratios, Mapping):
         raise TypeError(f"ratios must map layer names or globs to ratios, e.g. {{'layer1.*': 0.5}}; "
@@ -403,7 +416,7 @@ def plan(model: nn.Module, ratio: float = 0.0, *, granularity: str = "filter",
             raise ValueError(f"skip entry {pattern!r} matches no module of {type(model).__name__}")
 
     if coupled:
-        layers, excluded = _coupled_units(model, example_inputs, ratio, ratios, skip, modules)
+        layers, excluded = _coupled_units(model, example_inputs, ratio, ratios, skip, modules, approximate)
     else:
         layers, excluded = _layer_units(*analyze(model, example_inputs), granularity, ratio, ratios, skip, modules)
     layer_flops, total = count_flops(model, example_inputs)
@@ -443,7 +456,7 @@ def _layer_units(deps, order, granularity, ratio, ratios, skip, modules):
     return layers, excluded
 
 
-def _coupled_units(model, example_inputs, ratio, ratios, skip, modules):
+def _coupled_units(model, example_inputs, ratio, ratios, skip, modules, approximate):
     layers, excluded = [], {}
     for g in analyze_groups(model, example_inputs):
         owners = list(dict.fromkeys(k.module for k in g.members if k.role != "input"))
@@ -451,6 +464,8 @@ def _coupled_units(model, example_inputs, ratio, ratios, skip, modules):
                         if _matches(m, p)), None)
         filters = [k for k in g.members if k.role == "filter"]
         reason = skipped or g.reason
+        if reason is None and g.approximate and not approximate:
+            reason = g.approximate + " (plan(..., approximate=True) cuts it anyway)"
         if reason is None and not all(getattr(modules[k.module], k.tensor).requires_grad for k in filters):
             reason = "a filter in it is frozen (requires_grad=False): it would lose channels without being regularized"
         if reason is not None:
@@ -474,7 +489,7 @@ def _coupled_units(model, example_inputs, ratio, ratios, skip, modules):
             name=g.name, module=first, granularity="filter", n_groups=n, n_prune=n_prune_for(r, n), ratio=r,
             view=(1, n, 1), norms=list(dict.fromkeys(k.module for k in g.members if k.role == "norm")),
             consumers=list(dict.fromkeys(k.module for k in g.members if k.role == "input")),
-            members=g.members, coupled=True))
+            members=g.members, coupled=True, approximate=g.approximate))
     return layers, excluded
 
 

@@ -299,3 +299,44 @@ def test_fused_sgd_on_groups_updates_what_plain_sgd_updates():
     assert not torch.equal(fused[i][:8], model.layer2[0].conv2.weight[:8])
     with pytest.raises(ValueError, match="overlapping slices"):
         one_step(model, x, "cpp", "group", fused=True)
+
+
+class NormedStream(nn.Module):  # ConvNeXt-style: depthwise, channels-last LayerNorm, pointwise MLP, residual
+    def __init__(self):
+        super().__init__()
+        self.stem, self.norm0 = nn.Conv2d(3, 8, 1), nn.LayerNorm(8)
+        self.dw, self.norm = nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.LayerNorm(8)
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 8)
+        self.gamma = nn.Parameter(torch.rand(8) + 0.5)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.norm0(self.stem(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        y = self.norm(self.dw(x).permute(0, 2, 3, 1))
+        y = self.gamma * self.fc2(F.gelu(self.fc1(y)))
+        return self.head((x + y.permute(0, 3, 1, 2)).mean((2, 3)))
+
+
+def test_layernorm_over_channels_is_cut_only_by_approximate_plans(tmp_path):
+    net = NormedStream().eval()
+    x = torch.randn(2, 3, 6, 6)
+    exact = gf.plan(net, 0.5, example_inputs=x[:1])
+    assert [l.name for l in exact.pruned] == ["fc1"]  # the MLP's hidden channels: exact
+    assert "approximate=True" in exact.excluded["stem"] and "LayerNorm 'norm0'" in exact.excluded["stem"]
+    assert gf.output_change(net, random_group_masks(exact, 0.5), exact, x) < 1e-6
+    approx = gf.plan(net, 0.5, example_inputs=x[:1], approximate=True)
+    assert approx["stem"].approximate and not approx["fc1"].approximate
+    assert members_of(approx, "stem") >= {("norm0", "weight", 0), ("norm", "bias", 0), ("dw", "weight", 0),
+                                          ("", "gamma", 0), ("fc2", "weight", 0), ("head", "weight", 1)}
+    assert "approximate (compacted != masked" in repr(approx)
+    masks = random_group_masks(approx, 0.5)
+    change = gf.output_change(net, masks, approx, x)
+    assert 0 < change < float("inf")  # measured, not hidden
+    small = copy.deepcopy(net)
+    gf.compact(small, masks, gf.plan(small, 0.5, example_inputs=x[:1], approximate=True))
+    assert small.norm.normalized_shape == (4,) and small.gamma.shape == (4,) and small.dw.groups == 4
+    with pytest.raises(ValueError, match="approximate=True cuts coupled groups"):
+        gf.plan(net, 0.5, example_inputs=x[:1], approximate=True, coupled=False)
+    gf.save(small, tmp_path / "m.pt")
+    loaded = gf.load(tmp_path / "m.pt", model=NormedStream()).eval()
+    assert_same_outputs(small, loaded, x)
