@@ -16,8 +16,10 @@ id tensor itself), and three rules couple elements:
 Joined elements form a component; components that touch the same tensors form a group (``plan``'s
 unit). A component is frozen, with a reason, when a removed channel would still change the output:
 it reaches the model output, feeds an op that is not understood, passes an op that maps 0 elsewhere
-before a consumer, is normalized together with other channels (LayerNorm/GroupNorm over channels),
-is sliced or split with written sizes, or lines up with F.pad's fixed zero channels.
+before a consumer, is normalized together with other channels by a GroupNorm, is sliced or split
+with written sizes, or lines up with F.pad's fixed zero channels. Channels a LayerNorm normalizes
+together are marked *approximate* instead (the cut model normalizes over fewer channels than the
+masked one): only ``plan(..., approximate=True)`` cuts them.
 """
 from __future__ import annotations
 
