@@ -216,7 +216,8 @@ class _Run:
         self.steps_per_epoch = n_batches(self.data.train, args.batch_size)
 
     def _resume(self) -> None:
-        saved = self.checkpoint["identity"]
+        # runs started before coupled groups existed planned single layers: --no-coupled resumes them
+        saved = {"coupled": False, "approximate": False, "penalize": "filters", **self.checkpoint["identity"]}
         diff = {k: (saved.get(k), v) for k, v in _identity(self.args).items() if saved.get(k) != v}
         if diff:
             raise ValueError(f"--resume {self.out}: the run was started with other settings: "

@@ -168,3 +168,24 @@ def test_ratio_zero_runs_to_the_end_and_removes_nothing(tmp_path):
     out, s = run(tmp_path, "greg1", "--ratio", "0")
     assert s["pruned"]["params"] == s["dense"]["params"] and s["layers_pruned"] == 0
     assert (out / "model.pt").is_file()
+
+
+def test_a_run_from_before_coupled_groups_resumes_with_no_coupled(tmp_path, capsys):
+    """Checkpoints written before --coupled existed planned single layers: resuming one names the
+    flag that reproduces that plan, and with it the run goes on."""
+    args = ["prune", "--method", "greg1", *TINY, "--checkpoint-every", "3", "--no-coupled"]
+    out = tmp_path / "old"
+    env = {**os.environ, "GREG_FAST_KILL_AT": "regularize:4"}
+    proc = subprocess.run([sys.executable, "-m", "greg_fast.cli", *args, "--out", str(out)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL
+    for path in (out / "checkpoints").glob("ckpt-*.pt"):  # as an older greg_fast wrote them
+        ckpt = torch.load(path, weights_only=True)
+        for key in ("coupled", "approximate", "penalize"):
+            del ckpt["identity"][key]
+        torch.save(ckpt, path)
+    plain = [a for a in args if a != "--no-coupled"]
+    assert main([*plain, "--out", str(out), "--resume", str(out)]) == 2
+    assert "coupled=False (now None)" in capsys.readouterr().err
+    assert main([*args, "--out", str(out), "--resume", str(out)]) == 0
+    assert json.loads((out / "summary.json").read_text())["coupled"] is False
