@@ -217,9 +217,7 @@ class GrowingReg(torch.optim.Optimizer):
                 loss = closure()
             with torch.no_grad():
                 self._step_slices(self._batch(), want_scores=False, mask=self.done)
-                per_unit = self.schedule.group_lambdas(as_applied=True)
-                lams = per_unit if self._map.identity else \
-                    [per_unit[u][c] for u, c in zip(self._map._unit_of, self._map.channels)]
+                lams = self._map.by_channel(self.schedule.group_lambdas(as_applied=True), filler=0.0)
                 energy = sum(0.5 * (expand_groups(s, lam) * s.weight.detach().square()).sum()
                              for s, lam in zip(self.slices, lams))
             return loss + energy if loss is not None else loss
@@ -238,8 +236,8 @@ class GrowingReg(torch.optim.Optimizer):
         if len(passes) == 1:
             return self.backend.step(batch, want_scores=want_scores, mask=mask)
         out = [None] * len(batch)
-        for idx in passes:
-            scores = self.backend.step(batch.subset(idx), want_scores=want_scores, mask=mask)
+        for idx, index in zip(passes, self._map.pass_index):
+            scores = self.backend.step(batch.subset(idx, index), want_scores=want_scores, mask=mask)
             for i, s in zip(idx, scores or ()):
                 out[i] = s
         return out if want_scores else None

@@ -353,8 +353,8 @@ def _shared_modules(model: nn.Module, gm: fx.GraphModule) -> dict[str, str]:
     return why
 
 
-def analyze(model: nn.Module, example_inputs: tuple) -> tuple[dict[str, LayerDeps], list[str]]:
-    """Dependencies of every Conv/Linear layer, and the layers in execution order."""
+def traced_with_shapes(model: nn.Module, example_inputs: tuple) -> fx.GraphModule:
+    """The traced model with every node's output shape (``tensor_meta``) from one eval-mode run."""
     gm = trace(model)
     was_training = model.training
     model.eval()  # shape propagation runs the model: keep BatchNorm statistics untouched
@@ -366,7 +366,12 @@ def analyze(model: nn.Module, example_inputs: tuple) -> tuple[dict[str, LayerDep
                          f"{[tuple(x.shape) for x in example_inputs]} failed: {err}") from err
     finally:
         model.train(was_training)
+    return gm
 
+
+def analyze(model: nn.Module, example_inputs: tuple) -> tuple[dict[str, LayerDeps], list[str]]:
+    """Dependencies of every Conv/Linear layer, and the layers in execution order."""
+    gm = traced_with_shapes(model, example_inputs)
     modules = dict(gm.named_modules())
     shared = _shared_modules(model, gm)
     calls: dict[str, fx.Node] = {}

@@ -30,10 +30,10 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.fx.passes.shape_prop import ShapeProp
 
 from .graph import (LAYER_TYPES, NORM_TYPES, _ELEMENTWISE, _ELEMENTWISE_FUNCTIONS, _ELEMENTWISE_METHODS,
-                    _POOL_FUNCTIONS, _POOLS, _REDUCTIONS, _maps_zero_to_zero, _shape_args, _shared_modules, trace)
+                    _POOL_FUNCTIONS, _POOLS, _REDUCTIONS, _maps_zero_to_zero, _shape_args, _shared_modules,
+                    traced_with_shapes)
 
 _NONE = -1  # an entry of no prunable channel
 _ZERO = -2  # an entry that is always exactly zero (F.pad's constant)
@@ -639,17 +639,7 @@ class _Analysis:
 def analyze_groups(model: nn.Module, example_inputs: tuple) -> list[Group]:
     """Every channel group of ``model`` (prunable or not, with the reason), in the order of their
     first producer."""
-    gm = trace(model)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            ShapeProp(gm).propagate(*example_inputs)
-    except Exception as err:
-        raise ValueError(f"running the model on example_inputs of shapes "
-                         f"{[tuple(x.shape) for x in example_inputs]} failed: {err}") from err
-    finally:
-        model.train(was_training)
+    gm = traced_with_shapes(model, example_inputs)
     analysis = _Analysis(model, gm)
     analysis.run()
     return analysis.groups()

@@ -37,12 +37,12 @@ class SliceMap:
         self.fillers = _fillers(self.slices) if whole else []
         self.slices += self.fillers
         # slices that may share entries (a parameter's rows and its columns) never run in one pass
+        self.passes = [list(range(len(self.slices)))]
         rows = [i for i, s in enumerate(self.slices) if s.axis == 0]
         columns = [i for i, s in enumerate(self.slices) if s.axis == 1]
         if {id(self.slices[i].param) for i in rows} & {id(self.slices[i].param) for i in columns}:
             self.passes = [rows, columns]
-        else:
-            self.passes = [list(range(len(self.slices)))]
+            self.pass_index = [torch.tensor(idx, device=device) for idx in self.passes]  # once, not per step
         unit_of += [len(self.units)] * len(self.fillers)  # a unit of its own: λ 0, all kept
         self._unit_of = unit_of  # on the host too: the kept gather needs no device sync
         self.unit_index = torch.tensor(unit_of, dtype=torch.int64, device=device)
@@ -74,11 +74,17 @@ class SliceMap:
         if self.identity:
             return list(unit_kept)
         if version != self._version:
-            kept = list(unit_kept) + [torch.ones(max((s.n_groups for s in self.fillers), default=0),
-                                                 dtype=torch.bool, device=self.unit_index.device)]
-            self._kept = [kept[u][c] for u, c in zip(self._unit_of, self.channels)]
+            self._kept = self.by_channel(unit_kept, filler=True)
             self._version = version
         return self._kept
+
+    def by_channel(self, per_unit: Sequence[torch.Tensor], filler) -> list[torch.Tensor]:
+        """Per-unit, per-channel values (masks, λ) as each slice sees them; ``filler`` for fillers."""
+        if self.identity:
+            return list(per_unit)
+        n = max((s.n_groups for s in self.fillers), default=0)
+        values = list(per_unit) + [per_unit[0].new_full((n,), filler) if per_unit else None]
+        return [values[u][c] for u, c in zip(self._unit_of, self.channels)]
 
     def per_slice(self, per_unit: torch.Tensor) -> torch.Tensor:
         """A per-unit vector (λ) indexed per slice (0 for fillers)."""

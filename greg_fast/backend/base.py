@@ -48,11 +48,12 @@ class StepBatch:
     def views(self) -> list[tuple[int, int, int]]:
         return [l.view for l in self.layers]
 
-    def subset(self, idx: Sequence[int]) -> "StepBatch":
-        """The same work restricted to layers ``idx``."""
+    def subset(self, idx: Sequence[int], index: torch.Tensor | None = None) -> "StepBatch":
+        """The same work restricted to layers ``idx`` (``index``: the same as a tensor on the λ
+        device, when the caller keeps one)."""
         if len(idx) == len(self.layers):
             return self
-        sel = torch.tensor(idx, device=self.lam_kept.device)
+        sel = torch.tensor(idx, device=self.lam_kept.device) if index is None else index
         sgd = None if self.sgd is None else SGDArgs(*([getattr(self.sgd, f)[i] for i in idx]
                                                       for f in ("buffers", "lr", "momentum", "weight_decay")))
         return replace(self, layers=[self.layers[i] for i in idx], kept=[self.kept[i] for i in idx],
