@@ -32,18 +32,78 @@ struct Layer {
   const bool* kept;    // [G], or
   const uint8_t* kept_bits;  // [ceil(G / 8)]: unstructured layers, bit k of byte b is group 8b + k
   int64_t A, G, B;
+  int64_t sA;          // elements from one row of A to the next: G * B, or more for a run of columns
   float lam_kept, lam_selected, lr, momentum, weight_decay;
   float* scores;       // [G] or nullptr
 };
 
 struct Item {
   int64_t layer, g0, g1;
+  int64_t a0, a1;  // rows of A (all of them unless the item is a block of rows, see run)
 };
 
 constexpr int64_t kItemElements = 1 << 16;  // ~256 KB of fp32 weights per work item
 
+constexpr int64_t kShortGroup = 16;          // groups of fewer elements: the row walk below
+
+inline bool kept_at(const Layer& L, int64_t gi) {
+  return L.kept_bits ? ((L.kept_bits[gi >> 3] >> (gi & 7)) & 1) : (L.kept == nullptr || L.kept[gi]);
+}
+
+// The penalty over short groups (1x1 and 3x3 columns of a consumer, channel groups): per group the
+// inner loop would be 1 to 9 elements long, all branch and no vector. Instead each row of A is one
+// contiguous run of (g1 - g0) * B elements with a per-element λ and keep flag, built once per item;
+// kept groups at λ = 0 are rewritten unchanged (g + 0·w), a little traffic for a loop without branches.
 template <typename T>
-void run_item(const Layer& L, int64_t g0, int64_t g1, Mode mode, bool mask) {
+void run_rows(const Layer& L, int64_t g0, int64_t g1, int64_t a0, int64_t a1, bool mask) {
+  T* __restrict w = static_cast<T*>(L.w);
+  T* __restrict g = static_cast<T*>(L.g);
+  const int64_t n = (g1 - g0) * L.B;
+  std::vector<float> lam(n), keep(n), acc(L.scores ? n : 0, 0.f);  // keep: 1 or 0, floats so selects vectorize
+  for (int64_t gi = g0; gi < g1; ++gi) {
+    const bool k = kept_at(L, gi), zero = mask && !k;
+    for (int64_t b = 0; b < L.B; ++b) {
+      lam[(gi - g0) * L.B + b] = zero ? 0.f : (k ? L.lam_kept : L.lam_selected);
+      keep[(gi - g0) * L.B + b] = zero ? 0.f : 1.f;
+    }
+  }
+  const float* __restrict l = lam.data();
+  const float* __restrict kp = keep.data();
+  float* __restrict s = acc.data();
+  for (int64_t a = a0; a < a1; ++a) {
+    T* __restrict wr = w + a * L.sA + g0 * L.B;
+    T* __restrict gr = g + a * L.sA + g0 * L.B;
+    if (L.scores) {
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) s[j] += std::abs(static_cast<float>(wr[j]));
+    }
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j)
+      gr[j] = static_cast<T>(static_cast<float>(gr[j]) + static_cast<float>(wr[j]) * l[j]);
+    if (mask) {  // a loop of its own: a select of a computed value does not vectorize (trapping math)
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) {
+        gr[j] = kp[j] != 0.f ? gr[j] : T(0);
+        wr[j] = kp[j] != 0.f ? wr[j] : T(0);
+      }
+    }
+  }
+  if (L.scores) {
+    const float count = static_cast<float>(L.A * L.B);
+    for (int64_t gi = g0; gi < g1; ++gi) {
+      float sum = 0.f;
+      for (int64_t b = 0; b < L.B; ++b) sum += s[(gi - g0) * L.B + b];
+      L.scores[gi] = sum / count;
+    }
+  }
+}
+
+bool row_walk(const Layer& L, Mode mode) { return mode == Mode::Penalty && L.A > 1 && L.B < kShortGroup; }
+
+template <typename T>
+void run_item(const Layer& L, const Item& item, Mode mode, bool mask) {
+  const int64_t g0 = item.g0, g1 = item.g1;
+  if (row_walk(L, mode)) return run_rows<T>(L, g0, g1, item.a0, item.a1, mask);
   T* __restrict w = static_cast<T*>(L.w);
   T* __restrict g = static_cast<T*>(L.g);
   T* __restrict buf = static_cast<T*>(L.buf);
@@ -51,8 +111,8 @@ void run_item(const Layer& L, int64_t g0, int64_t g1, Mode mode, bool mask) {
   std::vector<float> acc(L.scores ? g1 - g0 : 0, 0.f);
   for (int64_t a = 0; a < L.A; ++a) {
     for (int64_t gi = g0; gi < g1; ++gi) {
-      const int64_t base = (a * L.G + gi) * L.B;
-      const bool keep = L.kept_bits ? ((L.kept_bits[gi >> 3] >> (gi & 7)) & 1) : (L.kept == nullptr || L.kept[gi]);
+      const int64_t base = a * L.sA + gi * L.B;
+      const bool keep = kept_at(L, gi);
       const float lam = keep ? L.lam_kept : L.lam_selected;
       const bool zero = mask && !keep;
       float s = 0.f;
@@ -128,31 +188,64 @@ GREG_FAST_CLONES void run_items(const std::vector<Layer>& layers, const Item* it
   for (int64_t k = 0; k < n; ++k) {
     const Layer& L = layers[items[k].layer];
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, L.dtype, "greg_fast_step",
-                                    [&] { run_item<scalar_t>(L, items[k].g0, items[k].g1, mode, mask); });
+                                    [&] { run_item<scalar_t>(L, items[k], mode, mask); });
   }
 }
 
-void run(std::vector<Layer>& layers, Mode mode, bool mask) {
-  std::vector<Item> items;
-  for (int64_t i = 0; i < static_cast<int64_t>(layers.size()); ++i) {
-    const Layer& L = layers[i];
-    const int64_t per = std::max<int64_t>(1, kItemElements / std::max<int64_t>(1, L.A * L.B));
-    for (int64_t g0 = 0; g0 < L.G; g0 += per) items.push_back({i, g0, std::min(L.G, g0 + per)});
+// passes: sizes of consecutive runs of layers that run one after the other (a parameter's rows and
+// its columns share entries: never in one parallel loop); empty: all layers in one.
+void run(std::vector<Layer>& layers, Mode mode, bool mask, at::IntArrayRef passes = {}) {
+  const int64_t n = layers.size();
+  std::vector<int64_t> ends(passes.begin(), passes.end());
+  int64_t total = 0;
+  for (auto& e : ends) {
+    TORCH_CHECK(e >= 0, "passes must hold non-negative sizes");
+    e = total += e;
   }
-  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
-    run_items(layers, items.data() + begin, end - begin, mode, mask);
-  });
+  TORCH_CHECK(ends.empty() || total == n, "passes cover ", total, " layers, not ", n);
+  if (ends.empty()) ends.push_back(n);
+  int64_t first = 0;
+  for (int64_t end : ends) {
+    std::vector<Item> items;
+    for (int64_t i = first; i < end; ++i) {
+      const Layer& L = layers[i];
+      if (row_walk(L, mode) && !L.scores) {  // blocks of whole rows: long contiguous runs, no sums to share
+        const int64_t per = std::max<int64_t>(1, kItemElements / std::max<int64_t>(1, L.G * L.B));
+        for (int64_t a0 = 0; a0 < L.A; a0 += per) items.push_back({i, 0, L.G, a0, std::min(L.A, a0 + per)});
+        continue;
+      }
+      const int64_t per = std::max<int64_t>(1, kItemElements / std::max<int64_t>(1, L.A * L.B));
+      for (int64_t g0 = 0; g0 < L.G; g0 += per) items.push_back({i, g0, std::min(L.G, g0 + per), 0, L.A});
+    }
+    at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t stop) {
+      run_items(layers, items.data() + begin, stop - begin, mode, mask);
+    });
+    first = end;
+  }
 }
 
-// Can the kernel walk t (the weight, its gradient or a buffer) as the layer's [A, G, B] view in
-// memory order? Row-major always can; for filter groups (A == 1) so can channels_last, which keeps
-// each filter one block of B elements (the work inside a filter is elementwise or a sum, blind to
-// the order), when t has the weight's strides. The rule is greg_fast.backend.base.eligible, which
-// sorts layers before the call: here it only guards the memory the loops touch.
+// w is A rows of contiguous elements, w.stride(0) apart: a run of columns of a contiguous parameter.
+bool strided_rows(const at::Tensor& w, int64_t A) {
+  if (w.dim() < 2 || w.size(0) != A || A < 2) return false;
+  int64_t expected = 1;
+  for (int64_t d = w.dim() - 1; d >= 1; --d) {
+    if (w.size(d) != 1 && w.stride(d) != expected) return false;
+    expected *= w.size(d);
+  }
+  return w.stride(0) >= expected;
+}
+
+// Can the kernel walk t (the weight, its gradient or a buffer) as the layer's [A, G, B] view? Row-
+// major always can; so can rows of A that are each contiguous, sA apart (a run of a parameter's
+// columns), and for filter groups (A == 1) channels_last, which keeps each filter one block of B
+// elements (the work inside a filter is elementwise or a sum, blind to the order), when t has the
+// weight's strides. The rule is greg_fast.backend.base.eligible, which sorts layers before the
+// call: here it only guards the memory the loops touch.
 bool walkable(const at::Tensor& t, const at::Tensor& w, int64_t A, int64_t B) {
   if (t.is_contiguous() && w.is_contiguous()) return true;
-  return A == 1 && w.dim() == 4 && w.stride(0) == B && t.strides() == w.strides() &&
-         w.is_contiguous(at::MemoryFormat::ChannelsLast);
+  if (t.strides() != w.strides()) return false;
+  return strided_rows(w, A) ||
+         (A == 1 && w.dim() == 4 && w.stride(0) == B && w.is_contiguous(at::MemoryFormat::ChannelsLast));
 }
 
 // A dtype or layout the loops cannot walk is a refusal (NotImplementedError in Python: the caller
@@ -188,7 +281,8 @@ std::vector<Layer> make_layers(at::TensorList weights, at::IntArrayRef views, co
     const int64_t A = views[3 * i], G = views[3 * i + 1], B = views[3 * i + 2];
     TORCH_CHECK(A * G * B == w.numel(), "views[", i, "] = [", A, ", ", G, ", ", B, "] does not cover the ",
                 w.numel(), " elements of weights[", i, "]");
-    layers[i] = Layer{w.scalar_type(), w.data_ptr(), nullptr, nullptr, nullptr, nullptr, A, G, B,
+    const int64_t sA = (A > 1 && !w.is_contiguous()) ? w.stride(0) : G * B;
+    layers[i] = Layer{w.scalar_type(), w.data_ptr(), nullptr, nullptr, nullptr, nullptr, A, G, B, sA,
                       0.f, 0.f, 0.f, 0.f, 0.f, want_scores ? scores.data_ptr<float>() + offset : nullptr};
     check_tensor(w, "weights", i, w, layers[i]);
     offset += G;
@@ -233,10 +327,11 @@ void scores_(at::TensorList weights, at::IntArrayRef views, const at::Tensor& sc
 }
 
 void penalty_(at::TensorList weights, at::TensorList grads, at::TensorList kept, const at::Tensor& lam_kept,
-              const at::Tensor& lam_selected, at::IntArrayRef views, bool mask, const at::Tensor& scores) {
+              const at::Tensor& lam_selected, at::IntArrayRef views, bool mask, const at::Tensor& scores,
+              at::IntArrayRef passes) {
   auto layers = make_layers(weights, views, scores);
   set_penalty(layers, grads, kept, lam_kept, lam_selected, weights);
-  run(layers, Mode::Penalty, mask);
+  run(layers, Mode::Penalty, mask, passes);
 }
 
 void fused_sgd_(at::TensorList weights, at::TensorList grads, at::TensorList momentum_buffers,
@@ -430,7 +525,7 @@ TORCH_LIBRARY(greg_fast, m) {
   m.def("pack_csr(Tensor weight, Tensor mask) -> (Tensor, Tensor, Tensor)");
   m.def("scores_(Tensor[] weights, int[] views, Tensor(a!) scores) -> ()");
   m.def("penalty_(Tensor(a!)[] weights, Tensor(b!)[] grads, Tensor[] kept, Tensor lam_kept, "
-        "Tensor lam_selected, int[] views, bool mask, Tensor(c!) scores) -> ()");
+        "Tensor lam_selected, int[] views, bool mask, Tensor(c!) scores, int[] passes=[]) -> ()");
   m.def("fused_sgd_(Tensor(a!)[] weights, Tensor[] grads, Tensor(b!)[] momentum_buffers, Tensor[] kept, "
         "Tensor lam_kept, Tensor lam_selected, float[] lr, float[] momentum, float[] weight_decay, int[] views, "
         "bool mask, Tensor(c!) scores) -> ()");

@@ -2,7 +2,8 @@
 
 A workload is one model's regularized conv weights with random gradients under a 50% filter plan
 (GReg-1, past its first λ update): of single layers as the reference plans them, or with the
-``-coupled`` suffix of coupled channel groups (residual streams too); a provider is a callable doing
+``-coupled`` suffix of coupled channel groups (residual streams too; ``-coupled-group``: penalizing
+every slice a group removes, consumers' columns and BatchNorm too); a provider is a callable doing
 one step over them. Every record
 states the bytes the step must move (see ``Workload.bytes_moved``), the effective GB/s and its
 fraction of the copy bandwidth measured in the same run.
@@ -27,8 +28,8 @@ from .engine import GrowingReg
 from .plan import Plan, plan
 from .table import format_table
 
-MODELS = ("resnet56", "resnet50", "resnet152", "resnet50-coupled")
-COUPLED = "-coupled"
+MODELS = ("resnet56", "resnet50", "resnet152", "resnet50-coupled", "resnet50-coupled-group")
+COUPLED, GROUP = "-coupled", "-group"
 _LAYER_ONLY = ("reference", "foreach")  # written for the reference's per-layer λ
 PENALTY_PROVIDERS = ("reference", "eager", "foreach", "compile", "cpp", "triton", "torch_pruning")
 SGD_PROVIDERS = ("torch_sgd", "greg_fused_sgd")
@@ -91,11 +92,12 @@ class Workload:
     numel: int = 0         # elements of the regularized weights
     penalized: int = 0     # elements of the groups whose λ is not 0 (GReg-1: the selected ones)
     copy_bw: float = 0.0   # bytes/s of a copy with the same footprint as weights + gradients
+    penalize: str = "filters"
 
     @property
     def weights(self) -> list[torch.Tensor]:
-        """The regularized parameters (a coupled group's slices are rows of these)."""
-        slices = [s for l in self.plan.pruned for s in l.slices(self.plan.module)]
+        """The regularized parameters (a coupled group's slices are rows or columns of these)."""
+        slices = [s for l in self.plan.pruned for s in l.slices(self.plan.module, self.penalize)]
         return list({id(s.param): s.param for s in slices}.values())
 
     def bytes_moved(self, provider: str) -> int:
@@ -109,19 +111,20 @@ class Workload:
 
 def workload(name: str, device: torch.device, dtype=torch.float32) -> Workload:
     torch.manual_seed(0)
-    model = models.create(name.removesuffix(COUPLED)).to(device=device, dtype=dtype)
+    penalize = "group" if name.endswith(GROUP) else "filters"
+    model = models.create(name.removesuffix(GROUP).removesuffix(COUPLED)).to(device=device, dtype=dtype)
     size = model.greg_input_size
     example = torch.zeros(1, *size[:1], 64, 64, device=device, dtype=dtype) if size[1] > 64 else None
-    p = plan(model, 0.5, example_inputs=example, coupled=name.endswith(COUPLED))
+    p = plan(model, 0.5, example_inputs=example, coupled=COUPLED in name)
     for param in model.parameters():
         param.grad = torch.randn_like(param) * 1e-3
     numel = penalized = 0
     for unit in p.pruned:  # every channel of a unit has the same number of penalized entries
-        entries = sum(s.weight.numel() for s in unit.slices(p.module))
+        entries = sum(s.weight.numel() for s in unit.slices(p.module, penalize))
         numel += entries
         penalized += unit.n_prune * entries // unit.n_groups
     return Workload(name, model, p, device, numel=numel, penalized=penalized,
-                    copy_bw=copy_bandwidth(device, numel, dtype))
+                    copy_bw=copy_bandwidth(device, numel, dtype), penalize=penalize)
 
 
 def _greg(work: Workload, backend: str, fused: bool = False, momentum: float = 0.9) -> GrowingReg:
@@ -129,7 +132,8 @@ def _greg(work: Workload, backend: str, fused: bool = False, momentum: float = 0
     params = work.weights
     opt = torch.optim.SGD(params, lr=0.0 if not fused else 1e-6, momentum=momentum, weight_decay=1e-4)
     # no NaN guard: torch's fused SGD has none either (the guard costs a read of every gradient)
-    greg = GrowingReg(opt, work.plan, backend=backend, fused=fused, interval=10 ** 9, nan_guard=False)
+    greg = GrowingReg(opt, work.plan, backend=backend, fused=fused, interval=10 ** 9, nan_guard=False,
+                      penalize=work.penalize)
     grads = [p.grad.clone() for p in params]
     greg.step()  # iteration 0: the λ update
     for p, g in zip(params, grads):
@@ -211,8 +215,10 @@ def unavailable(name: str, device: torch.device, work: Workload | None = None) -
     if name in ("eager", "cpp", "triton"):
         status = backends(device)[name]
         return None if status == "available" else status
-    if name in _LAYER_ONLY and work is not None and work.name.endswith(COUPLED):
+    if name in _LAYER_ONLY and work is not None and COUPLED in work.name:
         return "written for single layers (the reference has no coupled groups)"
+    if name in SGD_PROVIDERS + ("torch_pruning",) and work is not None and work.penalize == "group":
+        return "a penalty-only workload (the fused step takes penalize='filters' only)"
     if name == "torch_pruning" and importlib.util.find_spec("torch_pruning") is None:
         return "Torch-Pruning is not installed (pip install greg-fast[bench])"
     if name == "greg_fused_sgd":
@@ -349,10 +355,16 @@ def with_ratios(records: list[dict]) -> list[dict]:
 
 
 def write_results(records: list[dict], directory: Path, device: torch.device) -> Path:
+    """The day's results file for this device; a run over some models replaces those models'
+    records of the kinds it measured and keeps the others (ratios stay within one model's run)."""
     directory.mkdir(parents=True, exist_ok=True)
     slug = "".join(c if c.isalnum() else "-" for c in device_name(device)).strip("-").lower()
     path = directory / f"{slug}-{datetime.date.today().isoformat()}.json"
-    path.write_text(json.dumps(with_ratios(records), indent=1))
+    records = with_ratios(records)
+    ran = {(r.get("model"), r.get("kind")) for r in records}
+    kept = [r for r in json.loads(path.read_text()) if (r.get("model"), r.get("kind")) not in ran] \
+        if path.exists() else []
+    path.write_text(json.dumps(kept + records, indent=1))
     return path
 
 

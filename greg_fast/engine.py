@@ -216,7 +216,7 @@ class GrowingReg(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
             with torch.no_grad():
-                self._step_slices(self._batch(), want_scores=False, mask=self.done)
+                self.backend.step(self._batch(), want_scores=False, mask=self.done)
                 lams = self._map.by_channel(self.schedule.group_lambdas(as_applied=True), filler=0.0)
                 energy = sum(0.5 * (expand_groups(s, lam) * s.weight.detach().square()).sum()
                              for s, lam in zip(self.slices, lams))
@@ -226,21 +226,7 @@ class GrowingReg(torch.optim.Optimizer):
     def _batch(self, sgd: SGDArgs | None = None) -> StepBatch:
         s, m = self.schedule, self._map
         return StepBatch(self.slices, m.kept(s.kept, s.version), m.per_slice(s.lam_kept32),
-                         m.per_slice(s.lam_selected32), sgd)
-
-    def _step_slices(self, batch: StepBatch, *, want_scores: bool, mask: bool):
-        """The backend's step, in one call; with ``penalize="group"`` a parameter's rows and columns
-        can be in two slices, so rows go first and columns second (never in one parallel pass: two
-        writers of one gradient entry would race), on every backend in the same order."""
-        passes = self._map.passes
-        if len(passes) == 1:
-            return self.backend.step(batch, want_scores=want_scores, mask=mask)
-        out = [None] * len(batch)
-        for idx, index in zip(passes, self._map.pass_index):
-            scores = self.backend.step(batch.subset(idx, index), want_scores=want_scores, mask=mask)
-            for i, s in zip(idx, scores or ()):
-                out[i] = s
-        return out if want_scores else None
+                         m.per_slice(s.lam_selected32), sgd, passes=m.passes)
 
     def apply_penalty(self) -> None:
         """Update λ when due, then ``grad += λ_g * w`` (once pruned: zero the removed groups'
@@ -260,7 +246,7 @@ class GrowingReg(torch.optim.Optimizer):
             sgd = SGDArgs(buffers=[self._momentum_buffer(s, g) for s, g in zip(self.slices, groups)],
                           lr=[g["lr"] for g in groups], momentum=[g["momentum"] for g in groups],
                           weight_decay=[g["weight_decay"] for g in groups])
-        scores = self._step_slices(self._batch(sgd), want_scores=self.schedule.wants_scores(update, pick_now),
+        scores = self.backend.step(self._batch(sgd), want_scores=self.schedule.wants_scores(update, pick_now),
                                    mask=done)
         if done:
             self._zero_removed_grads()

@@ -42,11 +42,13 @@ def scores_(weights: Sequence[torch.Tensor], views, out: torch.Tensor) -> None:
     torch.ops.greg_fast.scores_(list(weights), flat_views(views), out)
 
 
-def penalty_(weights, grads, kept, lam_kept, lam_selected, views, *, mask: bool, scores: torch.Tensor) -> None:
+def penalty_(weights, grads, kept, lam_kept, lam_selected, views, *, mask: bool, scores: torch.Tensor,
+             passes: Sequence[int] = ()) -> None:
     """``grad += λ_g·w`` for all layers in one call (``mask``: zero the removed groups instead);
-    group scores into ``scores`` unless it is empty."""
+    group scores into ``scores`` unless it is empty. ``passes``: sizes of consecutive runs of layers
+    that run one after the other (layers that share entries must not be in one run)."""
     torch.ops.greg_fast.penalty_(list(weights), list(grads), list(kept), lam_kept, lam_selected,
-                                 flat_views(views), mask, scores)
+                                 flat_views(views), mask, scores, list(passes))
 
 
 def fused_sgd_(weights, grads, buffers, kept, lam_kept, lam_selected, views, *, lr, momentum, weight_decay,

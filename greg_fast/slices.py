@@ -30,20 +30,21 @@ class SliceMap:
         self.identity = all(not u.coupled for u in self.units)
         self._version = None
         self._kept: list[torch.Tensor] = []
-        self.passes = [list(range(len(self.slices)))]
+        self.passes: tuple[int, ...] = ()
         if self.identity:
             return
         unit_of = [i for i, slices in enumerate(per_unit) for _ in slices]
         self.fillers = _fillers(self.slices) if whole else []
         self.slices += self.fillers
-        # slices that may share entries (a parameter's rows and its columns) never run in one pass
-        self.passes = [list(range(len(self.slices)))]
-        rows = [i for i, s in enumerate(self.slices) if s.axis == 0]
-        columns = [i for i, s in enumerate(self.slices) if s.axis == 1]
-        if {id(self.slices[i].param) for i in rows} & {id(self.slices[i].param) for i in columns}:
-            self.passes = [rows, columns]
-            self.pass_index = [torch.tensor(idx, device=device) for idx in self.passes]  # once, not per step
         unit_of += [len(self.units)] * len(self.fillers)  # a unit of its own: λ 0, all kept
+        # a parameter's rows and its columns share entries: rows run first, columns in a second pass
+        rows = {id(s.param) for s in self.slices if s.axis == 0}
+        if any(s.axis == 1 and id(s.param) in rows for s in self.slices):
+            order = sorted(range(len(self.slices)), key=lambda i: self.slices[i].axis)
+            self.slices = [self.slices[i] for i in order]
+            unit_of = [unit_of[i] for i in order]
+            n_rows = sum(1 for s in self.slices if s.axis == 0)
+            self.passes = (n_rows, len(self.slices) - n_rows)
         self._unit_of = unit_of  # on the host too: the kept gather needs no device sync
         self.unit_index = torch.tensor(unit_of, dtype=torch.int64, device=device)
         self.channels = [s.channels.to(device) for s in self.slices]

@@ -1,6 +1,7 @@
 """The whole regularization step of a model in one Triton launch.
 
-Every layer's weight is viewed as [A, G, B] (groups on the middle axis). The launch walks a work
+Every layer's weight is viewed as [A, G, B] (groups on the middle axis; rows of A SA elements apart,
+so that a run of a parameter's columns is walked in place). The launch walks a work
 list of (layer, first group, first row of A, first element of B); each program owns a [BLOCK_G,
 BLOCK_B] tile of groups x inner elements and loops over up to B_STEP elements of B and A_STEP rows
 of A, so that no program is much longer than the others (a GPU waits for the last one). Launches
@@ -17,7 +18,8 @@ atomic add per group. Traffic: penalty 3 passes (r w, r g, w g) over the groups 
 The tensors' addresses come from tables, so the compiler knows nothing of their alignment; the
 launcher passes VEC (elements per 16-byte access) when every address and every row length of the
 launch allows it, and the kernel restates that as hints so that loads and stores are 128-bit.
-UNIT_B (weight granularity: B = 1) makes the group axis the contiguous one.
+UNIT_B (weight granularity: B = 1) makes the group axis the contiguous one; STRIDED reads each
+layer's row stride (runs of a parameter's columns; else rows are G·B apart, one register fewer).
 """
 import triton
 import triton.language as tl
@@ -41,28 +43,28 @@ def _greg_step_kernel(
     scores_ptr,                      # fp32 [sum G], zeroed: per-group sum |w| (atomics)
     w_table, g_table, m_table,       # int64 [L]: addresses of weights, grads, momentum buffers
     kept_table,                      # int64 [L]: addresses of bool masks [G] (PACKED: uint8 bits [G/8])
-    dims_ptr,                        # int64 [L, 3]: A, G, B
+    dims_ptr,                        # int64 [L, 4]: A, G, B, and the stride of A (G·B, or more for columns)
     score_off_ptr,                   # int64 [L]: offset of the layer's groups in scores
     lam_kept_ptr, lam_sel_ptr,       # fp32 [L]
     hyper_ptr,                       # fp32 [L, 3]: lr, momentum, weight decay (MODE_SGD)
     work_ptr,                        # int64 [programs, 4]: layer, g0, a0, b0
     ELEM: tl.constexpr, MODE: tl.constexpr, MASK: tl.constexpr, SCORES: tl.constexpr, PACKED: tl.constexpr,
     HAS_MOMENTUM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_B: tl.constexpr, A_STEP: tl.constexpr,
-    B_STEP: tl.constexpr, VEC: tl.constexpr, UNIT_B: tl.constexpr,
+    B_STEP: tl.constexpr, VEC: tl.constexpr, UNIT_B: tl.constexpr, STRIDED: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     layer = tl.load(work_ptr + pid * 4)
     g0 = tl.multiple_of(tl.load(work_ptr + pid * 4 + 1), BLOCK_G)
     a0 = tl.load(work_ptr + pid * 4 + 2)
-    A = tl.load(dims_ptr + layer * 3)
-    G = tl.load(dims_ptr + layer * 3 + 1)
+    A = tl.load(dims_ptr + layer * 4)
+    G = tl.load(dims_ptr + layer * 4 + 1)
     # `x // VEC * VEC` is x itself (the launcher checked): it tells the compiler x % VEC == 0
     if UNIT_B:
         B = 1
         G = G // VEC * VEC
         b_start = 0
     else:
-        B = tl.load(dims_ptr + layer * 3 + 2) // VEC * VEC
+        B = tl.load(dims_ptr + layer * 4 + 2) // VEC * VEC
         b_start = tl.multiple_of(tl.load(work_ptr + pid * 4 + 3), BLOCK_B)
     w_ptr = _aligned(tl.load(w_table + layer), ELEM, VEC)
 
@@ -93,8 +95,12 @@ def _greg_step_kernel(
         b_end = B
     else:
         b_end = tl.minimum(b_start + B_STEP, B)
+    if STRIDED:  # runs of a parameter's columns: rows of A further apart than G·B
+        SA = tl.load(dims_ptr + layer * 4 + 3) // VEC * VEC
+    else:
+        SA = G * B
     for a in range(a0, a_end):
-        row = (a * G + offs_g) * B
+        row = a * SA + offs_g * B
         for b0 in range(b_start, b_end, BLOCK_B):
             offs_b = b0 + tl.arange(0, BLOCK_B).to(tl.int64)
             inside = g_in[:, None] & (offs_b < B)[None, :]
@@ -144,11 +150,11 @@ def _greg_step_kernel(
 
 
 def launch(scores, w_table, g_table, m_table, kept_table, dims, score_off, lam_kept, lam_sel, hyper, work, *,
-           elem, mode, mask, want_scores, packed, has_momentum, tiling, vec, unit_b, num_warps=4):
+           elem, mode, mask, want_scores, packed, has_momentum, tiling, vec, unit_b, strided, num_warps=4):
     """One launch over the whole work list (``work``: int64 [programs, 4]; ``tiling``: BLOCK_G,
     BLOCK_B, A_STEP, B_STEP)."""
     block_g, block_b, a_step, b_step = tiling
     _greg_step_kernel[(work.shape[0],)](
         scores, w_table, g_table, m_table, kept_table, dims, score_off, lam_kept, lam_sel, hyper, work, ELEM=elem,
         MODE=mode, MASK=mask, SCORES=want_scores, PACKED=packed, HAS_MOMENTUM=has_momentum, BLOCK_G=block_g,
-        BLOCK_B=block_b, A_STEP=a_step, B_STEP=b_step, VEC=vec, UNIT_B=unit_b, num_warps=num_warps)
+        BLOCK_B=block_b, A_STEP=a_step, B_STEP=b_step, VEC=vec, UNIT_B=unit_b, STRIDED=strided, num_warps=num_warps)

@@ -10,7 +10,7 @@ import torch.nn as nn
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from greg_fast.plan import LayerPlan, _group_view  # noqa: E402  (after TRITON_INTERPRET)
+from greg_fast.plan import LayerPlan, Slice, _group_view  # noqa: E402  (after TRITON_INTERPRET)
 
 
 class SmallNet(nn.Module):
@@ -95,3 +95,29 @@ SHAPES = {  # (shape, spatial) per layout and granularity
         "weight": [((8, 4, 3, 3), 1), ((16, 24), 1), ((1, 8), 1)],
     },
 }
+
+
+def slice_runs(module, runs):
+    """Slices (greg_fast.plan.Slice) of ``module.weight``: ``runs`` of (axis, start, n)."""
+    w = module.weight
+    inner = math.prod(w.shape[2:])
+    out = []
+    for axis, start, n in runs:
+        view = (1, n, w[0].numel()) if axis == 0 else (w.shape[0], n, inner)
+        out.append(Slice(f"{tuple(w.shape)}[{axis}:{start}+{n}]", module, "weight", axis, start, n,
+                         torch.arange(n), view, "filter" if axis == 0 else "channel"))
+    return out
+
+
+RUNS = [((8, 12, 3, 3), [(0, 0, 3), (0, 5, 3), (1, 0, 4), (1, 7, 5)]),  # partial runs at odd starts
+        ((6, 16), [(0, 1, 5), (1, 8, 8), (1, 1, 3)]),                   # linear, aligned and not
+        ((16, 24, 1, 1), [(0, 0, 16), (1, 4, 16)]),                      # 1x1: B = 1
+        ((4, 5, 3, 3), [(1, 0, 5)])]                                     # all columns: contiguous
+
+
+def row_and_column_slices(dtype, device):
+    """Slices of rows and of columns of the parameters in RUNS (a coupled group's view of them),
+    rows first, and the passes that keep a parameter's rows and columns apart."""
+    slices = [s for shape, runs in RUNS for s in slice_runs(fake_layer(shape, "filter", dtype, device).module, runs)]
+    slices.sort(key=lambda s: s.axis)
+    return slices, (sum(s.axis == 0 for s in slices), sum(s.axis == 1 for s in slices))

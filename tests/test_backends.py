@@ -1,5 +1,6 @@
 """Every compiled backend against the eager reference: kernel calls on random shapes, and whole
 GrowingReg runs through grow, pick, stabilize and the masked phase."""
+import dataclasses
 import os
 
 import pytest
@@ -9,11 +10,11 @@ import torch.nn as nn
 import greg_fast as gf
 from greg_fast import backend as dispatch
 from greg_fast import ops
-from greg_fast.backend import SGDArgs, StepBatch, cpp, eager
+from greg_fast.backend import SGDArgs, StepBatch, base, cpp, eager
 from greg_fast.backend import triton as triton_backend
 from greg_fast.plan import LayerPlan
 
-from conftest import SHAPES, SmallNet, fake_layer, make_batches, train_steps
+from conftest import SHAPES, SmallNet, fake_layer, make_batches, row_and_column_slices, train_steps
 
 CUDA = torch.cuda.is_available()
 DEVICE = {"cpp": torch.device("cpu"), "triton": torch.device("cuda" if CUDA else "cpu")}
@@ -90,15 +91,15 @@ def test_kernel_matches_eager_on_random_shapes(backend, granularity, dtype, op, 
 
 
 def test_triton_work_list_splits_long_rows_except_when_scores_are_summed():
-    views, cpu = ((1, 20, 5000), (1, 7, 9)), torch.device("cpu")
-    _, _, work, (block_g, block_b, _, b_step), _ = triton_backend._static(views, "filter", cpu, False)
+    views, cpu = ((1, 20, 5000, 100000), (1, 7, 9, 63)), torch.device("cpu")  # A, G, B, stride of A
+    _, _, work, (block_g, block_b, _, b_step), _, _ = triton_backend._static(views, "filter", cpu, False)
     assert b_step % block_b == 0 and b_step < 5000  # programs stay short
     assert work.shape == (-(-20 // block_g) * -(-5000 // b_step) + -(-7 // block_g), 4)
     assert sorted(set(work[work[:, 0] == 0, 3].tolist())) == list(range(0, 5000, b_step))
-    for granularity, views in (("filter", views), ("channel", ((40, 20, 9), (33, 7, 1)))):
-        _, _, work, (block_g, _, a_step, b_step), _ = triton_backend._static(views, granularity, cpu, True)
+    for granularity, views in (("filter", views), ("channel", ((40, 20, 9, 180), (33, 7, 1, 12)))):
+        _, _, work, (block_g, _, a_step, b_step), _, _ = triton_backend._static(views, granularity, cpu, True)
         assert a_step == b_step == 0  # one program (one atomic add) per group: deterministic sums
-        assert work[:, 1:].tolist() == [[g0, 0, 0] for _, g, _ in views for g0 in range(0, g, block_g)]
+        assert work[:, 1:].tolist() == [[g0, 0, 0] for _, g, _, _ in views for g0 in range(0, g, block_g)]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -302,3 +303,58 @@ def test_cpp_ops_pass_opcheck():
     torch.library.opcheck(torch.ops.greg_fast.fused_sgd_.default,
                           ([w], [g], [buf], [kept], *lam, [0.1], [0.9], [1e-4], list(layer.view), True,
                            torch.empty(0)))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mask", [False, True])
+def test_runs_of_columns_run_strided_in_the_kernel_after_the_rows_of_the_same_parameter(backend, dtype, mask, monkeypatch):
+    """A coupled group penalizes a consumer's input columns in place (rows of A strided by the
+    parameter's row length); its rows (another group) share entries with them, so rows go in a
+    first pass and columns in a second, in one call, like eager's order."""
+    device = DEVICE[backend]
+    torch.manual_seed(0)
+    slices, passes = row_and_column_slices(dtype, device)
+    assert all(base.eligible(s) for s in slices)
+    assert any(not s.weight.is_contiguous() for s in slices)
+    kept = [torch.rand(s.n_groups, device=device) < 0.6 for s in slices]
+    n = len(slices)
+    lam = torch.rand(n, device=device), torch.rand(n, device=device)
+    modules = list(dict.fromkeys(s.module for s in slices))
+    ref_modules = [clone_module(m) for m in modules]
+    ref_slices = [dataclasses.replace(s, module=ref_modules[modules.index(s.module)]) for s in slices]
+    module = {"cpp": cpp, "triton": triton_backend}[backend]
+    real_step = eager.step
+    monkeypatch.setattr(eager, "step", lambda *a, **k: pytest.fail("a slice went through eager"))
+    got = module.step(StepBatch(slices, kept, *lam, passes=passes), want_scores=not mask, mask=mask)
+    monkeypatch.setattr(eager, "step", real_step)
+    want = eager.step(StepBatch(ref_slices, kept, *lam, passes=passes), want_scores=not mask, mask=mask)
+    for m, r in zip(modules, ref_modules):
+        torch.testing.assert_close(m.weight.grad, r.weight.grad, **TOL[dtype])
+        torch.testing.assert_close(m.weight.detach(), r.weight.detach(), **TOL[dtype])
+    for g, s in zip(got or [], want or []):
+        torch.testing.assert_close(g, s, **TOL[dtype])
+
+
+def clone_module(m):
+    c = nn.Module()
+    c.weight = nn.Parameter(m.weight.detach().clone())
+    c.weight.grad = m.weight.grad.clone()
+    return c
+
+
+def test_a_fused_step_refuses_slices_that_share_entries():
+    layer = fake_layer((4, 3), "filter", torch.float32, "cpu")
+    with pytest.raises(ValueError, match="updates every entry once"):
+        StepBatch([layer, layer], [torch.ones(4, dtype=torch.bool)] * 2, torch.ones(2), torch.ones(2),
+                  SGDArgs([None] * 2, [0.1] * 2, [0.0] * 2, [0.0] * 2), passes=(1, 1))
+
+
+def test_passes_that_do_not_cover_the_layers_are_refused_before_anything_is_written():
+    layers = [fake_layer((4, 3), "filter", torch.float32, "cpu") for _ in range(3)]
+    before = [l.weight.grad.clone() for l in layers]
+    with pytest.raises(RuntimeError, match="passes cover 2 layers, not 3"):
+        ops.penalty_([l.weight for l in layers], [l.weight.grad for l in layers],
+                     [torch.ones(4, dtype=torch.bool)] * 3, torch.ones(3), torch.ones(3), [l.view for l in layers],
+                     mask=False, scores=torch.empty(0), passes=[1, 1])
+    assert all(torch.equal(l.weight.grad, b) for l, b in zip(layers, before))

@@ -18,7 +18,7 @@ import torch
 import greg_fast as gf
 from greg_fast.backend import triton as triton_backend
 
-from conftest import SHAPES, fake_layer
+from conftest import SHAPES, fake_layer, row_and_column_slices
 
 pytestmark = pytest.mark.skipif(triton_backend.unavailable(torch.device("cpu")) is not None,
                                 reason="triton is not installed")
@@ -38,9 +38,9 @@ class Recorder:
         return launch
 
 
-def record(layers, packed_masks: bool):
-    """Every launch the backend makes for ``layers``: scores, penalty and fused SGD, each with
-    and without masking and scores, SGD with and without momentum."""
+def record(layers, packed_masks: bool, sgd: bool = True):
+    """Every launch the backend makes for ``layers``: scores, penalty and (``sgd``) fused SGD, each
+    with and without masking and scores, SGD with and without momentum."""
     recorder = Recorder()
     kernels = triton_backend._kernels()
     real, kernels._greg_step_kernel = kernels._greg_step_kernel, recorder
@@ -55,7 +55,7 @@ def record(layers, packed_masks: bool):
             for want_scores in (False, True):
                 triton_backend._launch(layers, kept, lam, lam, mode=kernels.MODE_PENALTY.value, want_scores=want_scores,
                                        mask=mask)
-                for momentum in (0.0, 0.9):
+                for momentum in (0.0, 0.9) if sgd else ():
                     buffers = [torch.zeros_like(l.weight) if momentum else None for l in layers]
                     triton_backend._launch(layers, kept, lam, lam, mode=kernels.MODE_SGD.value, want_scores=want_scores,
                                            mask=mask, buffers=buffers, hyper=[(0.1, momentum, 1e-4)] * n)
@@ -100,6 +100,10 @@ def test_every_launched_kernel_compiles_for_gpus_without_spills_and_with_128_bit
     specs = unique(s for layout in SHAPES for g in gf.GRANULARITIES for s in specs_of(layout, g, torch.float32))
     specs += unique(s for dtype in DTYPES[1:] for g in gf.GRANULARITIES for s in specs_of("aligned", g, dtype)
                     if s["MASK"] and s["SCORES"])
+    # a coupled group's runs of rows and (strided) columns, penalized (a fused step never takes columns)
+    specs += unique(s for dtype in DTYPES
+                    for s in record(row_and_column_slices(dtype, torch.device("cpu"))[0], False, sgd=False))
+    assert any(s["STRIDED"] for s in specs)
     # Hopper for all; Ampere for the aligned ones with every feature on
     jobs = [(90, s) for s in specs] + [(80, s) for s in specs if s["VEC"] > 1 and s["MASK"] and s["SCORES"]]
     for (arch, spec), result in zip(jobs, compile_for_gpu(jobs), strict=True):

@@ -10,6 +10,7 @@ takes all layers first and sorts them only on such a refusal (:func:`run_all_fir
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
@@ -34,12 +35,20 @@ class SGDArgs:
 class StepBatch:
     """One step's work. ``kept[i]``: layer i's kept mask (bool ``[n_groups]``, or uint8 bits for
     unstructured layers, see greg_fast.masks); ``lam_kept`` / ``lam_selected``: fp32 ``[n_layers]``,
-    the λ of its kept and of its other groups; ``sgd``: set for the fused path."""
+    the λ of its kept and of its other groups; ``sgd``: set for the fused path; ``passes``: sizes of
+    consecutive runs of layers that must run one after the other (layers of one run never share an
+    entry; a parameter's rows and its columns do), empty for one run."""
     layers: Sequence[LayerPlan]
     kept: Sequence[torch.Tensor]
     lam_kept: torch.Tensor
     lam_selected: torch.Tensor
     sgd: SGDArgs | None = None
+    passes: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        if self.sgd is not None and len(self.passes) > 1:  # an entry in two slices would be updated twice
+            raise ValueError("a fused SGD step updates every entry once: it cannot take slices that share entries "
+                             "(passes)")
 
     def __len__(self) -> int:
         return len(self.layers)
@@ -56,22 +65,51 @@ class StepBatch:
         sel = torch.tensor(idx, device=self.lam_kept.device) if index is None else index
         sgd = None if self.sgd is None else SGDArgs(*([getattr(self.sgd, f)[i] for i in idx]
                                                       for f in ("buffers", "lr", "momentum", "weight_decay")))
+        passes = ()
+        if self.passes:  # the same order, each pass keeping the chosen layers it had
+            ends = list(itertools.accumulate(self.passes))
+            passes = tuple(n for n in (sum(1 for i in idx if lo <= i < hi) for lo, hi in zip([0] + ends, ends)) if n)
         return replace(self, layers=[self.layers[i] for i in idx], kept=[self.kept[i] for i in idx],
-                       lam_kept=self.lam_kept[sel], lam_selected=self.lam_selected[sel], sgd=sgd)
+                       lam_kept=self.lam_kept[sel], lam_selected=self.lam_selected[sel], sgd=sgd, passes=passes)
+
+    def pass_ranges(self) -> list[range]:
+        """The layer indices of each pass, in order."""
+        ends = list(itertools.accumulate(self.passes or (len(self.layers),)))
+        return [range(lo, hi) for lo, hi in zip([0] + ends, ends)]
 
 
 # ---- the layout rule ----
 def layout(w: torch.Tensor, view) -> tuple | None | bool:
-    """How a kernel walks weight ``w`` as the layer's ``[A, G, B]`` view in memory order: None
-    (row-major), its strides (a channels_last filter layer: each filter stays one block of B
-    elements, and the work inside a filter is elementwise or a sum, blind to the order), or False
+    """How a kernel walks weight ``w`` as the layer's ``[A, G, B]`` view: None (row-major), its
+    strides (a channels_last filter layer: each filter stays one block of B elements, and the work
+    inside a filter is elementwise or a sum, blind to the order; or a run of columns of a
+    contiguous parameter: rows of G·B contiguous elements, :func:`outer_stride` apart), or False
     (it cannot: eager takes the layer)."""
     if w.is_contiguous():
         return None
     if (view[0] == 1 and w.dim() == 4 and w.stride(0) == view[2]
             and w.is_contiguous(memory_format=torch.channels_last)):
         return w.stride()
+    if _strided_rows(w, view):
+        return w.stride()
     return False
+
+
+def _strided_rows(w: torch.Tensor, view) -> bool:
+    """``w`` is A rows, each G·B contiguous elements, rows ``w.stride(0)`` apart (no overlap)."""
+    if w.dim() < 2 or view[0] != w.shape[0] or view[0] < 2:
+        return False
+    expected = 1
+    for size, stride in zip(reversed(w.shape[1:]), reversed(w.stride()[1:])):
+        if size != 1 and stride != expected:
+            return False
+        expected *= size
+    return w.stride(0) >= expected
+
+
+def outer_stride(w: torch.Tensor, view) -> int:
+    """Elements from one row of A to the next as a kernel walks ``w`` (a walkable layout)."""
+    return w.stride(0) if view[0] > 1 and not w.is_contiguous() else view[1] * view[2]
 
 
 def follows(t: torch.Tensor | None, w_layout, dtype: torch.dtype) -> bool:

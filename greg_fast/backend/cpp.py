@@ -43,7 +43,7 @@ def _step(batch: base.StepBatch, *, want_scores: bool, mask: bool):
         raise NotImplementedError("a layer without a gradient")  # eager handles those
     if batch.sgd is None:
         ops.penalty_(weights, grads, batch.kept, batch.lam_kept, batch.lam_selected, batch.views, mask=mask,
-                     scores=out)
+                     scores=out, passes=batch.passes)
     else:
         sgd = batch.sgd
         ops.fused_sgd_(weights, grads, sgd.buffers, batch.kept, batch.lam_kept, batch.lam_selected, batch.views,

@@ -50,9 +50,12 @@ TILE = 1024           # elements per program and iteration: 8 per thread at 4 wa
 ROW_CHUNK = 16 * 128  # filter groups: B elements per program, so that long filters are split
 
 
-def _tiling(granularity: str, max_b: int) -> tuple[int, int, int, int]:
+def _tiling(granularity: str, max_b: int, strided: bool) -> tuple[int, int, int, int]:
     """(BLOCK_G, BLOCK_B, A_STEP, B_STEP): TILE-element tiles shaped for each granularity's [A, G, B],
     and how much of A and B one program walks."""
+    if granularity == _CHANNEL and strided:  # the row stride takes registers: half tiles, no spills
+        block_g, block_b, a_step, b_step = _tiling(granularity, max_b, False)
+        return max(1, block_g // 2), block_b, a_step, b_step
     if granularity == _FILTER:    # A = 1, B = fan-in: rows of the weight in 128-wide steps, ROW_CHUNK per program
         return TILE // 128, 128, 1, ROW_CHUNK
     if granularity == _CHANNEL:   # B = kernel area: whole groups in a tile, 16 rows of A per program
@@ -74,22 +77,26 @@ def _next_pow2(n: int) -> int:
 
 
 @functools.lru_cache(maxsize=64)
-def _static(views: tuple, granularity: str, device: torch.device, whole: bool):
-    """Shape table, score offsets, work list, tiling and the gcd of the contiguous runs of one layer
-    set (cached). ``whole``: one program per group block over whole A and B (launches with scores:
-    one atomic per group keeps the sums deterministic)."""
-    block_g, block_b, a_step, b_step = _tiling(granularity, max(v[2] for v in views))
+def _static(dims: tuple, granularity: str, device: torch.device, whole: bool):
+    """Shape table, score offsets, work list, tiling, the gcd of the contiguous runs and whether any
+    row stride is not G·B, of one layer set (cached; ``dims``: A, G, B and the stride of A per layer). ``whole``: one program per group
+    block over whole A and B (launches with scores: one atomic per group keeps the sums
+    deterministic)."""
+    strided = any(v[3] != v[1] * v[2] for v in dims)
+    block_g, block_b, a_step, b_step = _tiling(granularity, max(v[2] for v in dims), strided)
     if whole:
         a_step = b_step = 0
     work, offsets, off = [], [], 0
-    for i, (a, g, b) in enumerate(views):
+    for i, (a, g, b, _) in enumerate(dims):
         offsets.append(off)
         off += g
         work += [(i, g0, a0, b0) for g0 in range(0, g, block_g) for a0 in range(0, a, a_step or a)
                  for b0 in range(0, b, b_step or b)]
-    runs_gcd = math.gcd(*(v[1] if granularity == _WEIGHT else v[2] for v in views))
+    # every row start and contiguous run (B, or G for single weights) decides the access width
+    runs_gcd = math.gcd(*(v[1] if granularity == _WEIGHT else v[2] for v in dims),
+                        *(v[3] for v in dims if v[0] > 1))
     as_tensor = lambda x: torch.tensor(x, dtype=torch.int64, device=device)  # noqa: E731
-    return as_tensor(views), as_tensor(offsets), as_tensor(work), (block_g, block_b, a_step, b_step), runs_gcd
+    return as_tensor(dims), as_tensor(offsets), as_tensor(work), (block_g, block_b, a_step, b_step), runs_gcd, strided
 
 
 _ADDRESS_CACHE: dict = {}
@@ -147,8 +154,10 @@ def _addresses_like(tensors, layouts, dtype: torch.dtype) -> tuple:
     return tuple(t.data_ptr() for t in tensors)
 
 
-def _launch(layers, kept, lam_kept, lam_selected, *, mode, want_scores, mask, buffers=None, hyper=None):
-    """One kernel launch per weight dtype over ``layers`` (usually exactly one)."""
+def _launch(layers, kept, lam_kept, lam_selected, *, mode, want_scores, mask, buffers=None, hyper=None,
+            passes=None):
+    """One kernel launch per pass and weight dtype over ``layers`` (usually exactly one; ``passes``:
+    ranges of layers that run one after the other)."""
     if not layers:
         return [] if want_scores else None
     k = _kernels()
@@ -157,21 +166,25 @@ def _launch(layers, kept, lam_kept, lam_selected, *, mode, want_scores, mask, bu
     out = _placeholder(device, torch.float32)
     if want_scores:
         out = torch.zeros(sum(l.n_groups for l in layers), dtype=torch.float32, device=device)
-    kinds = {(w.dtype, l.granularity) for w, l in zip(weights, layers)}
-    if not {dtype for dtype, _ in kinds} <= set(base.DTYPES):
+    if not {w.dtype for w in weights} <= set(base.DTYPES):
         raise _NeedsEager
+    launches = []  # (dtype, granularity, layer indices), passes in order
+    for span in passes or [range(len(layers))]:
+        kinds = {(weights[i].dtype, layers[i].granularity) for i in span}
+        for dtype, granularity in kinds:  # one, unless a coupled plan mixes rows and columns
+            launches.append((dtype, granularity, span if len(kinds) == 1 else [
+                i for i in span if weights[i].dtype is dtype and layers[i].granularity == granularity]))
     pending = []  # every layer is checked before any kernel writes: a refusal leaves nothing half done
-    for dtype, granularity in kinds:  # one launch per kind (one, unless a coupled plan mixes rows and columns)
-        idx = range(len(layers)) if len(kinds) == 1 else [
-            i for i, (w, l) in enumerate(zip(weights, layers)) if w.dtype is dtype and l.granularity == granularity]
+    for dtype, granularity, idx in launches:
         sub = [layers[i] for i in idx]
         views = tuple(l.view for l in sub)
-        dims, offsets, work, tiling, runs_gcd = _static(views, sub[0].granularity, device, want_scores)
-        if len(idx) < len(layers):  # this subset's score offsets inside the full buffer
-            starts = [sum(l.n_groups for l in layers[:i]) for i in idx]
-            offsets = _table(tuple(starts), device)
         ws = [weights[i] for i in idx]
         addresses, layouts = _weight_addresses(ws, views)
+        shapes = tuple((*v, base.outer_stride(w, v)) for w, v in zip(ws, views))
+        dims, offsets, work, tiling, runs_gcd, strided = _static(shapes, granularity, device, want_scores)
+        if want_scores and len(idx) < len(layers):  # this subset's score offsets inside the full buffer
+            starts = list(itertools.accumulate((l.n_groups for l in layers), initial=0))
+            offsets = _table(tuple(starts[i] for i in idx), device)
         w_table = _table(addresses, device)
         g_table = m_table = kept_table = hyper_table = _placeholder(device, torch.int64)
         lk = ls = _placeholder(device, torch.float32)
@@ -200,7 +213,7 @@ def _launch(layers, kept, lam_kept, lam_selected, *, mode, want_scores, mask, bu
                         dict(elem=_elem(dtype), mode=mode, mask=mask, want_scores=want_scores,
                              packed=kept is not None and kept[idx[0]].dtype == torch.uint8,
                              has_momentum=has_momentum, tiling=tiling, vec=_vec(runs_gcd, addresses, dtype.itemsize),
-                             unit_b=granularity == _WEIGHT)))
+                             unit_b=granularity == _WEIGHT, strided=strided)))
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
         for args, kwargs in pending:  # triton launches on the current device: make it the weights'
             k.launch(*args, **kwargs)
@@ -223,7 +236,7 @@ def _step(batch: base.StepBatch, *, want_scores: bool, mask: bool):
     fused = {} if sgd is None else {"buffers": sgd.buffers, "hyper": list(zip(sgd.lr, sgd.momentum, sgd.weight_decay))}
     return _launch(batch.layers, batch.kept, batch.lam_kept, batch.lam_selected,
                    mode=(k.MODE_PENALTY if sgd is None else k.MODE_SGD).value, want_scores=want_scores, mask=mask,
-                   **fused)
+                   passes=batch.pass_ranges() if batch.passes else None, **fused)
 
 
 def step(batch: base.StepBatch, *, want_scores: bool, mask: bool):
