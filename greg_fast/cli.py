@@ -1,4 +1,4 @@
-"""The ``greg-fast`` command: ``prune``, ``demo``, ``recipes``, ``info`` and ``bench``."""
+"""The ``greg-fast`` command: ``prune``, ``demo``, ``compare``, ``recipes``, ``info`` and ``bench``."""
 from __future__ import annotations
 
 import argparse
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from . import __version__, data, models
+from . import __version__, compare, data, models
 from .backend import ENV_VAR, auto_choice, backends
 from .hyper import METHODS, Hyper
 from . import bench
@@ -87,13 +87,18 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars or plan table")
 
 
-def _prune_args(prune: argparse.ArgumentParser, argv) -> argparse.Namespace:
-    """Parse ``greg-fast prune``: a recipe's settings become the defaults, so that flags given
-    explicitly override them; then everything a run needs must be there."""
+def _prune_args(prune: argparse.ArgumentParser, argv, defaults=None) -> argparse.Namespace:
+    """Parse ``greg-fast prune`` (or ``compare``): a recipe's settings (or ``defaults``, when
+    neither --model nor --data is given) become the defaults, so that flags given explicitly
+    override them; then everything a run needs must be there."""
     args = prune.parse_args(argv)
+    settings = None
     if args.recipe is not None:
         settings = RECIPES[args.recipe].defaults()
-        if args.ratio is not None or args.stage_ratios is not None:  # the user's ratios replace the recipe's
+    elif defaults is not None and args.model is None and args.data is None:
+        settings = dict(defaults)
+    if settings is not None:
+        if args.ratio is not None or args.stage_ratios is not None:  # the user's ratios replace the preset's
             settings.pop("ratio", None), settings.pop("stage_ratios", None)
         prune.set_defaults(**settings)
         args = prune.parse_args(argv)
@@ -137,6 +142,13 @@ def main(argv=None) -> int:
     demo = sub.add_parser("demo", help="the prune job on digits with a CIFAR ResNet, in ~2 minutes on CPU")
     demo.add_argument("--out", default="runs/demo")
     demo.add_argument("--quiet", action="store_true")
+    comp = sub.add_parser("compare", help="one-shot L1 vs GReg-1/GReg-2 from the same dense model, over seeds, "
+                                          "under equal fine-tune budget and equal total steps")
+    _add_prune_args(comp)
+    comp.add_argument("--methods", type=compare.parse_methods, default="l1,greg1,greg2",
+                      help="comma-separated: l1, greg1, greg2, greg1-group, greg2-group (-group: penalize='group')")
+    comp.add_argument("--seeds", type=int, default=3, help="dense models (and runs of each method), seeds 0..N-1")
+    comp.set_defaults(method="l1", out="runs/compare")
     sub.add_parser("info", help="versions, device and available backends")
     sub.add_parser("recipes", help="the paper's settings (prune --recipe NAME) with its reported results")
     b = sub.add_parser("bench", help="time one regularization step per provider on ResNet conv weights (CPU set)")
@@ -166,6 +178,9 @@ def main(argv=None) -> int:
         for old in Path(args.out, "checkpoints").glob("ckpt-*.pt"):  # a demo always starts afresh
             old.unlink()
         args = prune.parse_args(DEMO_ARGS + ["--out", args.out] + (["--quiet"] if args.quiet else []))
+    elif args.command == "compare":
+        args = _prune_args(comp, argv[argv.index("compare") + 1:], defaults=compare.DEFAULTS)
+        run = compare.run
     else:
         args = _prune_args(prune, argv[argv.index("prune") + 1:])
     try:

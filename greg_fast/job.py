@@ -370,6 +370,7 @@ class _Run:
         dense_arch = models.create(args.model, self.data.num_classes, in_channels=self.data.in_channels)  # widths only
         latency = compare_latency(dense_arch, self.model, self.example)
         summary = _summary(args, state, self.plan.cost(), self.structured, n_pruned, latency)
+        summary["steps_per_epoch"] = self.steps_per_epoch
         if args.recipe is not None:  # the paper's figures beside this run's
             summary["recipe"] = {"name": args.recipe, "paper": RECIPES[args.recipe].paper}
         save_model(self.model, self.out / "model.pt", masks=None if self.structured else state.results["masks"])

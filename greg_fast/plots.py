@@ -83,3 +83,31 @@ def stack_trace(rows: list[dict], meta: dict) -> dict:
         "lambda_kept": torch.tensor([r["lambda_kept"] for r in rows], dtype=torch.float64),
         "scores": torch.stack([r["scores"] for r in rows]) if rows else torch.zeros(0, 0),
     }
+
+
+def compare(records: list[dict], methods: list[str], protocols: tuple, path: Path, dense_acc: list[float]) -> None:
+    """``greg-fast compare``: test accuracy per method, one panel per protocol; each seed a point
+    (filled: after fine-tuning, hollow: right after pruning), the mean a bar."""
+    fig, axes = plt.subplots(1, len(protocols), figsize=(4.5 * len(protocols), 4), sharey=True, squeeze=False)
+    for ax, protocol in zip(axes[0], protocols):
+        for x, method in enumerate(methods):
+            runs = [r for r in records if r["protocol"] == protocol and r["method"] == method]
+            if not runs:
+                continue
+            for key, style in (("test_acc", dict(color="C0")), ("test_acc_after_pruning",
+                                                                 dict(facecolors="none", edgecolors="C3"))):
+                ys = [r[key] for r in runs]
+                xs = [x + 0.08 * (i - (len(ys) - 1) / 2) for i in range(len(ys))]
+                ax.scatter(xs, ys, s=18, zorder=3, **style,
+                           label={"test_acc": "fine-tuned", "test_acc_after_pruning": "right after pruning"}[key]
+                           if x == 0 else None)
+                ax.hlines(sum(ys) / len(ys), x - 0.25, x + 0.25, color=style.get("color", "C3"), lw=1.5)
+        if dense_acc:
+            ax.axhline(sum(dense_acc) / len(dense_acc), color="k", lw=0.7, ls="--", label="dense")
+        ax.set_xticks(range(len(methods)), methods)
+        ax.set(title=protocol, xlabel="method")
+    axes[0][0].set_ylabel("test accuracy (%)")
+    axes[0][0].legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
