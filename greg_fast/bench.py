@@ -109,10 +109,15 @@ class Workload:
         return 3 * self.penalized * self.weights[0].element_size()
 
 
+def zoo_name(name: str) -> str:
+    """The zoo model of a workload name (``resnet50-coupled-group`` -> ``resnet50``)."""
+    return name.removesuffix(GROUP).removesuffix(COUPLED)
+
+
 def workload(name: str, device: torch.device, dtype=torch.float32) -> Workload:
     torch.manual_seed(0)
     penalize = "group" if name.endswith(GROUP) else "filters"
-    model = models.create(name.removesuffix(GROUP).removesuffix(COUPLED)).to(device=device, dtype=dtype)
+    model = models.create(zoo_name(name)).to(device=device, dtype=dtype)
     size = model.greg_input_size
     example = torch.zeros(1, *size[:1], 64, 64, device=device, dtype=dtype) if size[1] > 64 else None
     p = plan(model, 0.5, example_inputs=example, coupled=COUPLED in name)

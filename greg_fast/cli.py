@@ -153,7 +153,8 @@ def main(argv=None) -> int:
     sub.add_parser("recipes", help="the paper's settings (prune --recipe NAME) with its reported results")
     b = sub.add_parser("bench", help="time one regularization step per provider on ResNet conv weights (CPU set)")
     b.add_argument("--models", default=",".join(bench.MODELS),
-                   help="zoo models; NAME-coupled plans coupled groups (default %(default)s)")
+                   help="zoo models; NAME-coupled plans coupled groups, NAME-coupled-group penalizes whole "
+                        "groups (default %(default)s)")
     b.add_argument("--device", default="cpu")
     b.add_argument("--out", default="bench/results", help="folder of the results JSON")
     args = parser.parse_args(argv)
@@ -165,7 +166,7 @@ def main(argv=None) -> int:
         print(recipes_table())
         return 0
     if args.command == "bench":
-        unknown = [m for m in args.models.split(",") if m.removesuffix(bench.COUPLED) not in models.names()]
+        unknown = [m for m in args.models.split(",") if bench.zoo_name(m) not in models.names()]
         if unknown:
             parser.error(f"bench --models: unknown model(s) {', '.join(unknown)}; known: {', '.join(models.names())}")
         device = torch.device(args.device)

@@ -113,6 +113,8 @@ def test_bench_names_an_unknown_model(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["bench", "--models", "resnet999"])
     assert exit_info.value.code == 2 and "unknown model(s) resnet999" in capsys.readouterr().err
+    from greg_fast import bench, models
+    assert all(bench.zoo_name(m) in models.names() for m in bench.MODELS)  # the default list is accepted
 
 
 def test_imagefolder_with_one_class_is_refused(tmp_path):

@@ -79,9 +79,9 @@ def _next_pow2(n: int) -> int:
 @functools.lru_cache(maxsize=64)
 def _static(dims: tuple, granularity: str, device: torch.device, whole: bool):
     """Shape table, score offsets, work list, tiling, the gcd of the contiguous runs and whether any
-    row stride is not G·B, of one layer set (cached; ``dims``: A, G, B and the stride of A per layer). ``whole``: one program per group
-    block over whole A and B (launches with scores: one atomic per group keeps the sums
-    deterministic)."""
+    row stride is not G·B, of one layer set (cached; ``dims``: A, G, B and the stride of A per
+    layer). ``whole``: one program per group block over whole A and B (launches with scores: one
+    atomic per group keeps the sums deterministic)."""
     strided = any(v[3] != v[1] * v[2] for v in dims)
     block_g, block_b, a_step, b_step = _tiling(granularity, max(v[2] for v in dims), strided)
     if whole:
