@@ -73,11 +73,24 @@ def test_a_killed_compare_continues_where_it_was(tmp_path):
     assert len(json.loads((out / "compare.json").read_text())["runs"]) == 4  # greg1 twice, l1, l1 with more steps
 
 
-def test_compare_runs_on_a_cifar_folder(tmp_path):
+def write_imagefolder(root):
+    from PIL import Image
+    for split in ("train", "val"):
+        for k, name in enumerate(("cat", "dog")):
+            (root / split / name).mkdir(parents=True)
+            for i in range(3):
+                Image.new("RGB", (40, 32), (90 * k + 20 * i, 60, 200 - 90 * k)).save(root / split / name / f"{i}.png")
+
+
+@pytest.mark.parametrize("name", ["cifar10", "imagefolder"])
+def test_compare_runs_on_folder_data(tmp_path, name):
     from test_data import write_cifar
-    write_cifar(tmp_path / "data", "cifar10", n_train=16, n_test=8)
-    argv = ["compare", *TINY, "--data", "cifar10", "--data-dir", str(tmp_path / "data"), "--methods", "l1,greg2",
+    if name == "cifar10":
+        write_cifar(tmp_path / "data", "cifar10", n_train=16, n_test=8)
+    else:
+        write_imagefolder(tmp_path / "data")
+    argv = ["compare", *TINY, "--data", name, "--data-dir", str(tmp_path / "data"), "--methods", "l1,greg2",
             "--seeds", "1", "--out", str(tmp_path / "cmp")]
     assert main(argv) == 0
     result = json.loads((tmp_path / "cmp" / "compare.json").read_text())
-    assert result["settings"]["data"] == "cifar10" and len(result["runs"]) == 4
+    assert result["settings"]["data"] == name and len(result["runs"]) == 4
