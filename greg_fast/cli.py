@@ -147,7 +147,7 @@ def main(argv=None) -> int:
     _add_prune_args(comp)
     comp.add_argument("--methods", type=compare.parse_methods, default="l1,greg1,greg2",
                       help="comma-separated: l1, greg1, greg2, greg1-group, greg2-group (-group: penalize='group')")
-    comp.add_argument("--seeds", type=int, default=3, help="dense models (and runs of each method), seeds 0..N-1")
+    comp.add_argument("--seeds", type=int, default=3, help="dense models (and runs of each method): seeds --seed .. --seed + N - 1")
     comp.set_defaults(method="l1", out="runs/compare")
     sub.add_parser("info", help="versions, device and available backends")
     sub.add_parser("recipes", help="the paper's settings (prune --recipe NAME) with its reported results")

@@ -137,7 +137,7 @@ class Compare:
         per_seed = 1 + len(self.methods) + (1 if has_l1 and regularized else 0)
         records = []
         with tqdm(total=args.seeds * per_seed, desc="compare", dynamic_ncols=True, disable=args.quiet) as bar:
-            for seed in range(args.seeds):
+            for seed in range(args.seed, args.seed + args.seeds):
                 dense, pretrain_s = self._dense(seed, bar)
                 bar.update()
                 done = {}
