@@ -92,11 +92,12 @@ class Compare:
     # ---- the jobs ----
     def _job_args(self, method: str, seed: int, out: Path, finetune_epochs: int, lr_ft: str | None, dense=None):
         """A ``greg-fast prune`` job's arguments: this compare's, for one method, seed and folder."""
+        from .job import _checkpoints
         a = copy.copy(self.args)
         a.method, a.penalize = method.removesuffix(GROUP), "group" if method.endswith(GROUP) else "filters"
         a.seed, a.out, a.finetune_epochs, a.quiet = seed, str(out), finetune_epochs, True
         a.lr_ft = lr_ft or a.lr_ft
-        a.resume = str(out) if (out / "checkpoints").is_dir() and any((out / "checkpoints").glob("ckpt-*.pt")) else None
+        a.resume = str(out) if _checkpoints(out) else None  # a killed job continues
         if dense is not None:
             a.checkpoint, a.pretrain_epochs = str(dense), 0
         return a

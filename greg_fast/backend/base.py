@@ -57,18 +57,15 @@ class StepBatch:
     def views(self) -> list[tuple[int, int, int]]:
         return [l.view for l in self.layers]
 
-    def subset(self, idx: Sequence[int], index: torch.Tensor | None = None) -> "StepBatch":
-        """The same work restricted to layers ``idx`` (``index``: the same as a tensor on the λ
-        device, when the caller keeps one)."""
+    def subset(self, idx: Sequence[int]) -> "StepBatch":
+        """The same work restricted to layers ``idx``."""
         if len(idx) == len(self.layers):
             return self
-        sel = torch.tensor(idx, device=self.lam_kept.device) if index is None else index
+        sel = torch.tensor(idx, device=self.lam_kept.device)
         sgd = None if self.sgd is None else SGDArgs(*([getattr(self.sgd, f)[i] for i in idx]
                                                       for f in ("buffers", "lr", "momentum", "weight_decay")))
-        passes = ()
-        if self.passes:  # the same order, each pass keeping the chosen layers it had
-            ends = list(itertools.accumulate(self.passes))
-            passes = tuple(n for n in (sum(1 for i in idx if lo <= i < hi) for lo, hi in zip([0] + ends, ends)) if n)
+        # the same order, each pass keeping the chosen layers it had
+        passes = tuple(n for n in (sum(i in r for i in idx) for r in self.pass_ranges()) if n) if self.passes else ()
         return replace(self, layers=[self.layers[i] for i in idx], kept=[self.kept[i] for i in idx],
                        lam_kept=self.lam_kept[sel], lam_selected=self.lam_selected[sel], sgd=sgd, passes=passes)
 
