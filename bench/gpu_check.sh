@@ -40,8 +40,8 @@ run() {  # run NAME SECONDS COMMAND...: a stage under its own time limit, its ou
 
 for stage in $stages; do
   case $stage in
-    # -n 8: the kernels' specializations compile in parallel (pytest-xdist)
-    tests) run tests 150 $python -m pytest -q -n 8 -p no:cacheprovider -o addopts="" \
+    # -n 12: the kernels' specializations compile in parallel (pytest-xdist)
+    tests) run tests 150 $python -m pytest -q -n 12 -p no:cacheprovider -o addopts="" \
              tests/test_backends.py tests/test_groups.py -k "triton or regularize_groups_like_eager" ;;
     # torch.compile's provider is left out: compiling five workloads takes minutes on its own
     bench) run bench 180 $python -m pytest -q -s -p no:cacheprovider bench --device cuda -k "not compile"

@@ -19,3 +19,32 @@ def test_step(benchmark, name, workload, device, records):
     rec["calls_per_round"] = calls
     benchmark.extra_info.update(rec)
     records.append(rec)
+
+
+@pytest.mark.parametrize("name", ["eager", "triton", "torch_sgd", "greg_fused_sgd"])
+def test_kernel_time(name, workload, device, records):
+    """The same steps' GPU kernel time alone (torch.profiler): wall time far above it means the
+    host, not the GPU, bounds the step."""
+    if device.type != "cuda":
+        pytest.skip("GPU only: kernel time is read from the GPU's profiler")
+    reason = bench.unavailable(name, device, workload)
+    if reason:
+        pytest.skip(reason)
+    rec = bench.record(workload, name, bench.kernel_seconds(bench.provider(name, workload), device))
+    rec["provider"] += bench.KERNELS
+    records.append(rec)
+
+
+def test_host_time(workload, device, records, monkeypatch):
+    """The triton step's host code alone (work list, address tables, checks), its kernel launches
+    stubbed out: with the kernel time, what bounds the step."""
+    if device.type != "cuda":
+        pytest.skip("GPU only")
+    if bench.unavailable("triton", device, workload):
+        pytest.skip(bench.unavailable("triton", device, workload))
+    from greg_fast.kernels import greg_step
+    fn = bench.provider("triton", workload)
+    monkeypatch.setattr(greg_step, "launch", lambda *args, **kwargs: None)
+    rec = bench.record(workload, "triton", bench.time_call(fn, device))
+    rec["provider"] += bench.HOST
+    records.append(rec)

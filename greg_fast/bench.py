@@ -333,11 +333,36 @@ def training_step_records(name: str, device: torch.device, rounds: int = 15) -> 
     return out
 
 
-_BASELINES = {"penalty": ("reference", "eager"), "sgd": ("torch_sgd",), "compaction": ("compact_torch",),
+_BASELINES = {"kernels": (), "host": (), "penalty": ("reference", "eager"), "sgd": ("torch_sgd",), "compaction": ("compact_torch",),
               "train_step": ("train_sgd",)}
 
 
+KERNELS = " (kernels)"  # a record of GPU kernel time alone: ``provider + KERNELS``
+HOST = " (host, no launch)"  # a record of our host code alone, the kernel launches stubbed out
+
+
+def kernel_seconds(fn: Callable[[], None], device: torch.device, calls: int = 20) -> float:
+    """GPU time per call of ``fn``: the durations of the kernels (and copies) it runs, read from
+    torch.profiler, without the host's share. Set beside the wall time of the same provider it
+    says whether a step is bound by the GPU or by the host launching it."""
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    synchronize(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        synchronize(device)
+    gpu = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    if not gpu:
+        raise RuntimeError("torch.profiler recorded no GPU activity")
+    return sum(e.time_range.elapsed_us() for e in gpu) / calls / 1e6
+
+
 def kind(provider: str) -> str:
+    if provider.endswith(KERNELS):
+        return "kernels"
+    if provider.endswith(HOST):
+        return "host"
     if provider in SGD_PROVIDERS:
         return "sgd"
     if provider in TRAIN_PROVIDERS:

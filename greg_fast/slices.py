@@ -30,6 +30,7 @@ class SliceMap:
         self.identity = all(not u.coupled for u in self.units)
         self._version = None
         self._kept: list[torch.Tensor] = []
+        self._per_slice: dict[int, tuple] = {}
         self.passes: tuple[int, ...] = ()
         if self.identity:
             return
@@ -88,10 +89,18 @@ class SliceMap:
         return [values[u][c] for u, c in zip(self._unit_of, self.channels)]
 
     def per_slice(self, per_unit: torch.Tensor) -> torch.Tensor:
-        """A per-unit vector (λ) indexed per slice (0 for fillers)."""
+        """A per-unit vector (λ) indexed per slice (0 for fillers); gathered again only when λ
+        changed (a new tensor or an in-place write), not every step: two launches fewer on a GPU."""
         if self.identity:
             return per_unit
-        return torch.cat([per_unit, per_unit.new_zeros(1)]).index_select(0, self.unit_index)
+        cached = self._per_slice.get(id(per_unit))
+        if cached is not None and cached[0] is per_unit and cached[1] == per_unit._version:
+            return cached[2]
+        out = torch.cat([per_unit, per_unit.new_zeros(1)]).index_select(0, self.unit_index)
+        if len(self._per_slice) >= 4:  # λ kept and λ selected, and the ones they replaced
+            self._per_slice.clear()
+        self._per_slice[id(per_unit)] = (per_unit, per_unit._version, out)
+        return out
 
     def unit_scores(self, slice_scores: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Per-slice mean |w| of every row/column -> per-unit mean |w| of every channel."""

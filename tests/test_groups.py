@@ -219,7 +219,7 @@ def one_step(model, x, backend, penalize, fused, method="greg1", device=torch.de
                          delta=0.5, interval=1, pick_delta=0.5, pick_ceiling=0.5, ceiling=10.0)
     for _ in range(3):
         opt.zero_grad()
-        F.cross_entropy(model(x), torch.arange(x.shape[0]) % 3).backward()
+        F.cross_entropy(model(x), torch.arange(x.shape[0], device=device) % 3).backward()
         greg.step()
     return ([p.detach().cpu() for p in model.parameters()], {k: m.cpu() for k, m in greg.masks().items()},
             {k: v.cpu() for k, v in greg.scores().items()})
