@@ -81,6 +81,7 @@ class GrowingReg(torch.optim.Optimizer):
                              next((l.weight.device for l in plan.layers), torch.device("cpu")), whole=fused)
         self._removed = None  # after pruning: (tensor, removed entries) whose gradients stay zero
         self.slices = self._map.slices
+        self._backend_memo: dict = {}  # host work a backend reuses across steps (triton: its launches)
         frozen = [l.name for l in plan.pruned
                   if not all(s.param.requires_grad for s in l.slices(plan.module, penalize))]
         if frozen:
@@ -226,7 +227,7 @@ class GrowingReg(torch.optim.Optimizer):
     def _batch(self, sgd: SGDArgs | None = None) -> StepBatch:
         s, m = self.schedule, self._map
         return StepBatch(self.slices, m.kept(s.kept, s.version), m.per_slice(s.lam_kept32),
-                         m.per_slice(s.lam_selected32), sgd, passes=m.passes)
+                         m.per_slice(s.lam_selected32), sgd, passes=m.passes, memo=self._backend_memo)
 
     def apply_penalty(self) -> None:
         """Update λ when due, then ``grad += λ_g * w`` (once pruned: zero the removed groups'

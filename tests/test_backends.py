@@ -247,6 +247,37 @@ def test_a_channels_last_model_matches_eager_through_every_phase(backend, fused,
         torch.testing.assert_close(b.detach().cpu(), a.detach(), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_triton_rebuilds_its_launches_when_tensors_move_or_change_layout(fused):
+    """The triton backend reuses a step's launches while the tensors stay put; moving the model to
+    channels_last, replacing a weight, or gradients and momentum in another layout must rebuild
+    them (a stale address table would write where the tensors no longer are)."""
+    if "triton" not in BACKENDS:
+        pytest.skip("triton unavailable")
+    device = DEVICE["triton"]
+    batches = make_batches()
+    nets = {}
+    for backend in ("eager", "triton"):
+        torch.manual_seed(0)
+        net = SmallNet().to(device)
+        plan = gf.plan(net, 0.5, example_inputs=torch.zeros(1, 3, 6, 6, device=device))
+        opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
+        greg = gf.GrowingReg(opt, plan, backend=backend, fused=fused and backend == "triton", **SCHEDULE)
+        data = [(x.to(device), y.to(device)) for x, y in batches]
+        for i in range(10):
+            if i == 3:
+                net.to(memory_format=torch.channels_last)  # new addresses, new strides
+            if i == 6:  # a new weight tensor for one layer, contiguous again, and its momentum with it
+                net.conv2.weight.data = net.conv2.weight.data.contiguous()
+                state = opt.state[net.conv2.weight]
+                if "momentum_buffer" in state:
+                    state["momentum_buffer"] = state["momentum_buffer"].contiguous()
+            train_steps(net, greg, data, 1, start=i)
+        nets[backend] = net
+    for a, b in zip(nets["eager"].parameters(), nets["triton"].parameters()):
+        torch.testing.assert_close(b.detach().cpu(), a.detach().cpu(), rtol=1e-5, atol=1e-6)
+
+
 def test_auto_env_and_forced_backends(monkeypatch):
     cpu = torch.device("cpu")
     assert dispatch.resolve("auto", cpu).name == "cpp"  # built at set-up

@@ -11,7 +11,7 @@ takes all layers first and sorts them only on such a refusal (:func:`run_all_fir
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
 import torch
@@ -37,13 +37,15 @@ class StepBatch:
     unstructured layers, see greg_fast.masks); ``lam_kept`` / ``lam_selected``: fp32 ``[n_layers]``,
     the λ of its kept and of its other groups; ``sgd``: set for the fused path; ``passes``: sizes of
     consecutive runs of layers that must run one after the other (layers of one run never share an
-    entry; a parameter's rows and its columns do), empty for one run."""
+    entry; a parameter's rows and its columns do), empty for one run; ``memo``: a dict the caller
+    keeps across steps, where a backend may keep host work it can reuse (None: nothing is kept)."""
     layers: Sequence[LayerPlan]
     kept: Sequence[torch.Tensor]
     lam_kept: torch.Tensor
     lam_selected: torch.Tensor
     sgd: SGDArgs | None = None
     passes: tuple[int, ...] = ()
+    memo: dict | None = field(default=None, repr=False, compare=False)  # a backend's reusable host work
 
     def __post_init__(self):
         if self.sgd is not None and len(self.passes) > 1:  # an entry in two slices would be updated twice
