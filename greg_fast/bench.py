@@ -333,8 +333,8 @@ def training_step_records(name: str, device: torch.device, rounds: int = 15) -> 
     return out
 
 
-_BASELINES = {"kernels": (), "host": (), "penalty": ("reference", "eager"), "sgd": ("torch_sgd",), "compaction": ("compact_torch",),
-              "train_step": ("train_sgd",)}
+_BASELINES = {"penalty": ("reference", "eager"), "sgd": ("torch_sgd",), "compaction": ("compact_torch",),
+              "train_step": ("train_sgd",), "kernels": (), "host": ()}
 
 
 KERNELS = " (kernels)"  # a record of GPU kernel time alone: ``provider + KERNELS``

@@ -164,7 +164,7 @@ def _launch(layers, kept, lam_kept, lam_selected, *, mode, want_scores, mask, bu
         return [] if want_scores else None
     k = _kernels()
     launches = _prepared(layers, kept, buffers, memo, mode=mode, want_scores=want_scores, mask=mask, passes=passes)
-    device = layers[0].weight.device
+    device = layers[0].param.device  # (a slice's ``weight`` would build a view)
     out = _placeholder(device, torch.float32)
     if want_scores:
         out = torch.zeros(sum(l.n_groups for l in layers), dtype=torch.float32, device=device)
@@ -188,16 +188,15 @@ def _launch(layers, kept, lam_kept, lam_selected, *, mode, want_scores, mask, bu
 @dataclasses.dataclass(frozen=True)
 class _Launch:
     idx: list            # the layers it walks
-    select: object       # their indices as a device tensor when a subset (λ is per layer), else None
+    select: torch.Tensor | None  # their indices as a device tensor when a subset (λ is per layer), else None
     tables: tuple        # w, grad, momentum and kept address tables, dims, score offsets, work list
     hyper: torch.Tensor  # a placeholder (fused SGD reads its hyper-parameters every step)
     kwargs: dict         # the specialization
 
 
 def _prepared(layers, kept, buffers, memo, **how) -> list[_Launch]:
-    """The launches of a step, rebuilt only when what they were built from changed: an address,
-    shape, stride or dtype of a parameter, gradient, mask or momentum buffer (a new gradient lands
-    where the last one was, so steady-state steps reuse them). On a GPU the host, not the GPU,
+    """The launches of a step, rebuilt only when what they were built from changed (see
+    :func:`_state`; a new gradient lands where the last one was, so steady-state steps reuse them). On a GPU the host, not the GPU,
     bounded a step (H200, ResNet-50: 42 µs of kernel time, 77 µs of host code around it).
     ``memo``: the caller's dict (one per GrowingReg, so nothing outlives it); None: no reuse."""
     if memo is None:
