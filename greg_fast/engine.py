@@ -226,8 +226,9 @@ class GrowingReg(torch.optim.Optimizer):
 
     def _batch(self, sgd: SGDArgs | None = None) -> StepBatch:
         s, m = self.schedule, self._map
-        return StepBatch(self.slices, m.kept(s.kept, s.version), m.per_slice(s.lam_kept32),
-                         m.per_slice(s.lam_selected32), sgd, passes=m.passes, memo=self._backend_memo)
+        kept, lam_kept, lam_selected = m.kept(s.kept, s.version), m.per_slice(s.lam_kept32), m.per_slice(s.lam_selected32)
+        return StepBatch(self.slices, kept, lam_kept, lam_selected, sgd, passes=m.passes,
+                         cross=m.cross(kept, lam_kept, lam_selected) if sgd is None else None, memo=self._backend_memo)
 
     def apply_penalty(self) -> None:
         """Update λ when due, then ``grad += λ_g * w`` (once pruned: zero the removed groups'

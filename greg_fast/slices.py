@@ -46,6 +46,7 @@ class SliceMap:
             unit_of = [unit_of[i] for i in order]
             n_rows = sum(1 for s in self.slices if s.axis == 0)
             self.passes = (n_rows, len(self.slices) - n_rows)
+            self._cross_setup(device)
         self._unit_of = unit_of  # on the host too: the kept gather needs no device sync
         self.unit_index = torch.tensor(unit_of, dtype=torch.int64, device=device)
         self.channels = [s.channels.to(device) for s in self.slices]
@@ -100,6 +101,55 @@ class SliceMap:
         if len(self._per_slice) >= 4:  # λ kept and λ selected, and the ones they replaced
             self._per_slice.clear()
         self._per_slice[id(per_unit)] = (per_unit, per_unit._version, out)
+        return out
+
+    # ---- a parameter's rows and columns in one launch (triton's CROSS kernel) ----
+    def _cross_setup(self, device: torch.device) -> None:
+        """For parameters with penalized rows and penalized columns: which rows the row slices own
+        (the column slices leave those rows' entries to them), and each column slice's place."""
+        param_of = [(id(s.module), s.tensor) for s in self.slices]
+        rows: dict[tuple, torch.Tensor] = {}
+        for s, key in zip(self.slices, param_of):
+            if s.axis == 0:
+                own = rows.setdefault(key, torch.zeros(s.param.shape[0], dtype=torch.int8))
+                own[s.start:s.start + s.n_groups] = 1
+        self._cross_cols = {key: [] for key, s in zip(param_of, self.slices) if s.axis == 1 and key in rows}
+        for j, (s, key) in enumerate(zip(self.slices, param_of)):
+            if s.axis == 1 and key in rows:
+                self._cross_cols[key].append(j)
+        self._own = [rows[key].to(device) if s.axis == 1 and key in rows else None
+                     for s, key in zip(self.slices, param_of)]
+        self._param_of = param_of
+        self._cross_cache: tuple = ()
+
+    def cross(self, kept: Sequence[torch.Tensor], lam_kept: torch.Tensor, lam_selected: torch.Tensor) -> list | None:
+        """Per slice ``(xlam, xkeep, own)`` for one launch over rows and columns that share entries:
+        a row slice's λ and kept flag of its parameter's columns at every position of its rows
+        (0 and 1 where no column is penalized), a column slice's rows owned by row slices; None
+        where not needed, and None for a plan without such parameters. Rebuilt only when the
+        masks or λ change."""
+        if not self.passes or not self._cross_cols:
+            return None
+        key = (kept, lam_kept, lam_selected, lam_kept._version, lam_selected._version)
+        if self._cross_cache and all(a is b if isinstance(a, (list, torch.Tensor)) else a == b
+                                     for a, b in zip(self._cross_cache[0], key)):
+            return self._cross_cache[1]
+        along_b = {}
+        for param_key, cols in self._cross_cols.items():
+            first = self.slices[cols[0]]
+            lam = torch.zeros(first.param.shape[1], dtype=torch.float32, device=lam_kept.device)
+            keep = torch.ones(first.param.shape[1], dtype=torch.int8, device=lam_kept.device)
+            for j in cols:
+                s = self.slices[j]
+                lam[s.start:s.start + s.n_groups] = torch.where(kept[j], lam_kept[j], lam_selected[j])
+                keep[s.start:s.start + s.n_groups] = kept[j].to(torch.int8)
+            inner = first.view[2]  # a column's entries per row: the kernel area
+            along_b[param_key] = (lam.repeat_interleave(inner), keep.repeat_interleave(inner))
+        out = []
+        for s, param_key, own in zip(self.slices, self._param_of, self._own):
+            x = along_b.get(param_key) if s.axis == 0 else None
+            out.append((*(x or (None, None)), own))
+        self._cross_cache = (key, out)
         return out
 
     def unit_scores(self, slice_scores: Sequence[torch.Tensor]) -> list[torch.Tensor]:

@@ -20,6 +20,10 @@ launcher passes VEC (elements per 16-byte access) when every address and every r
 launch allows it, and the kernel restates that as hints so that loads and stores are 128-bit.
 UNIT_B (weight granularity: B = 1) makes the group axis the contiguous one; STRIDED reads each
 layer's row stride (runs of a parameter's columns; else rows are G·B apart, one register fewer).
+CROSS (penalties of a coupled group with penalize="group") takes a parameter's row slices and its
+column slices in one launch, although they share entries: a grid has no barrier, so a shared entry
+belongs to the row's program, which adds the column's λ after the row's (the order of eager's two
+passes) and keeps it only if both are kept; a column program skips the rows a row slice owns.
 """
 import triton
 import triton.language as tl
@@ -43,6 +47,10 @@ def _greg_step_kernel(
     scores_ptr,                      # fp32 [sum G], zeroed: per-group sum |w| (atomics)
     w_table, g_table, m_table,       # int64 [L]: addresses of weights, grads, momentum buffers
     kept_table,                      # int64 [L]: addresses of bool masks [G] (PACKED: uint8 bits [G/8])
+    xlam_table, xkeep_table,         # int64 [L] (CROSS): a row slice's fp32 λ and int8 kept per B position
+                                     # (its parameter's penalized columns), or 0
+    own_table,                       # int64 [L] (CROSS): a column slice's int8 flags per row of A, set
+                                     # where a row slice of the launch owns the row, or 0
     dims_ptr,                        # int64 [L, 4]: A, G, B, and the stride of A (G·B, or more for columns)
     score_off_ptr,                   # int64 [L]: offset of the layer's groups in scores
     lam_kept_ptr, lam_sel_ptr,       # fp32 [L]
@@ -50,7 +58,7 @@ def _greg_step_kernel(
     work_ptr,                        # int64 [programs, 4]: layer, g0, a0, b0
     ELEM: tl.constexpr, MODE: tl.constexpr, MASK: tl.constexpr, SCORES: tl.constexpr, PACKED: tl.constexpr,
     HAS_MOMENTUM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_B: tl.constexpr, A_STEP: tl.constexpr,
-    B_STEP: tl.constexpr, VEC: tl.constexpr, UNIT_B: tl.constexpr, STRIDED: tl.constexpr,
+    B_STEP: tl.constexpr, VEC: tl.constexpr, UNIT_B: tl.constexpr, STRIDED: tl.constexpr, CROSS: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     layer = tl.load(work_ptr + pid * 4)
@@ -80,6 +88,14 @@ def _greg_step_kernel(
             kept_ptr = tl.load(kept_table + layer).to(tl.pointer_type(tl.int8))
             kept = tl.load(kept_ptr + offs_g, mask=g_in, other=1) != 0
         lam = tl.where(kept, tl.load(lam_kept_ptr + layer), tl.load(lam_sel_ptr + layer))
+        if CROSS:  # MODE_PENALTY over a parameter's rows and columns in one launch
+            x_address = tl.load(xlam_table + layer)
+            has_x = x_address != 0
+            xlam_ptr = x_address.to(tl.pointer_type(tl.float32))
+            xkeep_ptr = tl.load(xkeep_table + layer).to(tl.pointer_type(tl.int8))
+            own_address = tl.load(own_table + layer)
+            has_own = own_address != 0
+            own_ptr = own_address.to(tl.pointer_type(tl.int8))
         if MODE == MODE_SGD:
             lr = tl.load(hyper_ptr + layer * 3)
             mu = tl.load(hyper_ptr + layer * 3 + 1)
@@ -101,6 +117,8 @@ def _greg_step_kernel(
         SA = G * B
     for a in range(a0, a_end):
         row = a * SA + offs_g * B
+        if CROSS:  # a row that a row slice owns: that program adds this column's λ, not this one
+            free = tl.load(own_ptr + a, mask=has_own, other=0) == 0
         for b0 in range(b_start, b_end, BLOCK_B):
             offs_b = b0 + tl.arange(0, BLOCK_B).to(tl.int64)
             inside = g_in[:, None] & (offs_b < B)[None, :]
@@ -112,8 +130,16 @@ def _greg_step_kernel(
                     # groups with λ = 0 (GReg-1's kept ones) need no gradient traffic; masked-off
                     # lanes touch no memory, so they cost nothing but the scores' read of w
                     touched = inside & (lam != 0.0)[:, None]
+                    mine = inside  # the entries this program writes
+                    keep = kept[:, None]
+                    if CROSS:
+                        b_in = (offs_b < B) & has_x
+                        xlam = tl.load(xlam_ptr + offs_b, mask=b_in, other=0.0)
+                        keep = keep & (tl.load(xkeep_ptr + offs_b, mask=b_in, other=1) != 0)[None, :]
+                        mine = inside & free
+                        touched = (touched | (inside & (xlam != 0.0)[None, :])) & free
                     if MASK:
-                        touched = touched | (inside & ~kept[:, None])
+                        touched = touched | (mine & ~keep)
                 w = tl.load(w_ptr + idx, mask=inside if SCORES else touched, other=0.0).to(tl.float32)
             else:
                 w = tl.load(w_ptr + idx, mask=inside, other=0.0).to(tl.float32)
@@ -122,12 +148,15 @@ def _greg_step_kernel(
             if MODE == MODE_PENALTY:
                 g = tl.load(g_ptr + idx, mask=touched, other=0.0).to(tl.float32)
                 g = g + w * lam[:, None]
+                if CROSS:  # after the row's λ, as eager adds the rows' pass before the columns'
+                    g = g + w * xlam[None, :]
                 if MASK:
-                    g = tl.where(kept[:, None], g, 0.0)
                     if UNIT_B:  # rewrite every weight: a per-lane mask would stop 128-bit stores
+                        g = tl.where(kept[:, None], g, 0.0)
                         tl.store(w_ptr + idx, tl.where(kept[:, None], w, 0.0).to(ELEM), mask=inside)
                     else:
-                        tl.store(w_ptr + idx, tl.zeros_like(w).to(ELEM), mask=inside & ~kept[:, None])
+                        g = tl.where(keep, g, 0.0)
+                        tl.store(w_ptr + idx, tl.zeros_like(w).to(ELEM), mask=mine & ~keep)
                 tl.store(g_ptr + idx, g.to(ELEM), mask=touched)
             elif MODE == MODE_SGD:
                 g = tl.load(g_ptr + idx, mask=inside, other=0.0).to(tl.float32)
@@ -149,12 +178,15 @@ def _greg_step_kernel(
         tl.atomic_add(scores_ptr + off + offs_g, acc, mask=g_in)
 
 
-def launch(scores, w_table, g_table, m_table, kept_table, dims, score_off, lam_kept, lam_sel, hyper, work, *,
-           elem, mode, mask, want_scores, packed, has_momentum, tiling, vec, unit_b, strided, num_warps=4):
+def launch(scores, w_table, g_table, m_table, kept_table, xlam_table, xkeep_table, own_table, dims, score_off,
+           lam_kept, lam_sel, hyper, work, *, elem, mode, mask, want_scores, packed, has_momentum, tiling, vec,
+           unit_b, strided, cross=False, num_warps=4):
     """One launch over the whole work list (``work``: int64 [programs, 4]; ``tiling``: BLOCK_G,
     BLOCK_B, A_STEP, B_STEP)."""
     block_g, block_b, a_step, b_step = tiling
     _greg_step_kernel[(work.shape[0],)](
-        scores, w_table, g_table, m_table, kept_table, dims, score_off, lam_kept, lam_sel, hyper, work, ELEM=elem,
+        scores, w_table, g_table, m_table, kept_table, xlam_table, xkeep_table, own_table, dims, score_off, lam_kept,
+        lam_sel, hyper, work, ELEM=elem,
         MODE=mode, MASK=mask, SCORES=want_scores, PACKED=packed, HAS_MOMENTUM=has_momentum, BLOCK_G=block_g,
-        BLOCK_B=block_b, A_STEP=a_step, B_STEP=b_step, VEC=vec, UNIT_B=unit_b, STRIDED=strided, num_warps=num_warps)
+        BLOCK_B=block_b, A_STEP=a_step, B_STEP=b_step, VEC=vec, UNIT_B=unit_b, STRIDED=strided, CROSS=cross,
+        num_warps=num_warps)

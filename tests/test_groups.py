@@ -252,6 +252,45 @@ def test_backends_regularize_groups_like_eager(name, method, penalize, fused):
             torch.testing.assert_close(scores[k], ref[2][k], rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("method", ["greg1", "greg2"])
+def test_triton_runs_a_group_step_in_one_launch_and_matches_eager_through_every_phase(method, monkeypatch):
+    """penalize="group": a parameter's rows and columns share entries; the triton step walks both
+    in one launch (rows own the shared entries), through growing, picking, stabilizing and the
+    masked steps after pruning, and ends where eager's two passes end."""
+    if backends(torch.device("cuda" if torch.cuda.is_available() else "cpu"))["triton"] != "available":
+        pytest.skip("triton unavailable")
+    from greg_fast.kernels import greg_step
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    base = randomize(Gated()).train()
+    x = torch.randn(4, 3, 8, 8, device=device)
+    runs = {}
+    for backend in ("eager", "triton"):
+        model = copy.deepcopy(base).to(device)
+        plan = gf.plan(model, 0.5, example_inputs=x[:1])
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        greg = gf.GrowingReg(opt, plan, method=method, backend=backend, penalize="group", delta=0.2, interval=2,
+                             ceiling=0.5, stabilize=3, pick_delta=0.1, pick_ceiling=0.2, mag_ratio_limit=1e9)
+        launches, phases = [], []
+        real = greg_step.launch
+        monkeypatch.setattr(greg_step, "launch", lambda *a, **k: (launches.append(k["cross"]), real(*a, **k)))
+        for _ in range(16):
+            phases.append(greg.phase)
+            before = len(launches)
+            opt.zero_grad()
+            F.cross_entropy(model(x), torch.arange(x.shape[0], device=device) % 3).backward()
+            greg.step()
+            if backend == "triton":
+                assert launches[before:] == [True], f"phase {phases[-1]}: launches {launches[before:]}"
+        monkeypatch.setattr(greg_step, "launch", real)
+        runs[backend] = (model, greg, phases)
+    (ref, ref_greg, ref_phases), (got, greg, phases) = runs["eager"], runs["triton"]
+    assert phases == ref_phases and "done" in phases
+    for a, b in zip(ref.parameters(), got.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    assert all(torch.equal(greg.masks()[k], ref_greg.masks()[k]) for k in ref_greg.masks())
+
+
 def test_penalize_group_also_shrinks_batchnorm_and_scores_count_it():
     torch.manual_seed(0)
     net = randomize(Residual()).train()

@@ -38,9 +38,10 @@ class Recorder:
         return launch
 
 
-def record(layers, packed_masks: bool, sgd: bool = True):
+def record(layers, packed_masks: bool, sgd: bool = True, cross=None):
     """Every launch the backend makes for ``layers``: scores, penalty and (``sgd``) fused SGD, each
-    with and without masking and scores, SGD with and without momentum."""
+    with and without masking and scores, SGD with and without momentum (``cross``: penalties as
+    one launch over rows and columns)."""
     recorder = Recorder()
     kernels = triton_backend._kernels()
     real, kernels._greg_step_kernel = kernels._greg_step_kernel, recorder
@@ -54,7 +55,7 @@ def record(layers, packed_masks: bool, sgd: bool = True):
         for mask in (False, True):
             for want_scores in (False, True):
                 triton_backend._launch(layers, kept, lam, lam, mode=kernels.MODE_PENALTY.value, want_scores=want_scores,
-                                       mask=mask)
+                                       mask=mask, cross=cross)
                 for momentum in (0.0, 0.9) if sgd else ():
                     buffers = [torch.zeros_like(l.weight) if momentum else None for l in layers]
                     triton_backend._launch(layers, kept, lam, lam, mode=kernels.MODE_SGD.value, want_scores=want_scores,
@@ -103,7 +104,13 @@ def test_every_launched_kernel_compiles_for_gpus_without_spills_and_with_128_bit
     # a coupled group's runs of rows and (strided) columns, penalized (a fused step never takes columns)
     specs += unique(s for dtype in DTYPES
                     for s in record(row_and_column_slices(dtype, torch.device("cpu"))[0], False, sgd=False))
-    assert any(s["STRIDED"] for s in specs)
+    # ... and as one launch (the vectors' values do not matter here, only that they are there)
+    for dtype in DTYPES:
+        slices = row_and_column_slices(dtype, torch.device("cpu"))[0]
+        cross = [(torch.zeros(s.view[2]), torch.ones(s.view[2], dtype=torch.int8), None) if s.axis == 0
+                 else (None, None, torch.zeros(s.view[0], dtype=torch.int8)) for s in slices]
+        specs += unique(record(slices, False, sgd=False, cross=cross))
+    assert any(s["STRIDED"] for s in specs) and any(s["CROSS"] for s in specs)
     # Hopper for all; Ampere for the aligned ones with every feature on
     jobs = [(90, s) for s in specs] + [(80, s) for s in specs if s["VEC"] > 1 and s["MASK"] and s["SCORES"]]
     for (arch, spec), result in zip(jobs, compile_for_gpu(jobs), strict=True):

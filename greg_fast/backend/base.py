@@ -37,14 +37,17 @@ class StepBatch:
     unstructured layers, see greg_fast.masks); ``lam_kept`` / ``lam_selected``: fp32 ``[n_layers]``,
     the λ of its kept and of its other groups; ``sgd``: set for the fused path; ``passes``: sizes of
     consecutive runs of layers that must run one after the other (layers of one run never share an
-    entry; a parameter's rows and its columns do), empty for one run; ``memo``: a dict the caller
-    keeps across steps, where a backend may keep host work it can reuse (None: nothing is kept)."""
+    entry; a parameter's rows and its columns do), empty for one run; ``cross``: with passes, what
+    lets a backend run them as one (per layer ``(xlam, xkeep, own)``, see SliceMap.cross; the
+    passes stay the reference); ``memo``: a dict the caller keeps across steps, where a backend may
+    keep host work it can reuse (None: nothing is kept)."""
     layers: Sequence[LayerPlan]
     kept: Sequence[torch.Tensor]
     lam_kept: torch.Tensor
     lam_selected: torch.Tensor
     sgd: SGDArgs | None = None
     passes: tuple[int, ...] = ()
+    cross: list | None = field(default=None, repr=False, compare=False)
     memo: dict | None = field(default=None, repr=False, compare=False)  # a backend's reusable host work
 
     def __post_init__(self):
@@ -69,7 +72,8 @@ class StepBatch:
         # the same order, each pass keeping the chosen layers it had
         passes = tuple(n for n in (sum(i in r for i in idx) for r in self.pass_ranges()) if n) if self.passes else ()
         return replace(self, layers=[self.layers[i] for i in idx], kept=[self.kept[i] for i in idx],
-                       lam_kept=self.lam_kept[sel], lam_selected=self.lam_selected[sel], sgd=sgd, passes=passes)
+                       lam_kept=self.lam_kept[sel], lam_selected=self.lam_selected[sel], sgd=sgd, passes=passes,
+                       cross=None, memo=None)
 
     def pass_ranges(self) -> list[range]:
         """The layer indices of each pass, in order."""

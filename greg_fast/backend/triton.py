@@ -22,6 +22,7 @@ from . import base, eager
 
 name = "triton"
 _FILTER, _CHANNEL, _WEIGHT = "filter", "channel", "weight"
+_MERGED = "rows and columns"  # a launch over a parameter's row slices and its column slices (CROSS)
 
 
 def unavailable(device: torch.device) -> str | None:
@@ -55,6 +56,9 @@ ROW_CHUNK = 16 * 128  # filter groups: B elements per program, so that long filt
 def _tiling(granularity: str, max_b: int, strided: bool) -> tuple[int, int, int, int]:
     """(BLOCK_G, BLOCK_B, A_STEP, B_STEP): TILE-element tiles shaped for each granularity's [A, G, B],
     and how much of A and B one program walks."""
+    if granularity == _MERGED:  # the columns' tiles (max_b: theirs); rows walked ROW_CHUNK at a time
+        block_g, block_b, a_step, _ = _tiling(_CHANNEL, max_b, strided)
+        return block_g, block_b, a_step, ROW_CHUNK
     if granularity == _CHANNEL and strided:  # the row stride takes registers: half tiles, no spills
         block_g, block_b, a_step, b_step = _tiling(granularity, max_b, False)
         return max(1, block_g // 2), block_b, a_step, b_step
@@ -85,7 +89,8 @@ def _static(dims: tuple, granularity: str, device: torch.device, whole: bool):
     layer). ``whole``: one program per group block over whole A and B (launches with scores: one
     atomic per group keeps the sums deterministic)."""
     strided = any(v[3] != v[1] * v[2] for v in dims)
-    block_g, block_b, a_step, b_step = _tiling(granularity, max(v[2] for v in dims), strided)
+    columns = [v[2] for v in dims if v[0] > 1] if granularity == _MERGED else []
+    block_g, block_b, a_step, b_step = _tiling(granularity, max(columns or [v[2] for v in dims]), strided)
     if whole:
         a_step = b_step = 0
     work, offsets, off = [], [], 0
@@ -157,13 +162,15 @@ def _addresses_like(tensors, layouts, dtype: torch.dtype) -> tuple:
 
 
 def _launch(layers, kept, lam_kept, lam_selected, *, mode, want_scores, mask, buffers=None, hyper=None,
-            passes=None, memo=None):
+            passes=None, cross=None, memo=None):
     """One kernel launch per pass and weight dtype over ``layers`` (usually exactly one; ``passes``:
-    ranges of layers that run one after the other)."""
+    ranges of layers that run one after the other; with ``cross`` they run as one launch where all
+    layers have one dtype)."""
     if not layers:
         return [] if want_scores else None
     k = _kernels()
-    launches = _prepared(layers, kept, buffers, memo, mode=mode, want_scores=want_scores, mask=mask, passes=passes)
+    launches = _prepared(layers, kept, buffers, cross, memo, mode=mode, want_scores=want_scores, mask=mask,
+                         passes=passes)
     device = layers[0].param.device  # (a slice's ``weight`` would build a view)
     out = _placeholder(device, torch.float32)
     if want_scores:
@@ -176,8 +183,8 @@ def _launch(layers, kept, lam_kept, lam_selected, *, mode, want_scores, mask, bu
             if mode == k.MODE_SGD.value:  # learning rates may change every step
                 hyper_table = _table(tuple(map(float, itertools.chain.from_iterable(hyper[i] for i in launch.idx))),
                                      device, torch.float32)
-            w_table, g_table, m_table, kept_table, dims, offsets, work = launch.tables
-            k.launch(out, w_table, g_table, m_table, kept_table, dims, offsets, lk, ls, hyper_table, work,
+            w_table, g_table, m_table, kept_table, x_tables, dims, offsets, work = launch.tables
+            k.launch(out, w_table, g_table, m_table, kept_table, *x_tables, dims, offsets, lk, ls, hyper_table, work,
                      **launch.kwargs)
     if not want_scores:
         return None
@@ -189,53 +196,71 @@ def _launch(layers, kept, lam_kept, lam_selected, *, mode, want_scores, mask, bu
 class _Launch:
     idx: list            # the layers it walks
     select: torch.Tensor | None  # their indices as a device tensor when a subset (λ is per layer), else None
-    tables: tuple        # w, grad, momentum and kept address tables, dims, score offsets, work list
+    tables: tuple        # w, grad, momentum, kept and (xlam, xkeep, own) tables, dims, score offsets, work list
     hyper: torch.Tensor  # a placeholder (fused SGD reads its hyper-parameters every step)
     kwargs: dict         # the specialization
 
 
-def _prepared(layers, kept, buffers, memo, **how) -> list[_Launch]:
+def _prepared(layers, kept, buffers, cross, memo, **how) -> list[_Launch]:
     """The launches of a step, rebuilt only when what they were built from changed (see
     :func:`_state`; a new gradient lands where the last one was, so steady-state steps reuse them). On a GPU the host, not the GPU,
     bounded a step (H200, ResNet-50: 42 µs of kernel time, 77 µs of host code around it).
     ``memo``: the caller's dict (one per GrowingReg, so nothing outlives it); None: no reuse."""
     if memo is None:
-        return _prepare(layers, kept, buffers, **how)
+        return _prepare(layers, kept, buffers, cross, **how)
     key = (id(layers), how["mode"], how["want_scores"], how["mask"],
-           tuple((r.start, r.stop) for r in how["passes"] or ()))
-    state = _state(layers, kept, buffers)
+           tuple((r.start, r.stop) for r in how["passes"] or ()), cross is None)
+    state = _state(layers, kept, buffers, cross)
     cached = memo.get(key)
     if cached is not None and cached[0] is layers and cached[1] == state:
         return cached[2]
-    launches = _prepare(layers, kept, buffers, **how)
+    launches = _prepare(layers, kept, buffers, cross, **how)
     if len(memo) >= 8:
         memo.clear()
     memo[key] = (layers, state, launches)  # holding ``layers`` keeps its id from being reused
     return launches
 
 
-def _state(layers, kept, buffers) -> tuple:
+def _state(layers, kept, buffers, cross) -> tuple:
     """What a launch bakes in of the step's tensors, read as cheaply as it can be (the check runs
     every step): parameters' addresses and dtypes (a parameter changes layout only by moving, as
     ``module.to`` moves it), gradients' addresses and strides (torch refuses a gradient of another
-    dtype or shape), masks' addresses, momentum buffers' addresses and strides. A slice's rows or
-    columns are a fixed part of its parameter, so the parameter's state stands for the slice's."""
+    dtype or shape), masks' addresses, momentum buffers' addresses and strides, the cross
+    vectors' list. A slice's rows or columns are a fixed part of its parameter, so the parameter's
+    state stands for the slice's."""
     params = [l.param for l in layers]
     grads = [p.grad for p in params]
     return ([(p.data_ptr(), p.dtype) for p in params],
             [None if g is None else (g.data_ptr(), g.stride()) for g in grads],
             None if kept is None else [t.data_ptr() for t in kept],
-            None if buffers is None else [None if b is None else (b.data_ptr(), b.stride()) for b in buffers])
+            None if buffers is None else [None if b is None else (b.data_ptr(), b.stride()) for b in buffers],
+            _Same(cross))
 
 
-def _prepare(layers, kept, buffers, *, mode, want_scores, mask, passes) -> list[_Launch]:
+class _Same:
+    """Equal only to itself wrapping the same object: SliceMap.cross returns a new list whenever
+    it rebuilds its vectors, so the list's identity stands for their addresses (the memo holds
+    it, so its id is not reused)."""
+    __slots__ = ("obj",)
+
+    def __init__(self, obj):
+        self.obj = obj
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, _Same) and other.obj is self.obj
+
+
+def _prepare(layers, kept, buffers, cross, *, mode, want_scores, mask, passes) -> list[_Launch]:
     k = _kernels()
     weights = [l.weight for l in layers]
     device = weights[0].device
-    if not {w.dtype for w in weights} <= set(base.DTYPES):
+    dtypes = {w.dtype for w in weights}
+    if not dtypes <= set(base.DTYPES):
         raise _NeedsEager
     launches = []  # (dtype, granularity, layer indices), passes in order
-    for span in passes or [range(len(layers))]:
+    if cross is not None and len(dtypes) == 1:  # the passes in one launch (kernels/greg_step.py CROSS)
+        launches, passes = [(weights[0].dtype, _MERGED, list(range(len(layers))))], None
+    for span in passes or ([] if launches else [range(len(layers))]):
         kinds = {(weights[i].dtype, layers[i].granularity) for i in span}
         for dtype, granularity in kinds:  # one, unless a coupled plan mixes rows and columns
             launches.append((dtype, granularity, list(span) if len(kinds) == 1 else [
@@ -253,6 +278,10 @@ def _prepare(layers, kept, buffers, *, mode, want_scores, mask, passes) -> list[
             offsets = _table(tuple(starts[i] for i in idx), device)
         w_table = _table(addresses, device)
         g_table = m_table = kept_table = hyper_table = _placeholder(device, torch.int64)
+        x_tables = (g_table,) * 3
+        if granularity == _MERGED:
+            x_tables = tuple(_table(tuple(0 if x[j] is None else x[j].data_ptr() for x in cross), device)
+                             for j in range(3))
         select = None
         has_momentum = False
         if mode != k.MODE_SCORES.value:
@@ -271,12 +300,13 @@ def _prepare(layers, kept, buffers, *, mode, want_scores, mask, passes) -> list[
                 momenta = _addresses_like(bufs, layouts, dtype)
                 addresses += momenta
                 m_table = _table(momenta, device)
-        prepared.append(_Launch(idx, select, (w_table, g_table, m_table, kept_table, dims, offsets, work), hyper_table,
+        prepared.append(_Launch(idx, select, (w_table, g_table, m_table, kept_table, x_tables, dims, offsets, work),
+                                hyper_table,
                                 dict(elem=_elem(dtype), mode=mode, mask=mask, want_scores=want_scores,
                                      packed=kept is not None and kept[idx[0]].dtype == torch.uint8,
                                      has_momentum=has_momentum, tiling=tiling,
                                      vec=_vec(runs_gcd, addresses, dtype.itemsize),
-                                     unit_b=granularity == _WEIGHT, strided=strided)))
+                                     unit_b=granularity == _WEIGHT, strided=strided, cross=granularity == _MERGED)))
     return prepared
 
 
@@ -291,9 +321,11 @@ def scores(layers) -> list[torch.Tensor]:
 def _step(batch: base.StepBatch, *, want_scores: bool, mask: bool):
     k, sgd = _kernels(), batch.sgd
     fused = {} if sgd is None else {"buffers": sgd.buffers, "hyper": list(zip(sgd.lr, sgd.momentum, sgd.weight_decay))}
+    # one launch over rows and columns, except when scores are read while masking writes weights
+    cross = batch.cross if sgd is None and not (want_scores and mask) else None
     return _launch(batch.layers, batch.kept, batch.lam_kept, batch.lam_selected,
                    mode=(k.MODE_PENALTY if sgd is None else k.MODE_SGD).value, want_scores=want_scores, mask=mask,
-                   passes=batch.pass_ranges() if batch.passes else None, memo=batch.memo, **fused)
+                   passes=batch.pass_ranges() if batch.passes else None, cross=cross, memo=batch.memo, **fused)
 
 
 def step(batch: base.StepBatch, *, want_scores: bool, mask: bool):
