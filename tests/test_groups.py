@@ -252,8 +252,9 @@ def test_backends_regularize_groups_like_eager(name, method, penalize, fused):
             torch.testing.assert_close(scores[k], ref[2][k], rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("method", ["greg1", "greg2"])
-def test_triton_runs_a_group_step_in_one_launch_and_matches_eager_through_every_phase(method, monkeypatch):
+@pytest.mark.parametrize("name,method", [("gated", "greg1"), ("gated", "greg2"), ("residual", "greg2"),
+                                         pytest.param("resnet20", "greg1", marks=pytest.mark.slow)])  # 150 s interpreted
+def test_triton_runs_a_group_step_in_one_launch_and_matches_eager_through_every_phase(name, method, monkeypatch):
     """penalize="group": a parameter's rows and columns share entries; the triton step walks both
     in one launch (rows own the shared entries), through growing, picking, stabilizing and the
     masked steps after pruning, and ends where eager's two passes end."""
@@ -262,8 +263,13 @@ def test_triton_runs_a_group_step_in_one_launch_and_matches_eager_through_every_
     from greg_fast.kernels import greg_step
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
-    base = randomize(Gated()).train()
-    x = torch.randn(4, 3, 8, 8, device=device)
+    if name == "gated":
+        base, x = randomize(Gated()).train(), torch.randn(4, 3, 8, 8)
+    elif name == "resnet20":
+        base, x = randomize(models.create("resnet20")).train(), torch.randn(4, 3, 16, 16)
+    else:
+        base, x = randomize(Residual()).train(), torch.randn(4, 3, 8, 8)
+    x = x.to(device)
     runs = {}
     for backend in ("eager", "triton"):
         model = copy.deepcopy(base).to(device)
