@@ -226,7 +226,8 @@ class GrowingReg(torch.optim.Optimizer):
 
     def _batch(self, sgd: SGDArgs | None = None) -> StepBatch:
         s, m = self.schedule, self._map
-        kept, lam_kept, lam_selected = m.kept(s.kept, s.version), m.per_slice(s.lam_kept32), m.per_slice(s.lam_selected32)
+        kept = m.kept(s.kept, s.version)
+        lam_kept, lam_selected = m.per_slice(s.lam_kept32), m.per_slice(s.lam_selected32)
         return StepBatch(self.slices, kept, lam_kept, lam_selected, sgd, passes=m.passes,
                          cross=m.cross(kept, lam_kept, lam_selected) if sgd is None else None, memo=self._backend_memo)
 
