@@ -40,8 +40,9 @@ def test_host_time(workload, device, records, monkeypatch):
     stubbed out: with the kernel time, what bounds the step."""
     if device.type != "cuda":
         pytest.skip("GPU only")
-    if bench.unavailable("triton", device, workload):
-        pytest.skip(bench.unavailable("triton", device, workload))
+    reason = bench.unavailable("triton", device, workload)
+    if reason:
+        pytest.skip(reason)
     from greg_fast.kernels import greg_step
     fn = bench.provider("triton", workload)
     monkeypatch.setattr(greg_step, "launch", lambda *args, **kwargs: None)

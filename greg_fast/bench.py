@@ -334,7 +334,7 @@ def training_step_records(name: str, device: torch.device, rounds: int = 15) -> 
 
 
 _BASELINES = {"penalty": ("reference", "eager"), "sgd": ("torch_sgd",), "compaction": ("compact_torch",),
-              "train_step": ("train_sgd",), "kernels": (), "host": ()}
+              "train_step": ("train_sgd",)}  # other kinds (kernel time, host time) have none
 
 
 KERNELS = " (kernels)"  # a record of GPU kernel time alone: ``provider + KERNELS``
@@ -378,7 +378,7 @@ def with_ratios(records: list[dict]) -> list[dict]:
         if "seconds" not in r:
             continue
         r["kind"] = kind(r["provider"])
-        for ref in _BASELINES[r["kind"]]:
+        for ref in _BASELINES.get(r["kind"], ()):
             if (r["model"], ref) in base:
                 r[f"x_{ref}"] = base[(r["model"], ref)] / r["seconds"]
     return records

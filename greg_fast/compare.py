@@ -162,12 +162,11 @@ class Compare:
     def report(self, records: list[dict]) -> dict:
         from . import plots
         rows = aggregate(records, self.methods)
-        dense = [r["dense_test_acc"] for r in records if r["method"] == self.methods[0] and r["protocol"] == PROTOCOLS[0]]
+        per_seed = [r for r in records if r["method"] == self.methods[0] and r["protocol"] == PROTOCOLS[0]]
+        dense = [r["dense_test_acc"] for r in per_seed]
         result = {"settings": _identity(self.args), "dense_test_acc": dense, "rows": rows, "runs": records}
         write_text_atomic(self.out / "compare.json", json.dumps(result, indent=1))
-        pretrain = [r["seconds"]["pretrain"] for r in records if r["method"] == self.methods[0]
-                    and r["protocol"] == PROTOCOLS[0]]
-        text = table(rows, dense, pretrain)
+        text = table(rows, dense, [r["seconds"]["pretrain"] for r in per_seed])
         write_text_atomic(self.out / "compare.md", text + "\n")
         plots.compare(records, self.methods, PROTOCOLS, self.out / "compare.png", dense)
         print(text)

@@ -113,10 +113,10 @@ class SliceMap:
             if s.axis == 0:
                 own = rows.setdefault(key, torch.zeros(s.param.shape[0], dtype=torch.int8))
                 own[s.start:s.start + s.n_groups] = 1
-        self._cross_cols = {key: [] for key, s in zip(param_of, self.slices) if s.axis == 1 and key in rows}
+        self._cross_cols: dict[tuple, list[int]] = {}  # per such parameter: its column slices
         for j, (s, key) in enumerate(zip(self.slices, param_of)):
             if s.axis == 1 and key in rows:
-                self._cross_cols[key].append(j)
+                self._cross_cols.setdefault(key, []).append(j)
         self._own = [rows[key].to(device) if s.axis == 1 and key in rows else None
                      for s, key in zip(self.slices, param_of)]
         self._param_of = param_of
@@ -127,12 +127,11 @@ class SliceMap:
         a row slice's λ and kept flag of its parameter's columns at every position of its rows
         (0 and 1 where no column is penalized), a column slice's rows owned by row slices; None
         where not needed, and None for a plan without such parameters. Rebuilt only when the
-        masks or λ change."""
+        masks or λ change: :meth:`kept` and :meth:`per_slice` return new objects exactly then."""
         if not self.passes or not self._cross_cols:
             return None
-        key = (kept, lam_kept, lam_selected, lam_kept._version, lam_selected._version)
-        if self._cross_cache and all(a is b if isinstance(a, (list, torch.Tensor)) else a == b
-                                     for a, b in zip(self._cross_cache[0], key)):
+        key = (kept, lam_kept, lam_selected)
+        if self._cross_cache and all(a is b for a, b in zip(self._cross_cache[0], key)):
             return self._cross_cache[1]
         along_b = {}
         for param_key, cols in self._cross_cols.items():

@@ -203,8 +203,9 @@ class _Launch:
 
 def _prepared(layers, kept, buffers, cross, memo, **how) -> list[_Launch]:
     """The launches of a step, rebuilt only when what they were built from changed (see
-    :func:`_state`; a new gradient lands where the last one was, so steady-state steps reuse them). On a GPU the host, not the GPU,
-    bounded a step (H200, ResNet-50: 42 µs of kernel time, 77 µs of host code around it).
+    :func:`_state`; a new gradient lands where the last one was, so steady-state steps reuse
+    them). On a GPU the host, not the GPU, bounded a step (H200, ResNet-50: 42 µs of kernel time,
+    77 µs of host code around it).
     ``memo``: the caller's dict (one per GrowingReg, so nothing outlives it); None: no reuse."""
     if memo is None:
         return _prepare(layers, kept, buffers, cross, **how)
@@ -278,7 +279,7 @@ def _prepare(layers, kept, buffers, cross, *, mode, want_scores, mask, passes) -
             offsets = _table(tuple(starts[i] for i in idx), device)
         w_table = _table(addresses, device)
         g_table = m_table = kept_table = hyper_table = _placeholder(device, torch.int64)
-        x_tables = (g_table,) * 3
+        x_tables = (_placeholder(device, torch.int64),) * 3
         if granularity == _MERGED:
             x_tables = tuple(_table(tuple(0 if x[j] is None else x[j].data_ptr() for x in cross), device)
                              for j in range(3))
