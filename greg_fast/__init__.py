@@ -7,7 +7,7 @@ from .masks import apply_masks
 from .engine import GrowingReg
 from .schedule import PHASES
 from .hyper import METHODS, Hyper
-from .graph import UntraceableModelError
+from .capture import UntraceableModelError
 from .plan import GRANULARITIES, LayerPlan, Plan, n_prune_for, plan, stage_ratios
 
 __version__ = "0.1.0"

@@ -56,8 +56,7 @@ _ADDS = {operator.add, operator.iadd, torch.add, operator.sub, torch.sub}
 _CONCATS = {torch.cat, torch.concat, torch.stack}
 
 
-class UntraceableModelError(RuntimeError):
-    """torch.fx could not trace the model; the message names the module that failed."""
+from .capture import UntraceableModelError  # noqa: E402  (one error type for both captures)
 
 
 @dataclass

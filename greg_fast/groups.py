@@ -1,70 +1,60 @@
-"""Coupled channel groups: every slice of every tensor that must go when one channel goes.
+"""Coupled channel groups, read from the model's ATen ops: every slice of every tensor that must go
+when one channel goes.
 
-The fx graph is run abstractly: every tensor gets an integer tensor of its own shape saying which
-*element* (one output channel of one producer) each entry belongs to, and a second one saying
-whether that entry is still exactly zero in the masked model once its element is removed. Ops act
-on these the way they act on values (reshape, permute, cat, chunk and slicing are applied to the
-id tensor itself), and three rules couple elements:
+The exported graph (:mod:`greg_fast.capture`) is run abstractly: every tensor gets an integer tensor
+of its own shape saying which *element* (one output channel of one producer) each entry belongs
+to, and a second one saying whether that entry is still exactly zero in the masked model once its
+element is removed. Ops act on these the way they act on values (shape ops are applied to the id
+tensor itself), and a few rules couple elements:
 
 - add/sub/mul (residuals, squeeze-and-excitation gating ``x * s``) join the elements they combine;
 - a grouped conv joins the input channels at the same place in every conv group (each conv group
   then keeps the same channels: the cut weight stays ``[out, in / groups, k]``), and a depthwise
   conv joins each input channel with its output channels;
-- a reshape that splits the channel axis with a written size (channel shuffle's ``view(b, 2, -1, ...)``)
-  joins the channels that differ only along that axis, so the written size stays true.
+- a reshape or chunk that splits the channel axis with a written size (channel shuffle's
+  ``view(b, 2, -1, ...)``) joins the channels that differ only along that axis, so it stays true.
 
-Joined elements form a component; components that touch the same tensors form a group (``plan``'s
-unit). A component is frozen, with a reason, when a removed channel would still change the output:
-it reaches the model output, feeds an op that is not understood, passes an op that maps 0 elsewhere
-before a consumer, is normalized together with other channels by a GroupNorm, is sliced or split
-with written sizes, or lines up with F.pad's fixed zero channels. Channels a LayerNorm normalizes
-together are marked *approximate* instead (the cut model normalizes over fewer channels than the
-masked one): only ``plan(..., approximate=True)`` cuts them.
+What each op does is one rule in ``RULES`` (by ATen op name); an op without one is followed only if
+it is pointwise (judged by evaluating it at 0), else the channels reaching it are frozen. Joined
+elements form a component; components that touch the same tensors form a group (``plan``'s unit).
+A component is frozen, with a reason naming the module and the op, when a removed channel would
+still change the output or its width could not follow: it reaches the model output, feeds an op
+that is not understood, passes an op that maps 0 elsewhere before a consumer, is normalized
+together with other channels by a GroupNorm, is sliced or split at written sizes, is combined with
+a tensor of its width that cannot be cut, or lines up with F.pad's fixed zero channels. Channels a
+LayerNorm normalizes together, or that a weight-standardized conv reads, are marked *approximate*
+(the cut model computes a little differently): only ``plan(..., approximate=True)`` cuts them.
 """
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
-import torch.nn.functional as F
 
-from .graph import (LAYER_TYPES, NORM_TYPES, _ELEMENTWISE, _ELEMENTWISE_FUNCTIONS, _ELEMENTWISE_METHODS,
-                    _POOL_FUNCTIONS, _POOLS, _REDUCTIONS, _maps_zero_to_zero, _shape_args, _shared_modules,
-                    traced_with_shapes)
+from .capture import describe, emitter, export, module_path
 
 _NONE = -1  # an entry of no prunable channel
-_ZERO = -2  # an entry that is always exactly zero (F.pad's constant)
 
-_ADD = {operator.add, operator.iadd, torch.add, "add", "add_", operator.sub, operator.isub, torch.sub, "sub", "sub_"}
-_MUL = {operator.mul, operator.imul, torch.mul, "mul", "mul_"}
-_DIV = {operator.truediv, torch.div, "div", "div_"}
-_IDENTITY = {"contiguous", "clone", "detach", "float", "half", "bfloat16", "to", "type_as"}
-_SHAPE_OPS = {"permute", "transpose", "squeeze", "unsqueeze", torch.permute, torch.transpose, torch.squeeze,
-              torch.unsqueeze, torch.flatten, "flatten"}
-_RESHAPES = {"view", "reshape", torch.reshape}
-_CHUNKS = {"chunk", torch.chunk, "split", torch.split}
-_CATS = {torch.cat, torch.concat, torch.stack}
-_OTHER_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d,
-                nn.LocalResponseNorm)
-_NORM_FUNCTIONS = {F.layer_norm, F.group_norm, F.instance_norm, F.local_response_norm}
-_RESAMPLE = (nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d)
+RULES: dict = {}
 
 
-def _stochastic_depth():
-    try:
-        from torchvision.ops import stochastic_depth
-    except ImportError:
-        return set()
-    return {stochastic_depth}
+def rule(*names: str):
+    """Register the function as what the ATen ops ``names`` do to channels."""
+    def register(fn):
+        for name in names:
+            RULES[name] = fn
+        return fn
+    return register
 
 
 @dataclass(frozen=True)
 class MemberKey:
     """One axis of one tensor of one module: ``module.<tensor>`` along ``axis`` (``tensor`` is empty
-    for a BatchNorm that holds none: only its width follows)."""
+    for a norm that holds none: only its width follows)."""
     module: str
     tensor: str
     axis: int
@@ -79,7 +69,7 @@ class Group:
     name: str
     members: dict[MemberKey, torch.Tensor]
     reason: str | None  # why it cannot be removed, or None
-    approximate: str | None = None  # why its cut changes what the model computes (LayerNorm over channels)
+    approximate: str | None = None  # why its cut changes what the model computes
 
     @property
     def n_channels(self) -> int:
@@ -88,9 +78,15 @@ class Group:
 
 @dataclass
 class _Val:
-    ids: torch.Tensor   # int64, the tensor's shape: element of every entry, or _NONE / _ZERO
+    ids: torch.Tensor   # int64, the tensor's shape: element of every entry, or _NONE
     lost: torch.Tensor  # int32, same shape: 0 while a removed element's entry is exactly zero, else a reason
-    param: str | None = None  # a parameter or buffer read by get_attr
+    sources: frozenset = frozenset()  # parameters/buffers it is computed from alone (none for activations)
+    pos: torch.Tensor | None = None   # a view of one parameter: the flat index of each entry in it
+
+    @property
+    def param(self) -> str | None:
+        """The parameter this is a view of, if it is one."""
+        return next(iter(self.sources)) if self.pos is not None and len(self.sources) == 1 else None
 
 
 def _varies(ids: torch.Tensor, dim: int) -> bool:
@@ -103,23 +99,72 @@ def _along(ids: torch.Tensor, dim: int) -> torch.Tensor | None:
     return rows[0].clone() if bool((rows == rows[0]).all()) else None
 
 
-def _describe(node: fx.Node) -> str:
-    target = getattr(node.target, "__name__", str(node.target))
-    return f"{node.op} '{target}' at node '{node.name}'"
+def _broadcast(ids: torch.Tensor, shape: tuple, d: int) -> bool:
+    """Whether a tensor of ``ids``' shape is broadcast along axis ``d`` of the result ``shape``."""
+    pad = len(shape) - ids.dim()
+    return shape[d] > 1 and (d < pad or ids.shape[d - pad] == 1)
+
+
+def _bind(node: fx.Node) -> dict:
+    """The op's arguments by their schema names, defaults filled in."""
+    out = {}
+    for i, a in enumerate(node.target._schema.arguments):
+        if i < len(node.args):
+            out[a.name] = node.args[i]
+        elif a.name in node.kwargs:
+            out[a.name] = node.kwargs[a.name]
+        else:
+            out[a.name] = a.default_value if a.has_default_value() else None
+    return out
+
+
+def _op_name(node: fx.Node) -> str | None:
+    schema = getattr(node.target, "_schema", None)
+    if schema is None or not schema.name.startswith("aten::"):
+        return None
+    return schema.name[len("aten::"):]
+
+
+def _meta_shape(meta) -> tuple | None:
+    return tuple(meta.shape) if isinstance(meta, torch.Tensor) else None
 
 
 class _Analysis:
-    def __init__(self, model: nn.Module, gm: fx.GraphModule):
-        self.model, self.gm = model, gm
-        self.approximate: dict[int, str] = {}  # elements a LayerNorm normalizes with others
-        self.modules = dict(gm.named_modules())
-        self.shared = _shared_modules(model, gm)
+    def __init__(self, model: nn.Module, ep: torch.export.ExportedProgram):
+        self.model, self.ep = model, ep
+        sig = ep.graph_signature
+        self.fqn = {**sig.inputs_to_parameters, **sig.inputs_to_buffers}  # placeholder -> name
+        self.values = dict(model.named_parameters()) | dict(model.named_buffers())
+        self.shared = self._shared()
+        self.approximate: dict[int, str] = {}
         self.parent: list[int] = []
         self.frozen: dict[int, str] = {}
         self.reasons = [""]
         self.members: dict[MemberKey, torch.Tensor] = {}
         self.env: dict[fx.Node, object] = {}
-        self.stochastic_depth = _stochastic_depth()
+
+    def _shared(self) -> dict[str, str]:
+        """Parameters and buffers whose cut would reach more than one place: read by several ops (a
+        module called more than once, a weight also read directly) or tied to another module."""
+        why = {}
+        for node in self.ep.graph.nodes:
+            name = self.fqn.get(node.name) if node.op == "placeholder" else None
+            if name is None:
+                continue
+            readers = [u for u in node.users if _op_name(u) not in _METADATA and not (
+                _op_name(u) in _SHAPE_OF and u.args[0] is not node)]
+            if len(readers) > 1:
+                owner = name.rpartition(".")[0]
+                why[name] = (f"`{owner}` is used more than once: its tensor '{name}' is read by "
+                             f"{len(readers)} ops ({', '.join(sorted({emitter(u) for u in readers}))})")
+        owners: dict[int, list[str]] = {}
+        for name, p in self.model.named_parameters(remove_duplicate=False):
+            owners.setdefault(id(p), []).append(name)
+        for names in owners.values():
+            for name in names if len(names) > 1 else ():
+                why.setdefault(name, f"'{name}' is the same parameter as " + ", ".join(
+                    repr(n) for n in names if n != name) + " (tied weights)")
+        return why
 
     # ---- elements ----
     def fresh(self, n: int) -> torch.Tensor:
@@ -151,12 +196,21 @@ class _Analysis:
         for e in ids[ids >= 0].unique().tolist():
             self.frozen.setdefault(e, reason)
 
+    def mark_approximate(self, ids: torch.Tensor, reason: str) -> None:
+        for e in ids[ids >= 0].unique().tolist():
+            self.approximate.setdefault(e, reason)
+
     def reason(self, text: str) -> int:
         self.reasons.append(text)
         return len(self.reasons) - 1
 
+    def lose(self, v: _Val, where: torch.Tensor, text: str) -> _Val:
+        """``v`` with its element entries at ``where`` no longer zero once removed (reason ``text``)."""
+        r = self.reason(text)
+        return _Val(v.ids, torch.where(where & (v.ids >= 0) & (v.lost == 0), r, v.lost).to(torch.int32))
+
     def consume(self, v: _Val) -> None:
-        """``v`` is read by a layer or leaves the model: a removed channel must be exactly zero there."""
+        """``v`` is read by a layer: a removed channel must be exactly zero there."""
         bad = (v.ids >= 0) & (v.lost > 0)
         if bool(bad.any()):
             for e, r in torch.stack([v.ids[bad], v.lost[bad].long()], 1).unique(dim=0).tolist():
@@ -169,17 +223,40 @@ class _Analysis:
         else:
             self.members[key] = ids
 
+    def param_member(self, p: _Val, ids: torch.Tensor, role: str, masked: bool) -> bool:
+        """A parameter (or a view of one) read entry by entry beside channels ``ids`` (broadcast to
+        its shape): cut it along them. False if its entries do not line up with whole channels."""
+        live = ids >= 0
+        if not bool(live.any()):
+            return True
+        name = p.param
+        if name is None or name in self.shared:
+            return False
+        t = self.values[name]
+        big = [d for d, s in enumerate(t.shape) if s > 1]
+        if len(big) != 1 or big[0] > 1:  # compaction cuts rows or columns of one axis
+            return False
+        n, step = t.shape[big[0]], math.prod(t.shape[big[0] + 1:])
+        at = torch.full((n,), _NONE, dtype=torch.int64)
+        coord = (p.pos.expand(ids.shape) // step) % n
+        pairs = torch.stack([coord.reshape(-1), ids.reshape(-1)], 1).unique(dim=0)
+        at[pairs[:, 0]] = pairs[:, 1]
+        if len(pairs) != n or bool((at < 0).any() and live.any()):  # one channel per entry, every entry one
+            return False
+        module, _, tensor = name.rpartition(".")
+        self.member(module, tensor, big[0], role, masked, at)
+        return True
+
     # ---- values ----
     def none(self, node) -> object:
-        meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
-        return self._none_like(meta)
+        return self._none_like(node.meta.get("val") if isinstance(node, fx.Node) else None)
 
     def _none_like(self, meta):
-        if meta is None:
+        if isinstance(meta, (tuple, list)):
+            return tuple(self._none_like(m) for m in meta)
+        shape = _meta_shape(meta)
+        if shape is None:
             return None
-        if not hasattr(meta, "shape"):  # a tuple of outputs (TensorMetadata is a tuple itself)
-            return tuple(self._none_like(m) for m in meta) if isinstance(meta, (tuple, list)) else None
-        shape = tuple(meta.shape)
         return _Val(torch.full(shape, _NONE, dtype=torch.int64), torch.zeros(shape, dtype=torch.int32))
 
     def val(self, arg):
@@ -196,407 +273,272 @@ class _Analysis:
         return out
 
     def unsupported(self, node: fx.Node, why: str | None = None):
-        why = why or f"it feeds unsupported {_describe(node)}"
+        why = why or f"it feeds {describe(node)}, which greg_fast does not follow"
         for v in self.tensors_in((node.args, node.kwargs)):
             self.freeze(v.ids, why)
         return self.none(node)
 
     # ---- the walk ----
     def run(self) -> None:
-        for node in self.gm.graph.nodes:
+        for node in self.ep.graph.nodes:
             self.env[node] = self.visit(node)
 
     def visit(self, node: fx.Node):
         if node.op == "placeholder":
-            return self.none(node)
-        if node.op == "get_attr":
             v = self.none(node)
-            if isinstance(v, _Val):
-                v.param = node.target
+            name = self.fqn.get(node.name)
+            if name is not None and isinstance(v, _Val):
+                v.sources, v.pos = frozenset([name]), torch.arange(v.ids.numel()).view(v.ids.shape)
             return v
         if node.op == "output":
             for v in self.tensors_in(node.args):
                 self.freeze(v.ids, "it reaches a model output")
             return None
-        if node.op == "call_module":
-            return self.visit_module(node, self.modules[node.target])
-        return self.visit_function(node)
-
-    def visit_module(self, node: fx.Node, m: nn.Module):
-        x = self.val(node.args[0]) if node.args else None
-        name = node.target
-        if isinstance(m, LAYER_TYPES + NORM_TYPES) and name in self.shared:
-            why = f"it feeds '{name}', which is used more than once: {self.shared[name]}"
-            self.unsupported(node, why)
-            if isinstance(m, LAYER_TYPES):
-                return self.producer_output(node, m, frozen=f"the module is used more than once: {self.shared[name]}")
-            return self.none(node)
-        if not isinstance(x, _Val):
+        if node.op != "call_function":
             return self.unsupported(node)
-        if isinstance(m, LAYER_TYPES):
-            return self.layer(node, m, x)
-        if isinstance(m, NORM_TYPES):
-            return self.batch_norm(node, m, x)
-        if isinstance(m, nn.LayerNorm) and len(m.normalized_shape) == 1:
-            return self.layer_norm(node, x, name, "weight" if m.weight is not None else None,
-                                   "bias" if m.bias is not None else None, f"LayerNorm '{name}'")
-        if isinstance(m, _OTHER_NORMS):
-            return self.unsupported(node, f"{type(m).__name__} '{name}' normalizes channels together: "
-                                          "removing one would change the others")
-        if type(m) in _POOLS:
-            return self.per_channel_resample(node, x, _POOLS[type(m)])
-        if isinstance(m, _RESAMPLE):
-            return self.per_channel_resample(node, x, x.ids.dim() - 2)
-        if isinstance(m, nn.Flatten):
-            return self.reshaped(node, x)
-        if isinstance(m, _ELEMENTWISE):
-            return self.elementwise(node, x, m)
-        return self.unsupported(node, f"it feeds unsupported module '{name}' ({type(m).__name__})")
+        if node.target is operator.getitem:
+            v = self.val(node.args[0])
+            return v[node.args[1]] if isinstance(v, (tuple, list)) else self.unsupported(node)
+        name = _op_name(node)
+        if name in _METADATA:
+            return None
+        operands = self.tensors_in((node.args, node.kwargs))
+        if not operands:
+            return self.none(node)  # a new tensor (zeros, arange): no channel of a producer
+        if all(v.sources for v in operands):
+            return self.derived(node, name, operands)
+        fn = RULES.get(name)
+        if fn is not None:
+            out = fn(self, node, _bind(node))
+        elif name is not None and torch.Tag.pointwise in node.target.tags:
+            out = self.pointwise(node, _bind(node))
+        else:
+            out = self.unsupported(node)
+        schema = node.target._schema
+        if schema.arguments and schema.arguments[0].alias_info is not None and schema.arguments[0].alias_info.is_write:
+            self.env[node.args[0]] = out  # in place: later readers of the input read this
+        return out
 
-    def visit_function(self, node: fx.Node):
-        t = node.target
-        if node.op == "call_function" and t is getattr or t in ("size", "dim", "numel"):
-            return None  # reads the shape, not the values
-        if node.op == "call_function" and t is operator.getitem:
-            return self.getitem(node)
-        if t in _ADD or t in _MUL or t in _DIV:
-            return self.binary(node)
-        if t in _CATS:
-            return self.cat(node)
-        if t is F.layer_norm and isinstance(self.val(node.args[0]), _Val):
-            args = list(node.args) + [None] * 5
-            shape = args[1] if args[1] is not None else node.kwargs.get("normalized_shape")
-            params = [a if a is not None else node.kwargs.get(k) for a, k in zip(args[2:4], ("weight", "bias"))]
-            if (isinstance(shape, (tuple, list)) and len(shape) == 1
-                    and all(p is None or (isinstance(p, fx.Node) and p.op == "get_attr") for p in params)):
-                owner = {p.target.rpartition(".")[0] for p in params if p is not None}
-                if len(owner) <= 1:
-                    return self.layer_norm(node, self.val(node.args[0]), owner.pop() if owner else "",
-                                           *(p.target.rpartition(".")[2] if p is not None else None for p in params),
-                                           _describe(node))
-        if t in _NORM_FUNCTIONS:
-            return self.unsupported(node, f"{_describe(node)} normalizes channels together: removing one "
-                                          "would change the others")
-        x = self.val(node.args[0]) if node.args else None
-        if not isinstance(x, _Val):
-            return self.unsupported(node)
-        if any(isinstance(a, fx.Node) and isinstance(self.val(a), _Val)
-               for a in list(node.args[1:]) + list(node.kwargs.values())):
-            return self.unsupported(node, f"it feeds {_describe(node)} through an argument other than the input")
-        if t in self.stochastic_depth:
-            return x  # scales whole samples: 0 stays 0
-        if t in _IDENTITY:
-            return x
-        if t in _POOL_FUNCTIONS:
-            return self.per_channel_resample(node, x, _POOL_FUNCTIONS[t])
-        if t is F.interpolate:
-            return self.per_channel_resample(node, x, x.ids.dim() - 2)
-        if t in _REDUCTIONS:
-            return self.reduced(node, x)
-        if t in _SHAPE_OPS or t in _RESHAPES:
-            return self.reshaped(node, x)
-        if t in _CHUNKS:
-            return self.chunked(node, x)
-        if t is F.pad:
-            return self.padded(node, x)
-        if (node.op == "call_function" and t in _ELEMENTWISE_FUNCTIONS) or t in _ELEMENTWISE_METHODS \
-                or t in (operator.neg, torch.neg, "neg", "abs", torch.abs):
-            fn = t if node.op == "call_function" else getattr(torch.Tensor, t)
-            return self.elementwise(node, x, fn)
-        return self.unsupported(node)
+    def derived(self, node: fx.Node, name: str | None, operands: list[_Val]):
+        """A value computed from parameters and buffers alone (a standardized weight, a view of a
+        layer scale): no channels of its own; a view of one parameter keeps where its entries are."""
+        out = self.none(node)
+        if not isinstance(out, _Val):
+            return out
+        out.sources = frozenset().union(*(v.sources for v in operands))
+        src = operands[0]
+        if len(operands) == 1 and src.pos is not None and name in _MOVEMENT:
+            out.pos = _move(node, name, _bind(node), src.pos)
+        return out
 
-    # ---- layers ----
-    def producer_output(self, node: fx.Node, m: nn.Module, out_ids: torch.Tensor | None = None,
-                        frozen: str | None = None) -> _Val:
-        """The value a conv/linear writes: its channels on their axis, each an element (fresh unless
-        given), recorded as the layer's filter rows and bias."""
-        shape = tuple(node.meta["tensor_meta"].shape)
-        n = m.weight.shape[0]
-        if out_ids is None:
-            out_ids = self.fresh(n)
-        if frozen:
-            self.freeze(out_ids, frozen)
-        self.member(node.target, "weight", 0, "filter", True, out_ids)
-        if m.bias is not None:
-            self.member(node.target, "bias", 0, "bias", True, out_ids)
-        axis = len(shape) - 1 if isinstance(m, nn.Linear) else len(shape) - m.weight.dim() + 1
+    # ---- rules shared by several ops ----
+    def producer_output(self, node: fx.Node, weight: _Val, bias, out_ids: torch.Tensor, axis: int) -> _Val:
+        """The value a conv/linear writes: its channels ``out_ids`` on ``axis``, recorded as its
+        filter rows and bias."""
+        shape = _meta_shape(node.meta["val"])
+        n = out_ids.numel()
+        rows_of = [(weight, "filter")] + [(v, "bias") for v in (self.val(bias),) if isinstance(v, _Val)]
+        std = weight.param is None  # computed from parameters: weight standardization
+        if std:
+            rows_of = [(self.param_val(s), "filter" if self.values[s].shape == weight.ids.shape else "param")
+                       for s in sorted(weight.sources) if self.values[s].dim() and self.values[s].shape[0] == n]
+            rows_of += [(v, "bias") for v in (self.val(bias),) if isinstance(v, _Val)]
+        for v, role in rows_of:
+            name = v.param
+            t = self.values[name] if name else None
+            if name is None or name in self.shared or t.shape[0] != n:
+                self.freeze(out_ids, self.shared.get(name) or f"{describe(node)} reads a {role} tensor that "
+                                                             "greg_fast cannot cut along its filters")
+                continue
+            module, _, tensor = name.rpartition(".")
+            self.member(module, tensor, 0, role, True, out_ids)
+        if std and not any(role == "filter" for _, role in rows_of):
+            self.freeze(out_ids, f"{describe(node)} computes its weight from parameters in a way greg_fast "
+                                 "cannot cut along its filters")
         view = [1] * len(shape)
         view[axis] = n
-        ids = out_ids.view(view).expand(shape).clone()
-        return _Val(ids, torch.zeros(shape, dtype=torch.int32))
+        return _Val(out_ids.view(view).expand(shape).clone(), torch.zeros(shape, dtype=torch.int32))
 
-    def layer(self, node: fx.Node, m: nn.Module, x: _Val) -> _Val:
-        name = node.target
-        if isinstance(m, nn.Linear):
-            axis = x.ids.dim() - 1
-        else:
-            axis = x.ids.dim() - m.weight.dim() + 1
-        in_ids = _along(x.ids, axis)
+    def whole(self, v: _Val) -> bool:
+        """``v`` is its parameter itself, entry for entry."""
+        t = self.values[v.param]
+        return tuple(v.pos.shape) == tuple(t.shape) and bool((v.pos.reshape(-1) == torch.arange(t.numel())).all())
+
+    def param_val(self, name: str) -> _Val:
+        t = self.values[name]
+        return _Val(torch.full(t.shape, _NONE), torch.zeros(t.shape, dtype=torch.int32), frozenset([name]),
+                    torch.arange(t.numel()).view(t.shape))
+
+    def layer(self, node: fx.Node, x: _Val, weight, bias, axis: int, groups: int = 1) -> _Val:
+        """A conv (channels on ``axis``) or linear (the last axis) reading ``x`` with ``weight``."""
+        w = self.val(weight)
+        if not isinstance(w, _Val) or not w.sources:
+            self.unsupported(node, f"{describe(node)} takes its weight from the activations")
+            return self.none(node)
+        shape = w.ids.shape
+        n_out, per_group = shape[0], shape[1]
+        if w.param is not None and not self.whole(w):
+            w = _Val(w.ids, w.lost, w.sources)  # a view that reorders a parameter: treated as computed
+        in_ids = _along(x.ids, axis) if x.ids.dim() > axis else None
         if in_ids is None:
-            self.freeze(x.ids, f"{type(m).__name__.lower()} '{name}' does not read the channels as its input channels")
-            return self.producer_output(node, m)
-        groups = getattr(m, "groups", 1)
-        per_group = m.weight.shape[1]
-        mult = m.weight.shape[0] // groups
+            self.freeze(x.ids, f"{describe(node)} does not read the channels as its input channels")
+            return self.producer_output(node, w, bias, self.fresh(n_out), axis)
+        mult = n_out // groups
         if groups > 1 and per_group == 1:
-            # depthwise: each input channel has its own `mult` filters, which go with it; being zeroed
-            # with it, they make its output exactly zero whatever the input holds
-            out_ids = self.fresh(m.weight.shape[0])
-            self.join(out_ids, in_ids.repeat_interleave(mult))
-            return self.producer_output(node, m, out_ids)
+            # depthwise: each input channel has its own `mult` filters, which go with it (zeroed with
+            # it, they make its output exactly zero whatever the input holds); `groups` follows the
+            # input's width, so an input channel that cannot be cut freezes its filters
+            out_ids = self.fresh(n_out)
+            self.join(out_ids, in_ids.repeat_interleave(mult),
+                      strict=f"{describe(node)} is depthwise over channels that cannot be cut")
+            return self.producer_output(node, w, bias, out_ids, axis)
         self.consume(x)
-        if groups == 1:
-            self.member(name, "weight", 1, "input", False, in_ids)
-            return self.producer_output(node, m)
-        # grouped: the same input position in every conv group goes together, and so do the filters
-        by_group = in_ids.view(groups, per_group)
-        self.join(by_group, by_group[:1].expand_as(by_group),
-                  strict=f"grouped conv '{name}' reads it beside channels that cannot be removed")
-        self.member(name, "weight", 1, "input", False, by_group[0])
-        return self.producer_output(node, m, self.fresh(mult).repeat(groups))
-
-    def batch_norm(self, node: fx.Node, m: nn.Module, x: _Val) -> _Val:
-        ids = _along(x.ids, 1) if x.ids.dim() > 1 else None
-        if ids is None or m.num_features != ids.numel():
-            self.freeze(x.ids, f"BatchNorm '{node.target}' does not normalize over the channels' axis")
-            return self.none(node)
-        tensors = [(t, masked) for t, masked in (("weight", True), ("bias", True), ("running_mean", True),
-                                                 ("running_var", False)) if getattr(m, t, None) is not None]
-        for tensor, masked in tensors or [("", False)]:  # "": no tensor, only its width to keep in step
-            self.member(node.target, tensor, 0, "norm", masked, ids)
-        return _Val(torch.where(x.ids == _ZERO, _NONE, x.ids), x.lost)  # BN(0) is the bias, not 0
-
-    def layer_norm(self, node: fx.Node, x: _Val, owner: str, weight: str | None, bias: str | None, what: str):
-        """LayerNorm over the last axis. Over the channels it is approximate: the compacted model
-        normalizes over fewer channels than the masked one (where a removed channel is a zero in the
-        statistics), so these channels are cut only by plans that ask for approximate groups."""
-        ids = _along(x.ids, x.ids.dim() - 1)
-        if ids is None or (bool((ids < 0).any()) and bool((ids >= 0).any())):
-            return self.unsupported(node, f"{what} normalizes channels together with entries that cannot "
-                                          "be removed")
-        if not bool((ids >= 0).any()):
-            return self.none(node)  # no prunable channel in what it normalizes
-        for e in ids.unique().tolist():
-            self.approximate.setdefault(e, f"{what} normalizes channels together: the compacted model "
-                                           "normalizes over the kept ones only, so it does not compute "
-                                           "exactly what the masked model does")
-        for tensor in (weight, bias):  # zeroed at a removed channel: its output is then exactly 0
-            if tensor is not None:
-                self.member(owner, tensor, 0, "norm", True, ids)
-        if not weight and not bias:
-            self.member(owner, "", 0, "norm", False, ids)
-        self.consume(x)  # its statistics read every entry
-        return _Val(x.ids, torch.zeros_like(x.lost))
-
-    # ---- per-channel ops ----
-    def elementwise(self, node: fx.Node, x: _Val, fn) -> _Val:
-        if _maps_zero_to_zero(fn, node, x.ids.shape, node.args[0].meta["tensor_meta"].dtype):
-            return x
-        what = f"{type(fn).__name__} '{node.target}'" if isinstance(fn, nn.Module) else _describe(node)
-        r = self.reason(f"{what} maps 0 to a non-zero value, so a removed channel would still reach the consumer")
-        ids = torch.where(x.ids == _ZERO, _NONE, x.ids)
-        return _Val(ids, torch.where(ids >= 0, torch.where(x.lost > 0, x.lost, r), x.lost))
-
-    def per_channel_resample(self, node: fx.Node, x: _Val, n_axes: int):
-        """Pooling or interpolation over the last ``n_axes`` axes: fine unless channels vary there."""
-        shape = tuple(node.meta["tensor_meta"].shape)
-        dims = list(range(x.ids.dim() - n_axes, x.ids.dim()))
-        if any(_varies(x.ids, d) for d in dims):
-            return self.unsupported(node, f"{_describe(node)} pools over the channel axis")
-        ids, lost = x.ids, x.lost
-        for d in dims:
-            ids, lost = ids.narrow(d, 0, 1), lost.amax(d, keepdim=True)
-        return _Val(ids.expand(shape).clone(), lost.expand(shape).clone())
-
-    def reduced(self, node: fx.Node, x: _Val):
-        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-        keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
-        if dims is None or not isinstance(keepdim, bool):
-            return self.unsupported(node, f"{_describe(node)} reduces over the channel axis")
-        dims = sorted({d % x.ids.dim() for d in ((dims,) if isinstance(dims, int) else dims)})
-        if any(_varies(x.ids, d) for d in dims):
-            return self.unsupported(node, f"{_describe(node)} reduces over the channel axis")
-        ids, lost = x.ids, x.lost
-        for d in dims:
-            ids, lost = ids.narrow(d, 0, 1), lost.amax(d, keepdim=True)
-        if not keepdim:
-            for d in reversed(dims):
-                ids, lost = ids.squeeze(d), lost.squeeze(d)
-        return _Val(ids.contiguous(), lost.contiguous())
-
-    def reshaped(self, node: fx.Node, x: _Val):
-        shape, t = tuple(node.meta["tensor_meta"].shape), node.target
-        reshape = node.op != "call_module" and t in _RESHAPES
-        if node.op == "call_module" or reshape or t in (torch.flatten, "flatten"):
-            ids, lost = x.ids.reshape(shape), x.lost.reshape(shape)
-        elif any(isinstance(a, fx.Node) for a in list(node.args[1:]) + list(node.kwargs.values())):
-            return self.unsupported(node)
-        else:
-            fn = t if node.op == "call_function" else getattr(torch.Tensor, t)
-            ids, lost = fn(x.ids, *node.args[1:], **node.kwargs), fn(x.lost, *node.args[1:], **node.kwargs)
-        if reshape:
-            written = _shape_args(node)
-            varying = [d for d in range(len(shape)) if _varies(ids, d)]
-            literal = [d for d in varying if d < len(written) and isinstance(written[d], int) and written[d] != -1]
-            if varying and len(literal) == len(varying):
-                return self.unsupported(node, f"{_describe(node)} writes the channel axis as the literal "
-                                              f"{written[literal[0]]}, which cannot follow the pruned width "
-                                              "(write -1 or x.size(...))")
-            for d in literal:  # a written split of the channel axis: keep it true after the cut
-                self.join(ids, ids.narrow(d, 0, 1).expand_as(ids),
-                          strict=f"{_describe(node)} splits it with a written size beside channels that cannot be removed")
-        return _Val(ids.contiguous(), lost.contiguous())
-
-    def chunked(self, node: fx.Node, x: _Val):
-        args = list(node.args[1:])
-        dim = args[1] if len(args) > 1 else node.kwargs.get("dim", 0)
-        how = args[0] if args else node.kwargs.get("chunks", node.kwargs.get("split_size_or_sections",
-                                                                             node.kwargs.get("split_size")))
-        if not isinstance(dim, int) or isinstance(how, fx.Node):
-            return self.unsupported(node)
-        fn = node.target if node.op == "call_function" else getattr(torch.Tensor, node.target)
-        pieces_ids, pieces_lost = fn(x.ids, how, dim), fn(x.lost, how, dim)
-        if _varies(x.ids, dim):
-            sizes = {p.shape[dim] for p in pieces_ids}
-            if isinstance(how, (list, tuple)) or len(sizes) != 1:
-                return self.unsupported(node, f"{_describe(node)} splits the channels at written sizes, which "
-                                              "cannot follow the pruned width")
-            for p in pieces_ids[1:]:  # equal pieces must lose the same positions
-                self.join(pieces_ids[0], p, strict=f"{_describe(node)} splits it beside channels that cannot "
-                                                   "be removed")
-        return tuple(_Val(i.contiguous(), lo.contiguous()) for i, lo in zip(pieces_ids, pieces_lost))
-
-    def getitem(self, node: fx.Node):
-        src, index = node.args
-        v = self.val(src)
-        if isinstance(v, (tuple, list)):
-            return v[index] if isinstance(index, int) else self.unsupported(node)
-        if not isinstance(v, _Val):
-            return None if v is None and not isinstance(self.none(node), _Val) else self.unsupported(node)
-        index = index if isinstance(index, tuple) else (index,)
-        if any(isinstance(i, fx.Node) or (isinstance(i, slice) and any(
-                isinstance(b, fx.Node) for b in (i.start, i.stop, i.step))) for i in index):
-            return self.unsupported(node)
-        n_axes = sum(1 for i in index if i is not None and i is not Ellipsis)
-        axis, axes = 0, []
-        for i in index:  # the input axis each index item reads
-            if i is Ellipsis:
-                axis += v.ids.dim() - n_axes
-            elif i is not None:
-                axes.append((axis, i))
-                axis += 1
-        for d, i in axes:
-            if _varies(v.ids, d) and not (isinstance(i, slice) and i == slice(None)):
-                return self.unsupported(node, f"{_describe(node)} slices the channel axis at written positions, "
-                                              "which cannot follow the pruned width")
-        return _Val(v.ids[node.args[1]].contiguous(), v.lost[node.args[1]].contiguous())
-
-    def padded(self, node: fx.Node, x: _Val):
-        pad = node.args[1] if len(node.args) > 1 else node.kwargs.get("pad")
-        mode = node.args[2] if len(node.args) > 2 else node.kwargs.get("mode", "constant")
-        value = node.args[3] if len(node.args) > 3 else node.kwargs.get("value", None)
-        if not isinstance(pad, (tuple, list)) or not all(isinstance(p, int) for p in pad):
-            return self.unsupported(node)
-        ids, lost = x.ids, x.lost
-        for k in range(len(pad) // 2):
-            d, before, after = ids.dim() - 1 - k, pad[2 * k], pad[2 * k + 1]
-            if before == after == 0:
-                continue
-            if _varies(ids, d):
-                if mode != "constant" or value not in (None, 0, 0.0):
-                    return self.unsupported(node)
-                fixed = self.fresh(1)  # their number is written: what they line up with cannot shrink
-                self.freeze(fixed, f"it lines up with the {before + after} zero channels that {_describe(node)} "
-                                   "adds, whose number is fixed")
-                parts = [ids.new_full(ids.shape[:d] + (n,) + ids.shape[d + 1:], int(fixed)) for n in (before, after)]
-                ids = torch.cat([parts[0], ids, parts[1]], d)
+        sources = [w] if w.param is not None else [self.param_val(s) for s in sorted(w.sources)
+                                       if self.values[s].shape == w.ids.shape]
+        if not sources:
+            self.freeze(in_ids, f"{describe(node)} computes its weight in a way greg_fast cannot cut along "
+                                "its input channels")
+        for src in sources:
+            name = src.param
+            if name in self.shared:
+                self.freeze(in_ids, self.shared[name])
+            module, _, tensor = name.rpartition(".")
+            if groups == 1:
+                self.member(module, tensor, 1, "input", False, in_ids)
             else:
-                size = ids.shape[d] + before + after
-                ids = ids.narrow(d, 0, 1).expand(ids.shape[:d] + (size,) + ids.shape[d + 1:])
-            zeros = [lost.new_zeros(lost.shape[:d] + (n,) + lost.shape[d + 1:]) for n in (before, after)]
-            lost = torch.cat([zeros[0], lost, zeros[1]], d)
-        return _Val(ids.contiguous(), lost.contiguous())
+                # grouped: the same input position in every conv group goes together
+                by_group = in_ids.view(groups, per_group)
+                self.join(by_group, by_group[:1].expand_as(by_group),
+                          strict=f"{describe(node)} (groups={groups}) reads it beside channels that cannot be cut")
+                self.member(module, tensor, 1, "input", False, by_group[0])
+        if w.param is None:  # weight standardization spans the input channels
+            self.mark_approximate(in_ids, f"{describe(node)} standardizes its weight over its input channels: "
+                                          "the compacted conv standardizes over the kept ones only")
+        out_ids = self.fresh(n_out) if groups == 1 else self.fresh(mult).repeat(groups)
+        return self.producer_output(node, w, bias, out_ids, axis)
 
-    def cat(self, node: fx.Node):
-        items = node.args[0] if node.args else node.kwargs.get("tensors")
-        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
-        if not isinstance(items, (list, tuple)) or not isinstance(dim, int):
-            return self.unsupported(node)
-        vals = []
-        for item in items:
-            v = self.val(item)
-            vals.append(v if isinstance(v, _Val) else self.none(item))
-        if any(not isinstance(v, _Val) for v in vals):
-            return self.unsupported(node)
-        fn = torch.stack if node.target is torch.stack else torch.cat
-        return _Val(fn([v.ids for v in vals], dim), fn([v.lost for v in vals], dim))
+    def channelwise_norm(self, node: fx.Node, x: _Val, tensors: list, what: str) -> _Val:
+        """A norm with per-channel statistics on axis 1 (BatchNorm, InstanceNorm): weight, bias and
+        statistics go with each channel."""
+        ids = _along(x.ids, 1) if x.ids.dim() > 1 else None
+        if ids is None:
+            return self.unsupported(node, f"{describe(node)} does not normalize over the channels' axis")
+        present = [(self.val(t), masked) for t, masked in tensors if isinstance(self.val(t), _Val)]
+        for v, masked in present:
+            if v.param in self.shared:
+                return self.unsupported(node, self.shared[v.param])
+            if not self.param_member(v, ids, "norm", masked):
+                return self.unsupported(node, f"{describe(node)} reads '{sorted(v.sources)}' in a way greg_fast "
+                                              "cannot cut along the channels")
+        if not present and bool((ids >= 0).any()):  # no tensor: only its width follows
+            self.member(module_path(node), "", 0, "norm", False, ids)
+        return _Val(x.ids, x.lost)  # a removed channel: its weight and bias are zeroed, so 0 again
 
-    def binary(self, node: fx.Node):
-        t = node.target
-        a, b = (list(node.args) + [node.kwargs.get("other")])[:2]
-        va, vb = self.val(a), self.val(b)
-        add, mul = t in _ADD, t in _MUL
-        if node.kwargs.get("alpha") is not None and isinstance(node.kwargs["alpha"], fx.Node):
-            return self.unsupported(node)
-        if not isinstance(va, _Val) and not isinstance(vb, _Val):
-            if isinstance(a, fx.Node) or isinstance(b, fx.Node):
-                return self.unsupported(node) if self.tensors_in((node.args, node.kwargs)) else self.none(node)
-            return self.none(node)
-        if not isinstance(va, _Val) or not isinstance(vb, _Val):  # tensor with a number
+    def binary(self, node: fx.Node, a, b, kind: str):
+        """``a (+ - * /) b`` (nodes, values or numbers): ``kind`` is "add" (add, sub), "mul" or "div"."""
+        va, vb = (x if isinstance(x, _Val) else self.val(x) for x in (a, b))
+        if not isinstance(va, _Val) or not isinstance(vb, _Val):  # a tensor with a number
             x, other, x_first = (va, b, True) if isinstance(va, _Val) else (vb, a, False)
             if isinstance(other, fx.Node):
                 return self.unsupported(node)
-            if mul or (t in _DIV and x_first) or (add and other == 0):
+            if kind == "mul" or (kind == "div" and x_first) or (kind == "add" and other == 0):
                 return x
-            r = self.reason(f"{_describe(node)} combines the channels with the constant {other!r}, so a "
-                            "removed channel would not be zero")
-            ids = torch.where(x.ids == _ZERO, _NONE, x.ids)
-            return _Val(ids, torch.where(ids >= 0, torch.where(x.lost > 0, x.lost, r), x.lost))
-        if t in _DIV:
-            if bool((vb.ids >= 0).any()):
-                return self.unsupported(node, f"{_describe(node)} divides by channels")
-        shape = tuple(node.meta["tensor_meta"].shape)
+            if kind == "div":
+                return self.unsupported(node, f"{describe(node)} divides by the channels")
+            return self.lose(x, torch.ones_like(x.ids, dtype=torch.bool),
+                             f"{describe(node)} combines the channels with the constant {other!r}, so a "
+                             "removed channel would not be zero")
+        shape = _meta_shape(node.meta["val"])
         ai, bi = va.ids.expand(shape), vb.ids.expand(shape)
+        if kind == "div" and bool((bi >= 0).any()):
+            return self.unsupported(node, f"{describe(node)} divides by channels")
+        for v, other in ((va, bi), (vb, ai)):
+            if not v.sources:
+                continue
+            # a parameter: a scalar or spatial one scales every channel alike (a product stays zero,
+            # a sum does not); one along the channels (a bias, a layer scale) is cut with them
+            if not any(not _broadcast(v.ids, shape, d) and _varies(other, d) for d in range(len(shape))):
+                if kind == "add" and bool((other >= 0).any()):
+                    x = va if v is vb else vb
+                    return self.lose(_Val(other.contiguous(), x.lost.expand(shape).contiguous()),
+                                     torch.ones(shape, dtype=torch.bool),
+                                     f"{describe(node)} adds {sorted(v.sources)} alike to every channel, so a "
+                                     "removed channel would not be zero")
+            elif v.param in self.shared:
+                return self.unsupported(node, self.shared[v.param])
+            elif not self.param_member(v, other, "param", masked=kind == "add"):
+                return self.unsupported(node, f"{describe(node)} combines the channels with "
+                                              f"{sorted(v.sources)} in a way greg_fast cannot cut along them")
+        acts = [v for v in (va, vb) if not v.sources]
+        if len(acts) == 1:
+            x = acts[0]
+            return _Val(x.ids.expand(shape).contiguous(), x.lost.expand(shape).contiguous())
+        # two activations: one broadcast over the other's channels must carry none of its own
+        for v, o, oi in ((va, vb, bi), (vb, va, ai)):
+            if any(_broadcast(v.ids, shape, d) and _varies(oi, d) for d in range(len(shape))):
+                if bool((v.ids >= 0).any()):
+                    return self.unsupported(node, f"{describe(node)} broadcasts channels over other channels")
+                out = _Val(oi.contiguous(), o.lost.expand(shape).contiguous())
+                if kind != "add":  # a product or a quotient of a removed channel stays zero
+                    return out
+                return self.lose(out, torch.ones(shape, dtype=torch.bool),
+                                 f"{describe(node)} adds a tensor that is not a prunable channel, so a "
+                                 "removed channel would not be zero")
+        self.join(ai, bi, strict=f"{describe(node)} combines them with a tensor of the same width that "
+                                 "cannot be cut")
         al, bl = va.lost.expand(shape), vb.lost.expand(shape)
-        for v, other_ids in ((va, bi), (vb, ai)):
-            if v.param is not None and not self.param_member(v, other_ids, shape, masked=add):
-                return self.unsupported(node, f"{_describe(node)} combines the channels with '{v.param}' "
-                                              "in a way that cannot follow them")
-        self.join(ai, bi)
-        ids = torch.where(ai >= 0, ai, torch.where(bi >= 0, bi, torch.where((ai == _ZERO) & (bi == _ZERO), _ZERO,
-                                                                             _NONE)))
-        la = torch.where(ai >= 0, al, 0)
-        lb = torch.where(bi >= 0, bl, 0)
-        if add or t in _DIV:
-            r = self.reason(f"{_describe(node)} adds a tensor that is not a prunable channel, so a removed "
-                            "channel would not be zero")
-            plain = lambda v, i: (i == _NONE) & (v.param is None)  # noqa: E731
-            other_live = ((ai >= 0) & plain(vb, bi)) | ((bi >= 0) & plain(va, ai))
-            lost = torch.where(la > 0, la, torch.where(lb > 0, lb, torch.where(other_live, r, 0)))
+        ids = torch.where(ai >= 0, ai, bi)
+        if kind == "add":
+            lost = torch.where(al > 0, al, bl)
         else:  # a product is zero when either factor is
-            zero = ((ai >= 0) & (al == 0)) | ((bi >= 0) & (bl == 0)) | (ai == _ZERO) | (bi == _ZERO)
-            lost = torch.where(zero, 0, torch.where(la > 0, la, lb))
-            ids = torch.where((ai == _ZERO) | (bi == _ZERO), _ZERO, ids)
+            zero = ((ai >= 0) & (al == 0)) | ((bi >= 0) & (bl == 0))
+            lost = torch.where(zero, 0, torch.maximum(al, bl))
         return _Val(ids.contiguous(), lost.to(torch.int32).contiguous())
 
-    def param_member(self, p: _Val, other_ids: torch.Tensor, shape: tuple, masked: bool) -> bool:
-        """A parameter combined elementwise with channels (a layer scale, a bias): cut along them."""
-        live = other_ids >= 0
-        if not bool(live.any()):
-            return True
-        pshape = tuple(p.ids.shape)
-        big = [d for d, s in enumerate(pshape) if s > 1]
-        if len(big) != 1 or big[0] > 1:  # compaction cuts rows or columns
-            return not big and not masked  # a scalar parameter scales (fine) or shifts (not zero)
-        d_out = len(shape) - len(pshape) + big[0]
-        ids = _along(other_ids, d_out)
-        if ids is None:
-            return False
-        module, _, tensor = p.param.rpartition(".")
-        self.member(module, tensor, big[0], "param", masked, ids)
-        return True
+    def pointwise(self, node: fx.Node, args: dict):
+        """An elementwise op of one activation (and numbers or per-channel parameters): judged at 0,
+        with the parameters' real values."""
+        x = self.val(node.args[0]) if node.args else None
+        acts = [v for v in self.tensors_in((node.args, node.kwargs)) if not v.sources]
+        if len(acts) != 1 or x is not acts[0]:
+            return self.unsupported(node)
+        call_args = []
+        for arg in node.args[1:]:
+            v = self.val(arg)
+            if isinstance(v, _Val):  # a parameter (PReLU's slopes): cut with the channels
+                if v.param is None or not self.param_member(v, x.ids, "param", False):
+                    return self.unsupported(node)
+                arg = self.values[v.param].detach().reshape(-1)[v.pos]
+            elif isinstance(arg, fx.Node):
+                return self.unsupported(node)
+            call_args.append(arg)
+        kwargs = {k: v for k, v in node.kwargs.items() if not isinstance(v, fx.Node)}
+        per_entry = any(isinstance(arg, torch.Tensor) for arg in call_args)
+        zeros = torch.zeros(x.ids.shape if per_entry else (1,) * x.ids.dim(), dtype=node.args[0].meta["val"].dtype)
+        try:
+            with torch.no_grad():
+                out = node.target(zeros, *call_args, **kwargs)
+        except Exception:
+            return self.unsupported(node)
+        if isinstance(out, torch.Tensor) and bool((out == 0).all()):
+            return x
+        return self.lose(x, torch.ones_like(x.ids, dtype=torch.bool),
+                         f"{describe(node)} maps 0 to a non-zero value, so a removed channel would still "
+                         "reach the consumer")
 
-    # ---- result ----
+    def per_channel(self, node: fx.Node, x: _Val, dims: list[int], what: str, shape: tuple | None = None):
+        """An op over ``dims`` that keeps the channels (pooling, interpolation, a reduction) and gives
+        ``shape`` (the node's): fine unless channels vary along them."""
+        if any(_varies(x.ids, d) for d in dims):
+            return self.unsupported(node, f"{describe(node)} {what} over the channel axis")
+        shape = shape or _meta_shape(node.meta["val"])
+        ids, lost = x.ids, x.lost
+        for d in dims:
+            ids, lost = ids.narrow(d, 0, 1), lost.amax(d, keepdim=True)
+        if len(shape) < ids.dim():  # reduced without keepdim
+            ids, lost = ids.reshape(shape), lost.reshape(shape)
+        return _Val(ids.expand(shape).contiguous(), lost.expand(shape).contiguous())
+
     def groups(self) -> list[Group]:
         index = {key: i for i, key in enumerate(self.members)}
         where: dict[int, dict[int, list[int]]] = {}  # component -> member index -> positions
@@ -614,7 +556,7 @@ class _Analysis:
         for comp, touched in where.items():
             by_signature.setdefault(tuple(sorted((i, len(p)) for i, p in touched.items())), []).append(comp)
         keys = list(self.members)
-        module_order = {m: i for i, m in enumerate(self.modules)}
+        module_order = {m: i for i, (m, _) in enumerate(self.model.named_modules())}
         out, seen = [], {}
         for signature, comps in by_signature.items():
             touched = [keys[i] for i, _ in signature]
@@ -636,10 +578,285 @@ class _Analysis:
         return [g for _, g in sorted(out, key=lambda x: x[0])]
 
 
+# ---- the op table ----
+_METADATA = {"sym_size", "sym_numel", "sym_stride", "sym_storage_offset", "size", "stride", "dim", "numel",
+             "_assert_tensor_metadata", "_assert_scalar", "sym_constrain_range_for_size"}
+_SHAPE_OF = {"reshape_as", "view_as", "expand_as", "type_as"}  # their second argument gives only its shape
+_IDENTITY = {"clone", "contiguous", "alias", "detach", "lift_fresh_copy", "_to_copy", "to", "type_as",
+             "dropout", "feature_dropout", "alpha_dropout", "feature_alpha_dropout", "_assert_async"}
+_MOVEMENT = {"view", "_unsafe_view", "reshape", "flatten", "unflatten", "permute", "transpose", "t", "squeeze",
+             "unsqueeze", "expand", "movedim", "reshape_as", "view_as", "expand_as", "slice", "select",
+             "narrow"} | _IDENTITY
+
+
+def _move(node: fx.Node, name: str, args: dict, t: torch.Tensor) -> torch.Tensor:
+    """Apply a shape op to an id (or position) tensor as it is applied to the value."""
+    shape = _meta_shape(node.meta["val"])
+    if name in _IDENTITY:
+        return t
+    if name in ("view", "_unsafe_view", "reshape", "reshape_as", "view_as", "flatten", "unflatten"):
+        return t.reshape(shape)
+    if name == "expand_as":
+        return t.expand(shape)
+    return node.target(t, *node.args[1:], **node.kwargs).contiguous()
+
+
+@rule(*_MOVEMENT)
+def _movement(a: _Analysis, node: fx.Node, args: dict):
+    x = a.val(node.args[0])
+    if not isinstance(x, _Val):
+        return a.unsupported(node)
+    name = _op_name(node)
+    ids, lost = _move(node, name, args, x.ids), _move(node, name, args, x.lost)
+    if name in ("slice", "select", "narrow"):
+        dim = args["dim"] % x.ids.dim()
+        whole = name == "slice" and args["start"] in (None, 0) and args["step"] == 1 and (
+            args["end"] is None or args["end"] >= x.ids.shape[dim])
+        if _varies(x.ids, dim) and not whole:
+            return a.unsupported(node, f"{describe(node)} slices the channel axis at written positions, which "
+                                       "cannot follow the pruned width")
+    if name in ("view", "_unsafe_view", "reshape", "unflatten"):
+        written = list(args["size"] if "size" in args else args.get("shape") or args.get("sizes") or ())
+        if name == "unflatten":
+            d = args["dim"] % x.ids.dim()
+            written = list(x.ids.shape[:d]) + [-1 if s == -1 else s for s in written] + list(x.ids.shape[d + 1:])
+        varying = [d for d in range(ids.dim()) if _varies(ids, d)]
+        literal = [d for d in varying if d < len(written) and isinstance(written[d], int) and written[d] != -1]
+        if varying and len(literal) == len(varying):
+            sizes = [written[d] for d in literal]
+            return a.unsupported(node, f"{describe(node)} reshapes the channel axis to the fixed size "
+                                       f"{sizes if len(sizes) > 1 else sizes[0]} (written, or computed from the "
+                                       "example's shape), which cannot follow the pruned width: write -1 there")
+        if len(literal) < len(varying):
+            for d in literal:  # a written split of the channel axis: keep it true after the cut
+                a.join(ids, ids.narrow(d, 0, 1).expand_as(ids),
+                       strict=f"{describe(node)} splits it with a written size beside channels that cannot be cut")
+    return _Val(ids.contiguous(), lost.contiguous(), x.sources, None)
+
+
+@rule("split", "split_with_sizes", "unbind", "chunk")
+def _split(a: _Analysis, node: fx.Node, args: dict):
+    x = a.val(node.args[0])
+    if not isinstance(x, _Val):
+        return a.unsupported(node)
+    pieces_ids = node.target(x.ids, *node.args[1:], **node.kwargs)
+    pieces_lost = node.target(x.lost, *node.args[1:], **node.kwargs)
+    dim = args.get("dim", 0) % x.ids.dim()
+    if _varies(x.ids, dim) and len(pieces_ids) > 1:
+        if _op_name(node) != "chunk" or len({p.shape[dim] for p in pieces_ids}) != 1:
+            return a.unsupported(node, f"{describe(node)} splits the channels at written sizes, which cannot "
+                                       "follow the pruned width")
+        for p in pieces_ids[1:]:  # equal pieces must lose the same positions
+            a.join(pieces_ids[0], p, strict=f"{describe(node)} splits it beside channels that cannot be cut")
+    return tuple(_Val(i.contiguous(), lo.contiguous()) for i, lo in zip(pieces_ids, pieces_lost))
+
+
+@rule("cat", "concat", "stack")
+def _cat(a: _Analysis, node: fx.Node, args: dict):
+    vals = []
+    for item in args["tensors"]:
+        v = a.val(item)
+        vals.append(v if isinstance(v, _Val) else a.none(item))
+    if any(not isinstance(v, _Val) for v in vals):
+        return a.unsupported(node)
+    fn = torch.stack if _op_name(node) == "stack" else torch.cat
+    return _Val(fn([v.ids for v in vals], args["dim"]), fn([v.lost for v in vals], args["dim"]))
+
+
+@rule("pad", "constant_pad_nd")
+def _pad(a: _Analysis, node: fx.Node, args: dict):
+    x = a.val(node.args[0])
+    pad, mode = args["pad"], args.get("mode", "constant")
+    value = args.get("value")
+    if not isinstance(x, _Val) or not all(isinstance(p, int) for p in pad):
+        return a.unsupported(node)
+    ids, lost = x.ids, x.lost
+    for k in range(len(pad) // 2):
+        d, before, after = ids.dim() - 1 - k, pad[2 * k], pad[2 * k + 1]
+        if before == after == 0:
+            continue
+        if _varies(ids, d):
+            if mode != "constant" or value not in (None, 0, 0.0) or before < 0 or after < 0:
+                return a.unsupported(node)
+            fixed = a.fresh(1)  # their number is written: what they line up with cannot shrink
+            a.freeze(fixed, f"it lines up with the {before + after} zero channels that {describe(node)} adds, "
+                            "whose number is fixed")
+            parts = [ids.new_full(ids.shape[:d] + (n,) + ids.shape[d + 1:], int(fixed)) for n in (before, after)]
+            ids = torch.cat([parts[0], ids, parts[1]], d)
+            zeros = [lost.new_zeros(lost.shape[:d] + (n,) + lost.shape[d + 1:]) for n in (before, after)]
+            lost = torch.cat([zeros[0], lost, zeros[1]], d)
+        else:
+            size = ids.shape[d] + before + after
+            grow = ids.shape[:d] + (size,) + ids.shape[d + 1:]
+            ids, lost = ids.narrow(d, 0, 1).expand(grow), lost.amax(d, keepdim=True).expand(grow)
+            if mode != "constant" or value not in (None, 0, 0.0):
+                pass  # reflect/replicate pad repeat the channel's own entries: zero stays zero
+    return _Val(ids.contiguous(), lost.contiguous())
+
+
+@rule("conv1d", "conv2d", "conv3d", "convolution", "_convolution")
+def _conv(a: _Analysis, node: fx.Node, args: dict):
+    x = a.val(args["input"])
+    if args.get("transposed"):
+        return a.unsupported(node, f"{describe(node)} is a transposed conv, which greg_fast does not cut")
+    if not isinstance(x, _Val) or x.sources:
+        return a.unsupported(node)
+    w = a.val(args["weight"])
+    k = w.ids.dim() - 2 if isinstance(w, _Val) else 0
+    return a.layer(node, x, args["weight"], args["bias"], x.ids.dim() - k - 1, args["groups"])
+
+
+@rule("linear")
+def _linear(a: _Analysis, node: fx.Node, args: dict):
+    x = a.val(args["input"])
+    if not isinstance(x, _Val) or x.sources:
+        return a.unsupported(node)
+    return a.layer(node, x, args["weight"], args["bias"], x.ids.dim() - 1)
+
+
+@rule("batch_norm", "instance_norm", "_native_batch_norm_legit_no_training", "native_batch_norm")
+def _batch_norm(a: _Analysis, node: fx.Node, args: dict):
+    x = a.val(args["input"])
+    out = a.channelwise_norm(node, x, [(args["weight"], True), (args["bias"], True),
+                                       (args.get("running_mean"), True), (args.get("running_var"), False)],
+                             "normalizes")
+    meta = node.meta["val"]
+    return (out,) + a._none_like(meta)[1:] if isinstance(meta, (tuple, list)) else out
+
+
+@rule("layer_norm")
+def _layer_norm(a: _Analysis, node: fx.Node, args: dict):
+    """LayerNorm over the last axis. Over the channels it is approximate: the compacted model
+    normalizes over fewer channels than the masked one (where a removed channel is a zero in the
+    statistics), so these channels are cut only by plans that ask for approximate groups."""
+    x = a.val(args["input"])
+    if len(args["normalized_shape"]) != 1:
+        return a.unsupported(node, f"{describe(node)} normalizes channels together over several axes")
+    ids = _along(x.ids, x.ids.dim() - 1)
+    if ids is None or (bool((ids < 0).any()) and bool((ids >= 0).any())):
+        return a.unsupported(node, f"{describe(node)} normalizes channels together with entries that cannot be cut")
+    if not bool((ids >= 0).any()):
+        return a.none(node)  # no prunable channel in what it normalizes
+    a.mark_approximate(ids, f"{describe(node)} normalizes channels together: the compacted model normalizes "
+                            "over the kept ones only, so it does not compute exactly what the masked model does")
+    a.consume(x)  # its statistics read every entry
+    tensors = [a.val(args[t]) for t in ("weight", "bias") if isinstance(a.val(args[t]), _Val)]
+    for v in tensors:  # zeroed at a removed channel: its output is then exactly 0
+        if not a.param_member(v, ids, "norm", True):
+            return a.unsupported(node)
+    if not tensors:
+        return a.unsupported(node, f"{describe(node)} has no weight or bias to zero a removed channel with")
+    return _Val(x.ids, torch.zeros_like(x.lost))
+
+
+@rule("group_norm", "native_group_norm", "local_response_norm", "_weight_norm", "_weight_norm_interface")
+def _other_norms(a: _Analysis, node: fx.Node, args: dict):
+    return a.unsupported(node, f"{describe(node)} normalizes channels together: removing one would change the others")
+
+
+@rule("add", "add_", "sub", "sub_")
+def _add(a: _Analysis, node: fx.Node, args: dict):
+    alpha = args.get("alpha")
+    if isinstance(alpha, fx.Node):
+        return a.unsupported(node)
+    return a.binary(node, args["self"], args["other"], "add")
+
+
+@rule("rsub")
+def _rsub(a: _Analysis, node: fx.Node, args: dict):
+    return a.binary(node, args["other"], args["self"], "add")
+
+
+@rule("mul", "mul_")
+def _mul(a: _Analysis, node: fx.Node, args: dict):
+    return a.binary(node, args["self"], args["other"], "mul")
+
+
+@rule("div", "div_")
+def _div(a: _Analysis, node: fx.Node, args: dict):
+    if args.get("rounding_mode") is not None:
+        return a.unsupported(node)
+    return a.binary(node, args["self"], args["other"], "div")
+
+
+@rule("addcmul", "addcmul_")
+def _addcmul(a: _Analysis, node: fx.Node, args: dict):
+    """``self + value * t1 * t2`` (a layer scale and bias in one op, ConvNeXt-V2's GRN)."""
+    if args.get("value", 1) != 1:
+        return a.unsupported(node)
+    product = a.binary(node, args["tensor1"], args["tensor2"], "mul")
+    if not isinstance(product, _Val):
+        return product
+    return a.binary(node, args["self"], product, "add")
+
+
+@rule("mean", "sum", "amax", "amin", "linalg_vector_norm", "norm", "std", "var", "var_mean", "std_mean",
+      "max", "min", "logsumexp")
+def _reduce(a: _Analysis, node: fx.Node, args: dict):
+    x = a.val(node.args[0])
+    dims = args.get("dim")
+    if not isinstance(x, _Val) or isinstance(dims, fx.Node):
+        return a.unsupported(node)
+    if isinstance(dims, int):
+        dims = [dims]
+    dims = list(range(x.ids.dim())) if not dims else sorted({d % x.ids.dim() for d in dims})
+    name = _op_name(node)
+    meta = node.meta["val"]
+    if name in ("max", "min", "var_mean", "std_mean") and not isinstance(meta, (tuple, list)):
+        return a.unsupported(node)
+    channels = [d for d in dims if _varies(x.ids, d)]
+    if channels:
+        exact = name in ("sum", "linalg_vector_norm", "norm")  # a zero adds nothing
+        if exact:
+            a.consume(x)
+            return a.none(node)
+        if name in ("mean", "var", "std"):
+            a.mark_approximate(x.ids, f"{describe(node)} averages over the channels: the compacted model "
+                                      "averages over the kept ones only")
+            a.consume(x)
+            return a.none(node)
+        return a.unsupported(node, f"{describe(node)} reduces over the channel axis")
+    if not isinstance(meta, (tuple, list)):
+        return a.per_channel(node, x, dims, "reduces")
+    first = a.per_channel(node, x, dims, "reduces", _meta_shape(meta[0]))
+    if name in ("max", "min"):  # values and indices
+        return first, a.none(node)[1]
+    return first, a.per_channel(node, x, dims, "reduces", _meta_shape(meta[1]))  # var (std) and mean
+
+
+@rule("max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d",
+      "adaptive_avg_pool2d", "adaptive_avg_pool3d", "adaptive_max_pool1d", "adaptive_max_pool2d",
+      "adaptive_max_pool3d", "max_pool2d_with_indices", "max_pool3d_with_indices", "upsample_nearest1d",
+      "upsample_nearest2d", "upsample_nearest3d", "upsample_linear1d", "upsample_bilinear2d", "upsample_bicubic2d",
+      "upsample_trilinear3d", "_upsample_nearest_exact1d", "_upsample_nearest_exact2d", "_upsample_nearest_exact3d",
+      "_upsample_bilinear2d_aa", "_upsample_bicubic2d_aa", "lp_pool1d", "lp_pool2d")
+def _spatial(a: _Analysis, node: fx.Node, args: dict):
+    """Pooling and interpolation over the trailing 1-3 axes (by the op's name)."""
+    x = a.val(node.args[0])
+    if not isinstance(x, _Val):
+        return a.unsupported(node)
+    name = _op_name(node)
+    n = int(next(c for c in reversed(name) if c.isdigit()))
+    dims = list(range(x.ids.dim() - n, x.ids.dim()))
+    meta = node.meta["val"]
+    if isinstance(meta, (tuple, list)):  # values and indices
+        return a.per_channel(node, x, dims, "pools", _meta_shape(meta[0])), a.none(node)[1]
+    return a.per_channel(node, x, dims, "pools")
+
+
+@rule("softmax", "_softmax", "log_softmax", "_log_softmax")
+def _softmax(a: _Analysis, node: fx.Node, args: dict):
+    x = a.val(node.args[0])
+    dim = args["dim"] % x.ids.dim()
+    if _varies(x.ids, dim):
+        return a.unsupported(node, f"{describe(node)} normalizes over the channels")
+    return a.lose(x, torch.ones_like(x.ids, dtype=torch.bool),
+                  f"{describe(node)} maps a removed channel's zeros to 1/n, so it would still reach the consumer")
+
+
 def analyze_groups(model: nn.Module, example_inputs: tuple) -> list[Group]:
     """Every channel group of ``model`` (prunable or not, with the reason), in the order of their
     first producer."""
-    gm = traced_with_shapes(model, example_inputs)
-    analysis = _Analysis(model, gm)
+    analysis = _Analysis(model, export(model, example_inputs))
     analysis.run()
     return analysis.groups()

@@ -231,7 +231,7 @@ class Plan:
         model = unwrap(model)
         for layer in self.layers:
             try:
-                found = model.get_submodule(layer.name)
+                found = model.get_submodule(layer.name.split("#")[0])
             except AttributeError:
                 found = None
             if found is not layer.module:

@@ -1,0 +1,106 @@
+"""The model as ATen ops: ``torch.export`` (non-strict) on the example inputs.
+
+Non-strict export runs the model's Python as written, so control flow on input *shapes* (timm's
+dynamic 'SAME' padding, ``if x.shape[-2] < k``) is taken for the example's shapes, and every op a
+module emits is recorded whatever the module's class: a ``BatchNorm2d`` subclass that calls
+``F.batch_norm`` itself is one ``aten.batch_norm``, a weight-standardized conv is the ops that
+standardize the weight followed by ``aten.conv2d``. The graph signature names every parameter and
+buffer operand by its fully qualified name; ``nn_module_stack`` names the module that emitted an op.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+import torch.nn as nn
+
+LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+class UntraceableModelError(RuntimeError):
+    """The model could not be captured; the message names the module that failed."""
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module that a torch.compile, DataParallel or DistributedDataParallel wrapper runs."""
+    while True:
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
+            model = model._orig_mod
+        else:
+            return model
+
+
+@contextmanager
+def _innermost_module(model: nn.Module, seen: list):
+    """Record the modules being run, so that a failure names the innermost one."""
+    names = {id(m): name for name, m in model.named_modules()}
+    stack: list[nn.Module] = []
+
+    def enter(m, args):
+        stack.append(m)
+
+    def leave(m, args, out):
+        if stack and stack[-1] is m:
+            stack.pop()
+
+    handles = [h for m in model.modules() for h in (m.register_forward_pre_hook(enter),
+                                                     m.register_forward_hook(leave))]
+    try:
+        yield
+    except Exception:
+        if stack:
+            seen.append((names.get(id(stack[-1]), "?"), stack[-1]))
+        raise
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def export(model: nn.Module, example_inputs: tuple) -> torch.export.ExportedProgram:
+    """``model`` as an ATen graph, captured in eval mode (BatchNorm statistics untouched)."""
+    was_training = model.training
+    model.eval()
+    failed: list = []
+    try:
+        with _innermost_module(model, failed):
+            return torch.export.export(model, tuple(example_inputs), strict=False)
+    except Exception as err:
+        where = "the model's own forward"
+        if failed and failed[0][1] is not model:
+            path, m = failed[0]
+            where = f"module '{path}' ({type(m).__name__})"
+        raise UntraceableModelError(
+            f"torch.export could not capture {where} on the example inputs of shapes "
+            f"{[tuple(x.shape) for x in example_inputs]}: {type(err).__name__}: {str(err).splitlines()[0]}. "
+            "greg_fast needs the model's ops to find which channels can be pruned; make that forward "
+            "free of control flow on tensor values.") from err
+    finally:
+        model.train(was_training)
+
+
+def emitter(node: torch.fx.Node) -> str:
+    """'`path` (Class)': the innermost module whose forward emitted ``node``."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return "the model"
+    path, cls = list(stack.values())[-1]
+    cls = cls.rsplit(".", 1)[-1] if isinstance(cls, str) else getattr(cls, "__name__", str(cls))
+    return f"`{path}` ({cls})" if path else f"the model's forward ({cls})"
+
+
+def module_path(node: torch.fx.Node) -> str:
+    """The path of the innermost module whose forward emitted ``node`` ('' for the model's own)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    return list(stack.values())[-1][0] if stack else ""
+
+
+def describe(node: torch.fx.Node) -> str:
+    """The op and the module that emitted it, as a reason names them."""
+    target = node.target
+    op = getattr(target, "__name__", str(target))
+    if hasattr(target, "overloadpacket"):
+        op = target.overloadpacket.__name__
+    return f"{emitter(node)}: {op}"
