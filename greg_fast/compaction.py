@@ -66,7 +66,7 @@ def gather(tensors, rows, cols, *, backend: str = "auto") -> list[torch.Tensor]:
 
 @torch.no_grad()
 def compact(model: nn.Module, masks: Mapping[str, torch.Tensor], plan: Plan,
-            optimizer: torch.optim.Optimizer | None = None, *, backend: str = "auto") -> nn.Module:
+            optimizer: torch.optim.Optimizer | None = None, *, backend: str = "auto", verify: bool = True) -> nn.Module:
     """Remove the pruned groups of ``model`` physically, in place, and return it.
 
     Every cut is computed and checked, and every new tensor built, before the model or the
@@ -74,11 +74,23 @@ def compact(model: nn.Module, masks: Mapping[str, torch.Tensor], plan: Plan,
     references and every state tensor shaped like a parameter (SGD momentum, Adam's moments) are cut
     the same way, so training continues where it was. Afterwards ``plan`` describes the model as it
     was (``plan.compacted`` is True): plan the compacted model anew to prune it further.
+
+    ``verify`` (the default) first compacts copies and runs the plan's example inputs through the
+    masked and the compacted copy: if they differ beyond rounding (for approximate groups: if the
+    compacted copy does not run), it raises, naming the output and the first module that differs,
+    and nothing is touched. ``verify=False`` skips that (it needs two copies of the model).
     """
     plan.check_model(model)
     plan_cuts = cuts(masks, plan)
     if not plan_cuts:  # nothing removed: the model and the plan stay as they are
         return model
+    if verify:
+        exact = not any(l.approximate and l.name in masks and not bool(masks[l.name].all()) for l in plan.layers)
+        error = compaction_error(model, masks, plan, plan.example_inputs, exact=exact)
+        if error is not None:
+            raise ValueError(f"compact() refused: {error}. The model and the optimizer are untouched; this is a "
+                             "bug of greg_fast's analysis of this model: please report it (verify=False compacts "
+                             "anyway)")
     empty = torch.empty(0, dtype=torch.int64)
     jobs = []  # (module, attribute, old tensor, rows, cols)
     for (name, attr), axes in plan_cuts.items():
@@ -123,17 +135,93 @@ def compact(model: nn.Module, masks: Mapping[str, torch.Tensor], plan: Plan,
     return model
 
 
+def _masked_and_compacted(model: nn.Module, masks: Mapping[str, torch.Tensor], plan: Plan):
+    """Copies of ``model`` (eval mode): masked, and masked then compacted (the model is not touched)."""
+    masked, masked_plan = copy.deepcopy((unwrap(model), plan))
+    masked.eval()
+    apply_masks(masked, masks, masked_plan)
+    small, small_plan = copy.deepcopy((masked, masked_plan))
+    compact(small, masks, small_plan, verify=False)
+    return masked, small
+
+
+def _inputs(example_inputs) -> tuple:
+    return (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+
+
 @torch.no_grad()
 def output_change(model: nn.Module, masks: Mapping[str, torch.Tensor], plan: Plan, example_inputs) -> float:
     """``max |compacted(x) - masked(x)| / max |masked(x)|`` in eval mode, on copies (the model is
     not touched): rounding for exact plans, the real change for approximate groups."""
-    masked, masked_plan = copy.deepcopy((unwrap(model), plan))
-    apply_masks(masked, masks, masked_plan)
-    small, small_plan = copy.deepcopy((masked, masked_plan))
-    compact(small, masks, small_plan)
-    x = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
-    a, b = masked.eval()(*x), small.eval()(*x)
+    masked, small = _masked_and_compacted(model, masks, plan)
+    x = _inputs(example_inputs)
+    a, b = masked(*x), small(*x)
     return float((a - b).abs().max() / a.abs().max().clamp_min(torch.finfo(a.dtype).tiny))
+
+
+def _outputs(model: nn.Module, x: tuple, record: dict | None = None):
+    """``model(*x)`` as ``[(path, tensor)]``; with ``record``, every module's tensor output by name."""
+    handles = []
+    if record is not None:
+        for name, m in model.named_modules():
+            handles.append(m.register_forward_hook(
+                lambda m, args, out, name=name: record.setdefault(name, out) if isinstance(out, torch.Tensor) else None))
+    try:
+        leaves = torch.utils._pytree.tree_flatten_with_path(model(*x))[0]
+    finally:
+        for h in handles:
+            h.remove()
+    return [(torch.utils._pytree.keystr(path) or "the output", t) for path, t in leaves if isinstance(t, torch.Tensor)]
+
+
+def _differs(a: torch.Tensor, b: torch.Tensor, tol: float) -> float | None:
+    """The relative difference of two outputs when it is beyond ``tol`` (or they differ in shape: inf)."""
+    if a.shape != b.shape:
+        return float("inf")
+    if not a.is_floating_point():
+        return None if torch.equal(a, b) else float("inf")
+    scale = a.abs().max().clamp_min(torch.finfo(a.dtype).tiny) if a.numel() else 1.0
+    change = float((a - b).abs().max() / scale) if a.numel() else 0.0
+    return change if not change <= tol else None  # NaN differs too
+
+
+@torch.no_grad()
+def compaction_error(model: nn.Module, masks: Mapping[str, torch.Tensor], plan: Plan, example_inputs,
+                     exact: bool = True) -> str | None:
+    """Why compacting ``model`` with ``masks`` would not give the masked model's outputs on
+    ``example_inputs`` (None when it does), tried on copies in float64 (so that a random-init net
+    does not amplify float32 rounding into a false alarm). ``exact=False`` (approximate groups):
+    the compacted model need only run and give outputs of the same shapes."""
+    masked, small = _masked_and_compacted(model, masks, plan)
+    x = _inputs(example_inputs)
+    tol = 1e-9
+    try:
+        x64 = tuple(t.double() if t.is_floating_point() else t for t in x)
+        masked.double(), small.double()
+        ref = _outputs(masked, x64)
+        x = x64
+    except Exception:  # a model that casts for itself: compare in its own precision
+        masked.float(), small.float()
+        ref, tol = _outputs(masked, x), 1e-4
+    try:
+        got = _outputs(small, x)
+    except Exception as err:
+        return f"the compacted model does not run on the example inputs: {type(err).__name__}: {str(err).splitlines()[0]}"
+    if len(got) != len(ref):
+        return f"the compacted model gives {len(got)} output tensors, the masked model {len(ref)}"
+    for (path, a), (_, b) in zip(ref, got):
+        change = _differs(a, b, tol if exact else float("inf"))
+        if change is not None:
+            if a.shape != b.shape:
+                return f"{path} of the compacted model has shape {tuple(b.shape)}, the masked model's {tuple(a.shape)}"
+            seen_masked, seen_small = {}, {}
+            _outputs(masked, x, seen_masked), _outputs(small, x, seen_small)
+            first = next((name for name, t in seen_masked.items() if name in seen_small and name
+                          and _differs(t, seen_small[name], tol) is not None), None)
+            where = "" if first is None else (
+                f"; the first module whose output differs is `{first}` ({type(masked.get_submodule(first)).__name__})")
+            return f"{path} of the compacted model differs from the masked model's by {change:.2g} (relative){where}"
+    return None
 
 
 def set_widths(module: nn.Module) -> None:

@@ -70,6 +70,7 @@ class Group:
     members: dict[MemberKey, torch.Tensor]
     reason: str | None  # why it cannot be removed, or None
     approximate: str | None = None  # why its cut changes what the model computes
+    speculative: str | None = None  # a width that export wrote as a number: plan() confirms the cut by trial
 
     @property
     def n_channels(self) -> int:
@@ -125,6 +126,36 @@ def _op_name(node: fx.Node) -> str | None:
     return schema.name[len("aten::"):]
 
 
+_ELEMENTWISE: dict = {}
+
+
+def _elementwise(node: fx.Node) -> bool:
+    """Whether the op acts on each entry of its first argument alone. Tagged pointwise, or (an op the
+    tags miss, such as ``hardswish``) of one tensor and numbers and shown so: it commutes with a
+    random shuffle of the entries of a random input of the same rank."""
+    if torch.Tag.pointwise in node.target.tags:
+        return True
+    first, others = (node.args[0] if node.args else None), []
+    fx.node.map_arg((node.args[1:], node.kwargs), others.append)
+    if others or not isinstance(first, fx.Node) or not isinstance(first.meta.get("val"), torch.Tensor) \
+            or _meta_shape(first.meta["val"]) != _meta_shape(node.meta.get("val")):
+        return False
+    key = (node.target, repr((node.args[1:], node.kwargs)), first.meta["val"].dim(), first.meta["val"].dtype)
+    if key not in _ELEMENTWISE:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn((3,) * first.meta["val"].dim(), generator=g, dtype=first.meta["val"].dtype) * 4
+        shuffle = torch.randperm(x.numel(), generator=g)
+        try:
+            with torch.no_grad():
+                a = node.target(x.reshape(-1)[shuffle].reshape(x.shape).clone(), *node.args[1:], **node.kwargs)
+                b = node.target(x.clone(), *node.args[1:], **node.kwargs)
+            _ELEMENTWISE[key] = isinstance(a, torch.Tensor) and a.shape == x.shape and bool(
+                torch.equal(a, b.reshape(-1)[shuffle].reshape(x.shape)))
+        except Exception:
+            _ELEMENTWISE[key] = False
+    return _ELEMENTWISE[key]
+
+
 def _meta_shape(meta) -> tuple | None:
     return tuple(meta.shape) if isinstance(meta, torch.Tensor) else None
 
@@ -134,9 +165,11 @@ class _Analysis:
         self.model, self.ep = model, ep
         sig = ep.graph_signature
         self.fqn = {**sig.inputs_to_parameters, **sig.inputs_to_buffers}  # placeholder -> name
-        self.values = dict(model.named_parameters()) | dict(model.named_buffers())
+        self.values = (dict(model.named_parameters(remove_duplicate=False))  # tied ones under every name
+                       | dict(model.named_buffers(remove_duplicate=False)))
         self.shared = self._shared()
         self.approximate: dict[int, str] = {}
+        self.speculative: dict[int, str] = {}
         self.parent: list[int] = []
         self.frozen: dict[int, str] = {}
         self.reasons = [""]
@@ -199,6 +232,19 @@ class _Analysis:
     def mark_approximate(self, ids: torch.Tensor, reason: str) -> None:
         for e in ids[ids >= 0].unique().tolist():
             self.approximate.setdefault(e, reason)
+
+    def mark_speculative(self, ids: torch.Tensor, reason: str) -> None:
+        for e in ids[ids >= 0].unique().tolist():
+            self.speculative.setdefault(e, reason)
+
+    def varies(self, ids: torch.Tensor, dim: int) -> bool:
+        """Whether ``ids`` hold different channels along ``dim``: joined elements are one channel
+        (SK-Net's stacked branches, once summed, differ along the branch axis only by name)."""
+        if not _varies(ids, dim):
+            return False
+        elements, inverse = ids.unique(return_inverse=True)
+        roots = torch.tensor([self.root(e) if e >= 0 else e for e in elements.tolist()], dtype=torch.int64)
+        return _varies(roots[inverse], dim)
 
     def reason(self, text: str) -> int:
         self.reasons.append(text)
@@ -310,7 +356,7 @@ class _Analysis:
         fn = RULES.get(name)
         if fn is not None:
             out = fn(self, node, _bind(node))
-        elif name is not None and torch.Tag.pointwise in node.target.tags:
+        elif name is not None and _elementwise(node):
             out = self.pointwise(node, _bind(node))
         else:
             out = self.unsupported(node)
@@ -529,7 +575,7 @@ class _Analysis:
     def per_channel(self, node: fx.Node, x: _Val, dims: list[int], what: str, shape: tuple | None = None):
         """An op over ``dims`` that keeps the channels (pooling, interpolation, a reduction) and gives
         ``shape`` (the node's): fine unless channels vary along them."""
-        if any(_varies(x.ids, d) for d in dims):
+        if any(self.varies(x.ids, d) for d in dims):
             return self.unsupported(node, f"{describe(node)} {what} over the channel axis")
         shape = shape or _meta_shape(node.meta["val"])
         ids, lost = x.ids, x.lost
@@ -552,6 +598,9 @@ class _Analysis:
         approximate: dict[int, str] = {}
         for e, why in self.approximate.items():
             approximate.setdefault(self.root(e), why)
+        speculative: dict[int, str] = {}
+        for e, why in self.speculative.items():
+            speculative.setdefault(self.root(e), why)
         by_signature: dict[tuple, list[int]] = {}
         for comp, touched in where.items():
             by_signature.setdefault(tuple(sorted((i, len(p)) for i, p in touched.items())), []).append(comp)
@@ -573,8 +622,9 @@ class _Analysis:
             if reason is None and not filters:
                 reason = "it has no filters to remove"
             order = min((module_order.get(k.module, 0) for k in filters), default=len(module_order))
-            out.append((order, Group(name, members, reason, next((approximate[c] for c in comps if c in approximate),
-                                                                 None))))
+            out.append((order, Group(name, members, reason,
+                                     next((approximate[c] for c in comps if c in approximate), None),
+                                     next((speculative[c] for c in comps if c in speculative), None))))
         return [g for _, g in sorted(out, key=lambda x: x[0])]
 
 
@@ -612,7 +662,7 @@ def _movement(a: _Analysis, node: fx.Node, args: dict):
         dim = args["dim"] % x.ids.dim()
         whole = name == "slice" and args["start"] in (None, 0) and args["step"] == 1 and (
             args["end"] is None or args["end"] >= x.ids.shape[dim])
-        if _varies(x.ids, dim) and not whole:
+        if a.varies(x.ids, dim) and not whole:
             return a.unsupported(node, f"{describe(node)} slices the channel axis at written positions, which "
                                        "cannot follow the pruned width")
     if name in ("view", "_unsafe_view", "reshape", "unflatten"):
@@ -620,14 +670,17 @@ def _movement(a: _Analysis, node: fx.Node, args: dict):
         if name == "unflatten":
             d = args["dim"] % x.ids.dim()
             written = list(x.ids.shape[:d]) + [-1 if s == -1 else s for s in written] + list(x.ids.shape[d + 1:])
-        varying = [d for d in range(ids.dim()) if _varies(ids, d)]
+        varying = [d for d in range(ids.dim()) if a.varies(ids, d)]
         literal = [d for d in varying if d < len(written) and isinstance(written[d], int) and written[d] != -1]
         if varying and len(literal) == len(varying):
+            # export writes a size computed from the input's shape (``C // paths``) as a number: assume
+            # the innermost channel axis follows the pruned width, and let plan() confirm it by trial
             sizes = [written[d] for d in literal]
-            return a.unsupported(node, f"{describe(node)} reshapes the channel axis to the fixed size "
-                                       f"{sizes if len(sizes) > 1 else sizes[0]} (written, or computed from the "
-                                       "example's shape), which cannot follow the pruned width: write -1 there")
-        if len(literal) < len(varying):
+            a.mark_speculative(ids, f"{describe(node)} reshapes the channel axis to the size "
+                                    f"{sizes if len(sizes) > 1 else sizes[0]}, which the compacted model does not "
+                                    "follow (a written size: write -1 there, or compute it from the shape)")
+            literal = literal[:-1]
+        if literal:
             for d in literal:  # a written split of the channel axis: keep it true after the cut
                 a.join(ids, ids.narrow(d, 0, 1).expand_as(ids),
                        strict=f"{describe(node)} splits it with a written size beside channels that cannot be cut")
@@ -642,10 +695,13 @@ def _split(a: _Analysis, node: fx.Node, args: dict):
     pieces_ids = node.target(x.ids, *node.args[1:], **node.kwargs)
     pieces_lost = node.target(x.lost, *node.args[1:], **node.kwargs)
     dim = args.get("dim", 0) % x.ids.dim()
-    if _varies(x.ids, dim) and len(pieces_ids) > 1:
-        if _op_name(node) != "chunk" or len({p.shape[dim] for p in pieces_ids}) != 1:
+    if a.varies(x.ids, dim) and len(pieces_ids) > 1:
+        if len({p.shape[dim] for p in pieces_ids}) != 1:
             return a.unsupported(node, f"{describe(node)} splits the channels at written sizes, which cannot "
                                        "follow the pruned width")
+        if _op_name(node) not in ("chunk", "unbind"):  # equal sizes, written or computed from the shape: confirmed by trial
+            a.mark_speculative(x.ids, f"{describe(node)} splits the channels into pieces of the written size "
+                                      f"{pieces_ids[0].shape[dim]}, which the compacted model does not follow")
         for p in pieces_ids[1:]:  # equal pieces must lose the same positions
             a.join(pieces_ids[0], p, strict=f"{describe(node)} splits it beside channels that cannot be cut")
     return tuple(_Val(i.contiguous(), lo.contiguous()) for i, lo in zip(pieces_ids, pieces_lost))
@@ -675,7 +731,7 @@ def _pad(a: _Analysis, node: fx.Node, args: dict):
         d, before, after = ids.dim() - 1 - k, pad[2 * k], pad[2 * k + 1]
         if before == after == 0:
             continue
-        if _varies(ids, d):
+        if a.varies(ids, d):
             if mode != "constant" or value not in (None, 0, 0.0) or before < 0 or after < 0:
                 return a.unsupported(node)
             fixed = a.fresh(1)  # their number is written: what they line up with cannot shrink
@@ -790,6 +846,9 @@ def _addcmul(a: _Analysis, node: fx.Node, args: dict):
     return a.binary(node, args["self"], product, "add")
 
 
+_ZERO_OF_ZEROS = {"mean", "sum", "amax", "amin", "max", "min", "linalg_vector_norm", "norm", "std", "var"}
+
+
 @rule("mean", "sum", "amax", "amin", "linalg_vector_norm", "norm", "std", "var", "var_mean", "std_mean",
       "max", "min", "logsumexp")
 def _reduce(a: _Analysis, node: fx.Node, args: dict):
@@ -804,7 +863,14 @@ def _reduce(a: _Analysis, node: fx.Node, args: dict):
     meta = node.meta["val"]
     if name in ("max", "min", "var_mean", "std_mean") and not isinstance(meta, (tuple, list)):
         return a.unsupported(node)
-    channels = [d for d in dims if _varies(x.ids, d)]
+    channels = [d for d in dims if a.varies(x.ids, d)]
+    if channels and name in _ZERO_OF_ZEROS and any(a.varies(x.ids, d) for d in range(x.ids.dim()) if d not in dims):
+        # the channels are on a kept axis too: a sum of tensors of channels (SK-Net's branches), whose
+        # slices go together as an add's operands do
+        for d in channels:
+            a.join(x.ids, x.ids.narrow(d, 0, 1).expand_as(x.ids),
+                   strict=f"{describe(node)} sums channels together with entries that cannot be cut")
+        channels = []
     if channels:
         exact = name in ("sum", "linalg_vector_norm", "norm")  # a zero adds nothing
         if exact:
@@ -848,7 +914,7 @@ def _spatial(a: _Analysis, node: fx.Node, args: dict):
 def _softmax(a: _Analysis, node: fx.Node, args: dict):
     x = a.val(node.args[0])
     dim = args["dim"] % x.ids.dim()
-    if _varies(x.ids, dim):
+    if a.varies(x.ids, dim):
         return a.unsupported(node, f"{describe(node)} normalizes over the channels")
     return a.lose(x, torch.ones_like(x.ids, dtype=torch.bool),
                   f"{describe(node)} maps a removed channel's zeros to 1/n, so it would still reach the consumer")

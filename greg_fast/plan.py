@@ -197,8 +197,9 @@ class Plan:
     (``{name: reason}``); ``print(plan)`` shows the table with parameter and FLOP totals."""
 
     def __init__(self, model: nn.Module, layers: list[LayerPlan], excluded: dict[str, str],
-                 layer_flops: dict[str, int], total_flops: int):
+                 layer_flops: dict[str, int], total_flops: int, example_inputs: tuple = ()):
         self.model_class = type(model).__name__
+        self.example_inputs = example_inputs  # what compact(verify=True) runs through the model
         self.layers = layers
         self.excluded = excluded
         self._layer_flops = layer_flops
@@ -415,12 +416,36 @@ def plan(model: nn.Module, ratio: float = 0.0, *, granularity: str = "filter",
         if not any(_matches(n, pattern) for n in modules):
             raise ValueError(f"skip entry {pattern!r} matches no module of {type(model).__name__}")
 
+    layer_flops, total = count_flops(model, example_inputs)
     if coupled:
-        layers, excluded = _coupled_units(model, example_inputs, ratio, ratios, skip, modules, approximate)
+        layers, excluded, pending = _coupled_units(model, example_inputs, ratio, ratios, skip, modules, approximate)
+        layers = _confirm(model, layers, excluded, pending, layer_flops, total, example_inputs)
     else:
         layers, excluded = _layer_units(*analyze(model, example_inputs), granularity, ratio, ratios, skip, modules)
-    layer_flops, total = count_flops(model, example_inputs)
-    return Plan(model, layers, excluded, layer_flops, total)
+    return Plan(model, layers, excluded, layer_flops, total, example_inputs)
+
+
+def _confirm(model, layers, excluded, pending, layer_flops, total, example_inputs) -> list[LayerPlan]:
+    """Keep the groups in ``pending`` (``{name: why it may not follow}``: a width export wrote as a
+    number) whose cut a trial compaction of a copy shows exact on the example inputs; the others go
+    to ``excluded``. All are tried at once, then one by one where that fails."""
+    from .compaction import compaction_error
+
+    def error(units):
+        trial = Plan(model, units, {}, layer_flops, total)
+        masks = {u.name: torch.arange(u.n_groups) % 2 == 0 for u in units}  # about half of each removed
+        return compaction_error(model, masks, trial, example_inputs, exact=not any(u.approximate for u in units))
+
+    tried = [l for l in layers if l.name in pending and l.n_groups > 1]
+    failed = {}
+    if tried and (joint := error(tried)) is not None:
+        failed = {l.name: e for l in tried if (e := error([l])) is not None}
+        rest = [l for l in tried if l.name not in failed]
+        if rest and (joint := error(rest)) is not None:
+            failed.update({l.name: joint for l in rest})
+    for name, e in failed.items():
+        excluded[name] = f"{pending[name]} (a trial compaction on the example inputs: {e})"
+    return [l for l in layers if l.name not in failed]
 
 
 def _layer_units(deps, order, granularity, ratio, ratios, skip, modules):
@@ -457,13 +482,15 @@ def _layer_units(deps, order, granularity, ratio, ratios, skip, modules):
 
 
 def _coupled_units(model, example_inputs, ratio, ratios, skip, modules, approximate):
-    layers, excluded = [], {}
+    layers, excluded, pending = [], {}, {}
     for g in analyze_groups(model, example_inputs):
         owners = list(dict.fromkeys(k.module for k in g.members if k.role != "input"))
         skipped = next((f"skipped by the user ({m!r} matches {p!r})" for m in owners for p in skip
                         if _matches(m, p)), None)
         filters = [k for k in g.members if k.role == "filter"]
         reason = skipped or g.reason
+        if reason is None and g.speculative:
+            pending[g.name] = g.speculative
         if reason is None and g.approximate and not approximate:
             reason = g.approximate + " (plan(..., approximate=True) cuts it anyway)"
         if reason is None and not all(getattr(modules[k.module], k.tensor).requires_grad for k in filters):
@@ -490,7 +517,7 @@ def _coupled_units(model, example_inputs, ratio, ratios, skip, modules, approxim
             view=(1, n, 1), norms=list(dict.fromkeys(k.module for k in g.members if k.role == "norm")),
             consumers=list(dict.fromkeys(k.module for k in g.members if k.role == "input")),
             members=g.members, coupled=True, approximate=g.approximate))
-    return layers, excluded
+    return layers, excluded, pending
 
 
 def stage_ratios(model: nn.Module, stages: Sequence[float]) -> dict[str, float]:
