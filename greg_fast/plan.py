@@ -418,8 +418,8 @@ def plan(model: nn.Module, ratio: float = 0.0, *, granularity: str = "filter",
 
     layer_flops, total = count_flops(model, example_inputs)
     if coupled:
-        layers, excluded, pending = _coupled_units(model, example_inputs, ratio, ratios, skip, modules, approximate)
-        layers = _confirm(model, layers, excluded, pending, layer_flops, total, example_inputs)
+        layers, excluded = _coupled_units(model, example_inputs, ratio, ratios, skip, modules, approximate,
+                                          (layer_flops, total))
     else:
         layers, excluded = _layer_units(*analyze(model, example_inputs), granularity, ratio, ratios, skip, modules)
     return Plan(model, layers, excluded, layer_flops, total, example_inputs)
@@ -481,9 +481,10 @@ def _layer_units(deps, order, granularity, ratio, ratios, skip, modules):
     return layers, excluded
 
 
-def _coupled_units(model, example_inputs, ratio, ratios, skip, modules, approximate):
+def _coupled_units(model, example_inputs, ratio, ratios, skip, modules, approximate, flops):
     layers, excluded, pending = [], {}, {}
-    for g in analyze_groups(model, example_inputs):
+    groups = analyze_groups(model, example_inputs)
+    for g in groups:
         owners = list(dict.fromkeys(k.module for k in g.members if k.role != "input"))
         skipped = next((f"skipped by the user ({m!r} matches {p!r})" for m in owners for p in skip
                         if _matches(m, p)), None)
@@ -517,7 +518,19 @@ def _coupled_units(model, example_inputs, ratio, ratios, skip, modules, approxim
             view=(1, n, 1), norms=list(dict.fromkeys(k.module for k in g.members if k.role == "norm")),
             consumers=list(dict.fromkeys(k.module for k in g.members if k.role == "input")),
             members=g.members, coupled=True, approximate=g.approximate))
-    return layers, excluded, pending
+    layers = _confirm(model, layers, excluded, pending, *flops, example_inputs)
+    # every conv/linear weight accounted for: a producer of an excluded group is excluded by name too
+    planned = {k.module for l in layers for k in l.members}
+    for g in groups:
+        if g.name in excluded:
+            for k in g.members:
+                if k.role == "filter" and k.module not in planned:
+                    excluded.setdefault(k.module, f"its filters are group {g.name!r}, excluded: {excluded[g.name]}"
+                                        if k.module != g.name.split("#")[0] else excluded[g.name])
+    for name, m in modules.items():
+        if isinstance(m, LAYER_TYPES) and name not in planned and name not in excluded:
+            excluded[name] = "it does not run on the example inputs (no op of the captured graph reads its weight)"
+    return layers, excluded
 
 
 def stage_ratios(model: nn.Module, stages: Sequence[float]) -> dict[str, float]:

@@ -1,0 +1,115 @@
+"""timm's convnets (built without weights) as a new user prunes them: the plan accounts for every
+conv/linear weight, the compacted model computes what the masked one does (float64 copies: a
+random-init net amplifies float32 rounding), growing regularization runs, and save/load round-trip."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import greg_fast as gf
+from greg_fast.capture import LAYER_TYPES
+
+from test_groups import random_group_masks
+from test_user_models import randomize
+
+timm = pytest.importorskip("timm", reason="timm is a test dependency: pip install -e '.[test]'")
+
+MODELS = ["efficientnet_b0", "tf_efficientnet_b0", "mobilenetv3_large_100", "regnety_002", "densenet121",
+          "inception_v3", "darknet53", "cspresnet50", "repvgg_a0", "resnetv2_50", "resnetv2_50x1_bit",
+          "nf_resnet26", "vgg11_bn", "convnextv2_atto", "dpn68", "skresnet18", "mixnet_s", "ghostnet_100",
+          "res2net50_14w_8s", "resnest14d", "xception41", "hrnet_w18_small", "resnet50d", "dla34"]
+# where growing regularization has something to cut at the default (exact) plan: all but the models
+# whose channels all pass a GroupNorm or a weight-standardized conv, or a LayerNorm (approximate)
+NOTHING_EXACT = {"resnetv2_50x1_bit", "nf_resnet26", "convnextv2_atto"}
+
+
+def float64_outputs(model, x):
+    with torch.no_grad():
+        return copy.deepcopy(model).double().eval()(x.double())
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_timm_model_plans_compacts_exactly_regularizes_and_round_trips(name, tmp_path):
+    torch.manual_seed(0)
+    model = randomize(timm.create_model(name, pretrained=False)).eval()
+    x = torch.randn(1, 3, 160, 160)
+    plan = gf.plan(model, 0.5, example_inputs=x)
+
+    planned = {k.module for layer in plan.layers for k in layer.members}
+    convs = [n for n, m in model.named_modules() if isinstance(m, LAYER_TYPES)]
+    assert [n for n in convs if n not in planned and n not in plan.excluded] == []
+    assert (len(plan.pruned) == 0) == (name in NOTHING_EXACT)
+
+    for ratio in (0.3, 0.7):  # random masks: the mask, not the weights, decides what goes
+        masks = random_group_masks(plan, ratio)
+        masked, masked_plan = copy.deepcopy((model, plan))
+        gf.apply_masks(masked, masks, masked_plan)
+        small, small_plan = copy.deepcopy((masked, masked_plan))
+        gf.compact(small, masks, small_plan, verify=False)
+        a, b = float64_outputs(masked, x), float64_outputs(small, x)
+        assert float((a - b).abs().max() / a.abs().max()) < 1e-9, ratio
+
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    greg = gf.GrowingReg(opt, plan, method="greg1", delta=0.5, interval=1, ceiling=1.0, stabilize=1)
+    batch = torch.randn(2, 3, 160, 160)
+    for _ in range(2):
+        opt.zero_grad()
+        model(batch).square().mean().backward()
+        greg.step()
+    model.eval()
+    masks = greg.masks()
+    gf.compact(model, masks, plan, opt)  # verify=True: compact checks itself on the example input
+    assert sum(p.numel() for p in model.parameters()) == plan.cost()["params_after"]
+
+    gf.save(model, tmp_path / "m.pt")
+    fresh = timm.create_model(name, pretrained=False)
+    loaded = gf.load(tmp_path / "m.pt", model=fresh).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+class WrittenWidth(nn.Module):
+    """A block that splits its channels at a size it stores (as timm's Res2Net and MixNet do): export
+    writes it as a number like a shape-derived one, and only a trial compaction tells them apart."""
+
+    def __init__(self, computed: bool):
+        super().__init__()
+        self.computed = computed
+        self.c1, self.half = nn.Conv2d(3, 8, 3, padding=1), 4
+        self.a, self.b = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 1)
+        self.head = nn.Conv2d(8, 5, 1)
+
+    def forward(self, x):
+        y = torch.relu(self.c1(x))
+        p, q = torch.split(y, y.shape[1] // 2 if self.computed else self.half, 1)
+        return self.head(torch.cat([self.a(p), self.b(q)], 1)).mean((2, 3))
+
+
+@pytest.mark.parametrize("computed", [True, False])
+def test_a_width_export_wrote_as_a_number_is_kept_only_when_a_trial_compaction_confirms_it(computed):
+    model = randomize(WrittenWidth(computed)).eval()
+    x = torch.randn(1, 3, 12, 12)
+    plan = gf.plan(model, 0.5, example_inputs=x)
+    if computed:
+        assert "c1" in {l.name for l in plan.pruned}
+    else:
+        assert "split" in plan.excluded["c1"] and "does not run" in plan.excluded["c1"]
+    masks = random_group_masks(plan, 0.5)
+    masked, masked_plan = copy.deepcopy((model, plan))
+    gf.apply_masks(masked, masks, masked_plan)
+    gf.compact(model, masks, plan)
+    assert torch.allclose(masked(x), model(x), atol=1e-6)
+
+
+def test_compact_refuses_a_cut_that_changes_the_output_and_leaves_the_model_untouched():
+    model = randomize(WrittenWidth(True)).eval()
+    x = torch.randn(1, 3, 12, 12)
+    plan = gf.plan(model, 0.5, example_inputs=x)
+    before = copy.deepcopy(model.state_dict())
+    model.computed = False  # after planning, the split size becomes the stored 4: the cut no longer follows
+    masks = random_group_masks(plan, 0.5)
+    with pytest.raises(ValueError, match="compact\\(\\) refused: .*does not run|compact\\(\\) refused: .*differs"):
+        gf.compact(model, masks, plan)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
