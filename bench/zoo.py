@@ -3,8 +3,11 @@
 models in the same run; plan and compact times; a check that the compacted model is the masked one.
 
     pip install -e ".[bench]" && python bench/zoo.py [--ratio 0.5] [--size 224] [--models a,b]
+    python bench/zoo.py --timm [--size 160]   # timm's convnets, built without weights
 
-writes bench/results/zoo-<device>-<date>.json and .md (the table).
+writes bench/results/zoo[-timm]-<device>-<date>.json and .md (the table, and what stays excluded and why).
+timm models get random BatchNorm statistics and affine terms (as the tests do), so that a wrong cut
+shows in "compacted == masked" (max relative difference, float64 copies, L1 picks).
 """
 from __future__ import annotations
 
@@ -12,7 +15,10 @@ import argparse
 import copy
 import datetime
 import json
+import re
+import signal
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -26,6 +32,11 @@ from greg_fast.table import format_table
 ZOO = ("resnet18", "resnet50", "wide_resnet50_2", "resnext50_32x4d", "vgg16_bn", "mobilenet_v2",
        "mobilenet_v3_large", "efficientnet_b0", "densenet121", "googlenet", "regnet_y_400mf", "convnext_tiny",
        "squeezenet1_0", "shufflenet_v2_x1_0", "resnet56", "vgg19_bn_cifar")
+TIMM = ("efficientnet_b0", "tf_efficientnet_b0", "mobilenetv3_large_100", "regnety_002", "densenet121",
+        "inception_v3", "darknet53", "cspresnet50", "repvgg_a0", "resnetv2_50", "resnetv2_50x1_bit",
+        "nf_resnet26", "vgg11_bn", "convnextv2_atto", "dpn68", "skresnet18", "mixnet_s", "ghostnet_100",
+        "res2net50_14w_8s", "resnest14d", "xception41", "hrnet_w18_small", "resnet50d", "dla34")
+TORCH_PRUNING_LIMIT_S = 300  # it runs for minutes on some channel-attention nets: past this, "no answer"
 
 
 def removed(before: tuple[int, int], after: tuple[int, int]) -> tuple[float, float]:
@@ -47,12 +58,57 @@ def greg_fast_row(model: nn.Module, x: torch.Tensor, ratio: float, coupled: bool
            "groups": len(plan.pruned), "excluded": len(plan.excluded)}
     if coupled:  # L1 picks, then compaction: timed, and checked against the masked model
         masks = gf.GrowingReg(torch.optim.SGD(model.parameters(), lr=0.0), plan, method="l1").masks()
-        row["max_rel_error"] = gf.output_change(model, masks, plan, x)
+        row["max_rel_error"] = float64_change(model, masks, plan, x)
         start = time.perf_counter()
-        gf.compact(model, masks, plan)
+        gf.compaction.compaction_error(model, masks, plan, (x,), exact=not approximate)
+        row["verify_s"] = time.perf_counter() - start
+        start = time.perf_counter()
+        gf.compact(model, masks, plan, verify=False)
         row["compact_s"] = time.perf_counter() - start
         row["params_after_matches_plan"] = sum(p.numel() for p in model.parameters()) == c["params_after"]
     return row
+
+
+def float64_change(model: nn.Module, masks: dict, plan: gf.Plan, x: torch.Tensor) -> float:
+    """``output_change`` on float64 copies: a random-init net amplifies float32 rounding."""
+    model, plan = copy.deepcopy((model, plan))
+    return gf.output_change(model.double(), masks, plan, x.double())
+
+
+def why_excluded(plan: gf.Plan) -> Counter:
+    """The plan's exclusions by kind: the emitting module's class and what its op does."""
+    kinds = Counter()
+    for reason in plan.excluded.values():
+        reason = re.sub(r"^its filters are group '[^']*', excluded: ", "", reason)
+        reason = re.sub(r"`[^`]*` \(([^)]*)\)", r"\1", reason)  # module paths vary, classes do not
+        reason = re.sub(r"\d+", "N", reason.split(" (a trial compaction")[0].split(" (plan(")[0])
+        kinds[reason[:150]] += 1
+    return kinds
+
+
+def build(name: str, timm_zoo: bool) -> nn.Module:
+    torch.manual_seed(0)
+    if not timm_zoo:
+        return models.create(name, 1000 if name in models._TORCHVISION else 10).eval()
+    import timm
+    model = timm.create_model(name, pretrained=False).eval()
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # random statistics and affine terms: a wrong cut shows
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None and m.affine:
+                m.running_mean.copy_(torch.rand(m.num_features, generator=g) - 0.5)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.bias.copy_(torch.rand(m.num_features, generator=g) - 0.5)
+    return model
+
+
+class _NoAnswer(Exception):
+    pass
+
+
+def _alarm(signum, frame):
+    raise _NoAnswer(f"no answer in {TORCH_PRUNING_LIMIT_S} s")
 
 
 def torch_pruning_row(model: nn.Module, x: torch.Tensor, ratio: float) -> dict:
@@ -61,37 +117,52 @@ def torch_pruning_row(model: nn.Module, x: torch.Tensor, ratio: float) -> dict:
     before = cost_of(model, x)
     classifier = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))][-1]
     start = time.perf_counter()
+    previous = signal.signal(signal.SIGALRM, _alarm)
+    signal.alarm(TORCH_PRUNING_LIMIT_S)
     try:
         pruner = tp.pruner.MetaPruner(model, x, importance=tp.importance.MagnitudeImportance(p=1),
                                       pruning_ratio=ratio, ignored_layers=[classifier])
         pruner.step()
+        seconds = time.perf_counter() - start
         params, flops = removed(before, cost_of(model, x))
     except Exception as err:  # report it, as the issue's table does
         return {"error": f"{type(err).__name__}: {str(err)[:120]}"}
-    return {"params_removed": params, "flops_removed": flops, "seconds": time.perf_counter() - start}
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    return {"params_removed": params, "flops_removed": flops, "seconds": seconds}
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ratio", type=float, default=0.5)
-    p.add_argument("--size", type=int, default=224, help="input size of the ImageNet models (CIFAR ones: 32)")
-    p.add_argument("--models", default=",".join(ZOO))
+    p.add_argument("--size", type=int, default=None,
+                   help="input size of the ImageNet models (default 224, timm's 160; CIFAR ones: 32)")
+    p.add_argument("--timm", action="store_true", help="timm's convnets (pip install timm) instead of torchvision's")
+    p.add_argument("--models", default=None, help="comma-separated names (default: the whole list)")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = p.parse_args(argv)
+    zoo = TIMM if args.timm else ZOO
+    args.models = args.models or ",".join(zoo)
+    args.size = args.size or (160 if args.timm else 224)
     device = torch.device("cpu")
     slug = "".join(c if c.isalnum() else "-" for c in bench.device_name(device)).strip("-").lower()
-    stem = f"zoo-{slug}-{datetime.date.today().isoformat()}"
+    stem = f"zoo{'-timm' if args.timm else ''}-{slug}-{datetime.date.today().isoformat()}"
     out = Path(args.out)
     earlier = out / f"{stem}.json"  # a run on some models updates today's table
     rows = json.loads(earlier.read_text())["rows"] if earlier.exists() else []
     for name in args.models.split(","):
-        torch.manual_seed(0)
-        model = models.create(name, 1000 if name in models._TORCHVISION else 10).eval()
-        size = args.size if name in models._TORCHVISION else 32
+        model = build(name, args.timm)
+        size = args.size if args.timm or name in models._TORCHVISION else 32
         x = torch.randn(1, 3, size, size)
-        row = {"model": name, "input": size, "coupled": greg_fast_row(model, x, args.ratio, True),
-               "layers": greg_fast_row(model, x, args.ratio, False)}
-        if any("approximate=True" in reason for reason in gf.plan(model, args.ratio, example_inputs=x).excluded.values()):
+        row = {"model": name, "input": size, "coupled": greg_fast_row(model, x, args.ratio, True)}
+        try:
+            row["layers"] = greg_fast_row(model, x, args.ratio, False)
+        except gf.UntraceableModelError as err:  # the 2021 reference's single layers trace with torch.fx
+            row["layers"] = {"error": str(err)[:200]}
+        plan = gf.plan(model, args.ratio, example_inputs=x)
+        row["excluded"] = why_excluded(plan).most_common()
+        if any("approximate=True" in reason for reason in plan.excluded.values()):
             row["approximate"] = greg_fast_row(model, x, args.ratio, True, approximate=True)
         try:
             row["torch_pruning"] = torch_pruning_row(model, x, args.ratio)
@@ -99,7 +170,7 @@ def main(argv=None) -> int:
             row["torch_pruning"] = {"error": "Torch-Pruning not installed (pip install -e '.[bench]')"}
         print(json.dumps(row), flush=True)
         rows = [r for r in rows if r["model"] != name] + [row]
-    rows.sort(key=lambda r: ZOO.index(r["model"]) if r["model"] in ZOO else len(ZOO))
+    rows.sort(key=lambda r: zoo.index(r["model"]) if r["model"] in zoo else len(zoo))
     meta = {"ratio": args.ratio, "device": bench.device_name(device), "torch": torch.__version__,
             "date": datetime.date.today().isoformat()}
     try:
@@ -108,15 +179,25 @@ def main(argv=None) -> int:
     except ImportError:
         pass
     table = [("model", "FLOPs removed: coupled", "layers only", "Torch-Pruning", "params removed: coupled",
-              "Torch-Pruning", "groups", "plan s", "compact s", "compacted == masked")]
+              "Torch-Pruning", "groups", "excluded", "plan s", "compact s", "verify s", "Torch-Pruning s",
+              "compacted == masked")]
     for r in rows:
         c, lay, tp_ = r["coupled"], r["layers"], r["torch_pruning"]
         tp_flops = f"{tp_['flops_removed']:.1f}%" if "error" not in tp_ else "fails"
         tp_params = f"{tp_['params_removed']:.1f}%" if "error" not in tp_ else "-"
-        table.append((r["model"], f"{c['flops_removed']:.1f}%", f"{lay['flops_removed']:.1f}%", tp_flops,
-                      f"{c['params_removed']:.1f}%", tp_params, str(c["groups"]), f"{c['plan_s']:.1f}",
-                      f"{c['compact_s']:.2f}", f"{c['max_rel_error']:.0e}" + ("" if c["params_after_matches_plan"] else " (params differ!)")))
-    text = format_table(table, right=tuple(range(1, 10)))
+        table.append((r["model"], f"{c['flops_removed']:.1f}%",
+                      f"{lay['flops_removed']:.1f}%" if "error" not in lay else "untraceable", tp_flops,
+                      f"{c['params_removed']:.1f}%", tp_params, str(c["groups"]), str(c["excluded"]),
+                      f"{c['plan_s']:.1f}", f"{c['compact_s']:.2f}", f"{c.get('verify_s', 0):.2f}",
+                      f"{tp_['seconds']:.1f}" if "error" not in tp_ else "-",
+                      f"{c['max_rel_error']:.0e}" + ("" if c["params_after_matches_plan"] else " (params differ!)")))
+    text = format_table(table, right=tuple(range(1, 13)))
+    failures = [f"- {r['model']}: {r['torch_pruning']['error']}" for r in rows if "error" in r["torch_pruning"]]
+    if failures:
+        text += "\n\nTorch-Pruning fails on:\n" + "\n".join(failures)
+    text += "\n\nWhat stays excluded (groups, by the module class and op that stop them):\n"
+    for r in rows:
+        text += f"- {r['model']}: " + "; ".join(f"{n} x {why}" for why, n in r.get("excluded", [])) + "\n"
     for r in rows:
         if "approximate" in r:
             a = r["approximate"]
@@ -125,7 +206,8 @@ def main(argv=None) -> int:
                      f"{a['max_rel_error']:.2g} (relative, L1 picks on an untrained model)")
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    header = (f"Uniform ratio {args.ratio}, inputs {args.size}x{args.size} (CIFAR models 32x32), FLOPs by "
+    header = (f"{'timm' if args.timm else 'torchvision'} models, uniform ratio {args.ratio}, inputs "
+              f"{args.size}x{args.size} (CIFAR models 32x32), FLOPs by "
               f"torch.utils.flop_counter; {meta['device']}, torch {meta['torch']}, Torch-Pruning "
               f"{meta.get('torch_pruning', '-')}, {meta['date']}.\n\n")
     (out / f"{stem}.md").write_text(header + text + "\n")
