@@ -9,9 +9,12 @@ import torch.nn as nn
 # Without a GPU the Triton kernels run in Triton's interpreter; it must be set before triton loads.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-else:  # models run on the GPU are compared with the CPU's float32: no TF32 convolutions or matmuls
+else:  # models run on the GPU are compared with the CPU's float32: no TF32 convolutions or matmuls;
+    # and two runs compared step by step need convolutions that sum in the same order each time
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
 
 from greg_fast.plan import LayerPlan, Slice, _group_view  # noqa: E402  (after TRITON_INTERPRET)
 
