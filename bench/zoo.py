@@ -81,8 +81,8 @@ def why_excluded(plan: gf.Plan) -> Counter:
     for reason in plan.excluded.values():
         reason = re.sub(r"^its filters are group '[^']*', excluded: ", "", reason)
         reason = re.sub(r"`[^`]*` \(([^)]*)\)", r"\1", reason)  # module paths vary, classes do not
-        reason = re.sub(r"\d+", "N", reason.split(" (a trial compaction")[0].split(" (plan(")[0])
-        kinds[reason[:150]] += 1
+        reason = re.sub(r"\b\d+\b", "N", reason.split(" (a trial compaction")[0].split(" (plan(")[0])
+        kinds[reason[:200]] += 1
     return kinds
 
 
@@ -201,7 +201,7 @@ def main(argv=None) -> int:
     for r in rows:
         if "approximate" in r:
             a = r["approximate"]
-            text += (f"\n{r['model']} with approximate=True (LayerNorm groups cut too): {a['flops_removed']:.1f}% FLOPs, "
+            text += (f"\n{r['model']} with approximate=True (groups whose cut is approximate cut too): {a['flops_removed']:.1f}% FLOPs, "
                      f"{a['params_removed']:.1f}% params removed; compacted vs masked output differs by "
                      f"{a['max_rel_error']:.2g} (relative, L1 picks on an untrained model)")
     out.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from .masks import apply_masks, check_masks
 from . import ops
-from .graph import LAYER_TYPES, NORM_TYPES, unwrap
+from .capture import LAYER_TYPES, NORM_TYPES, unwrap
 from .plan import Plan
 
 def cuts(masks: Mapping[str, torch.Tensor], plan: Plan) -> dict[tuple[str, str], dict[int, torch.Tensor]]:
@@ -195,6 +195,10 @@ def compaction_error(model: nn.Module, masks: Mapping[str, torch.Tensor], plan: 
     masked, small = _masked_and_compacted(model, masks, plan)
     x = _inputs(example_inputs)
     tol = 1e-9
+    try:  # first in its own precision: a compacted model that does not run fails fast
+        _outputs(small, x)
+    except Exception as err:
+        return f"the compacted model does not run on the example inputs: {type(err).__name__}: {str(err).splitlines()[0]}"
     try:
         x64 = tuple(t.double() if t.is_floating_point() else t for t in x)
         masked.double(), small.double()

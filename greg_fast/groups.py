@@ -24,18 +24,22 @@ together with other channels by a GroupNorm, is sliced or split at written sizes
 a tensor of its width that cannot be cut, or lines up with F.pad's fixed zero channels. Channels a
 LayerNorm normalizes together, or that a weight-standardized conv reads, are marked *approximate*
 (the cut model computes a little differently): only ``plan(..., approximate=True)`` cuts them.
+
+Single layers (``plan(..., coupled=False)``, the 2021 reference's rule) come from the same analysis
+(:func:`analyze_layers`): a layer is one when its filters are a group that no op joins to other
+channels and that only its norms and its consumers' whole input columns go with.
 """
 from __future__ import annotations
 
 import math
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .capture import describe, emitter, export, module_path
+from .capture import LAYER_TYPES, describe, emitter, export, module_path
 
 _NONE = -1  # an entry of no prunable channel
 
@@ -71,6 +75,7 @@ class Group:
     reason: str | None  # why it cannot be removed, or None
     approximate: str | None = None  # why its cut changes what the model computes
     speculative: str | None = None  # a width that export wrote as a number: plan() confirms the cut by trial
+    joins: tuple[str, ...] = ()  # the ops that join its channels with others (none: a single layer's)
 
     @property
     def n_channels(self) -> int:
@@ -88,6 +93,18 @@ class _Val:
     def param(self) -> str | None:
         """The parameter this is a view of, if it is one."""
         return next(iter(self.sources)) if self.pos is not None and len(self.sources) == 1 else None
+
+
+def _unique_pairs(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The distinct pairs ``(a[i], b[i])`` of integer tensors, ``[n, 2]`` in sorted order: one int64
+    key per pair, as a 1-d unique is many times faster than ``unique(dim=0)``."""
+    if not a.numel():
+        return torch.empty(0, 2, dtype=torch.int64)
+    a, b = a.long(), b.long()
+    a0, b0 = int(a.min()), int(b.min())
+    m = int(b.max()) - b0 + 1
+    keys = torch.unique((a - a0) * m + (b - b0))
+    return torch.stack([keys // m + a0, keys % m + b0], 1)
 
 
 def _varies(ids: torch.Tensor, dim: int) -> bool:
@@ -175,6 +192,8 @@ class _Analysis:
         self.reasons = [""]
         self.members: dict[MemberKey, torch.Tensor] = {}
         self.env: dict[fx.Node, object] = {}
+        self.joined_by: list[tuple[int, str]] = []  # (element, the op that joined it to another)
+        self.layers: dict[str, bool] = {}  # conv/linear modules in the order they run: reads channels?
 
     def _shared(self) -> dict[str, str]:
         """Parameters and buffers whose cut would reach more than one place: read by several ops (a
@@ -211,19 +230,22 @@ class _Analysis:
             e = self.parent[e]
         return e
 
-    def join(self, a: torch.Tensor, b: torch.Tensor, strict: str | None = None) -> None:
+    def join(self, a: torch.Tensor, b: torch.Tensor, strict: str | None = None, via: str | None = None) -> None:
         """Join the elements paired entry by entry. ``strict``: the pairing is a promise that both
-        go together, so an element paired with a non-element is frozen with that reason."""
+        go together, so an element paired with a non-element is frozen with that reason. ``via``: the
+        op that couples them (what a single-layer plan reports)."""
         a, b = torch.broadcast_tensors(a, b)
         if strict is not None:
             self.freeze(torch.cat([a[b < 0], b[a < 0]]), strict)
         keep = (a >= 0) & (b >= 0) & (a != b)
         if not bool(keep.any()):
             return
-        for x, y in torch.stack([a[keep], b[keep]], 1).unique(dim=0).tolist():
+        for x, y in _unique_pairs(a[keep], b[keep]).tolist():
             rx, ry = self.root(x), self.root(y)
             if rx != ry:
                 self.parent[max(rx, ry)] = min(rx, ry)
+                if via is not None:
+                    self.joined_by.append((x, via))
 
     def freeze(self, ids: torch.Tensor, reason: str) -> None:
         for e in ids[ids >= 0].unique().tolist():
@@ -259,13 +281,13 @@ class _Analysis:
         """``v`` is read by a layer: a removed channel must be exactly zero there."""
         bad = (v.ids >= 0) & (v.lost > 0)
         if bool(bad.any()):
-            for e, r in torch.stack([v.ids[bad], v.lost[bad].long()], 1).unique(dim=0).tolist():
+            for e, r in _unique_pairs(v.ids[bad], v.lost[bad]).tolist():
                 self.frozen.setdefault(e, self.reasons[r])
 
     def member(self, module: str, tensor: str, axis: int, role: str, masked: bool, ids: torch.Tensor) -> None:
         key = MemberKey(module, tensor, axis, role, masked)
         if key in self.members:
-            self.join(self.members[key], ids)
+            self.join(self.members[key], ids, via=f"`{module}.{tensor}`, read twice")
         else:
             self.members[key] = ids
 
@@ -285,7 +307,7 @@ class _Analysis:
         n, step = t.shape[big[0]], math.prod(t.shape[big[0] + 1:])
         at = torch.full((n,), _NONE, dtype=torch.int64)
         coord = (p.pos.expand(ids.shape) // step) % n
-        pairs = torch.stack([coord.reshape(-1), ids.reshape(-1)], 1).unique(dim=0)
+        pairs = _unique_pairs(coord.reshape(-1), ids.reshape(-1))
         at[pairs[:, 0]] = pairs[:, 1]
         if len(pairs) != n or bool((at < 0).any() and live.any()):  # one channel per entry, every entry one
             return False
@@ -426,6 +448,8 @@ class _Analysis:
         if w.param is not None and not self.whole(w):
             w = _Val(w.ids, w.lost, w.sources)  # a view that reorders a parameter: treated as computed
         in_ids = _along(x.ids, axis) if x.ids.dim() > axis else None
+        for s in sorted(w.sources)[:1]:
+            self.layers.setdefault(s.rpartition(".")[0], in_ids is not None and bool((in_ids >= 0).any()))
         if in_ids is None:
             self.freeze(x.ids, f"{describe(node)} does not read the channels as its input channels")
             return self.producer_output(node, w, bias, self.fresh(n_out), axis)
@@ -436,7 +460,8 @@ class _Analysis:
             # input's width, so an input channel that cannot be cut freezes its filters
             out_ids = self.fresh(n_out)
             self.join(out_ids, in_ids.repeat_interleave(mult),
-                      strict=f"{describe(node)} is depthwise over channels that cannot be cut")
+                      strict=f"{describe(node)} is depthwise over channels that cannot be cut",
+                      via=f"{describe(node)} (a depthwise conv: its filters go with their input channel)")
             return self.producer_output(node, w, bias, out_ids, axis)
         self.consume(x)
         sources = [w] if w.param is not None else [self.param_val(s) for s in sorted(w.sources)
@@ -455,7 +480,9 @@ class _Analysis:
                 # grouped: the same input position in every conv group goes together
                 by_group = in_ids.view(groups, per_group)
                 self.join(by_group, by_group[:1].expand_as(by_group),
-                          strict=f"{describe(node)} (groups={groups}) reads it beside channels that cannot be cut")
+                          strict=f"{describe(node)} (groups={groups}) reads it beside channels that cannot be cut",
+                          via=f"{describe(node)} (a grouped conv, groups={groups}: the same position in every "
+                              "conv group goes together)")
                 self.member(module, tensor, 1, "input", False, by_group[0])
         if w.param is None:  # weight standardization spans the input channels
             self.mark_approximate(in_ids, f"{describe(node)} standardizes its weight over its input channels: "
@@ -531,7 +558,8 @@ class _Analysis:
                                  f"{describe(node)} adds a tensor that is not a prunable channel, so a "
                                  "removed channel would not be zero")
         self.join(ai, bi, strict=f"{describe(node)} combines them with a tensor of the same width that "
-                                 "cannot be cut")
+                                 "cannot be cut",
+                  via=f"{describe(node)} ({'a residual add' if kind == 'add' else 'a product: gating'})")
         al, bl = va.lost.expand(shape), vb.lost.expand(shape)
         ids = torch.where(ai >= 0, ai, bi)
         if kind == "add":
@@ -601,6 +629,9 @@ class _Analysis:
         speculative: dict[int, str] = {}
         for e, why in self.speculative.items():
             speculative.setdefault(self.root(e), why)
+        joins: dict[int, list[str]] = {}
+        for e, via in self.joined_by:
+            joins.setdefault(self.root(e), []).append(via)
         by_signature: dict[tuple, list[int]] = {}
         for comp, touched in where.items():
             by_signature.setdefault(tuple(sorted((i, len(p)) for i, p in touched.items())), []).append(comp)
@@ -624,7 +655,8 @@ class _Analysis:
             order = min((module_order.get(k.module, 0) for k in filters), default=len(module_order))
             out.append((order, Group(name, members, reason,
                                      next((approximate[c] for c in comps if c in approximate), None),
-                                     next((speculative[c] for c in comps if c in speculative), None))))
+                                     next((speculative[c] for c in comps if c in speculative), None),
+                                     tuple(dict.fromkeys(v for c in comps for v in joins.get(c, ()))))))
         return [g for _, g in sorted(out, key=lambda x: x[0])]
 
 
@@ -683,7 +715,8 @@ def _movement(a: _Analysis, node: fx.Node, args: dict):
         if literal:
             for d in literal:  # a written split of the channel axis: keep it true after the cut
                 a.join(ids, ids.narrow(d, 0, 1).expand_as(ids),
-                       strict=f"{describe(node)} splits it with a written size beside channels that cannot be cut")
+                       strict=f"{describe(node)} splits it with a written size beside channels that cannot be cut",
+                       via=f"{describe(node)} (a written split of the channel axis)")
     return _Val(ids.contiguous(), lost.contiguous(), x.sources, None)
 
 
@@ -703,7 +736,8 @@ def _split(a: _Analysis, node: fx.Node, args: dict):
             a.mark_speculative(x.ids, f"{describe(node)} splits the channels into pieces of the written size "
                                       f"{pieces_ids[0].shape[dim]}, which the compacted model does not follow")
         for p in pieces_ids[1:]:  # equal pieces must lose the same positions
-            a.join(pieces_ids[0], p, strict=f"{describe(node)} splits it beside channels that cannot be cut")
+            a.join(pieces_ids[0], p, strict=f"{describe(node)} splits it beside channels that cannot be cut",
+                   via=f"{describe(node)} (equal pieces of a split)")
     return tuple(_Val(i.contiguous(), lo.contiguous()) for i, lo in zip(pieces_ids, pieces_lost))
 
 
@@ -869,7 +903,8 @@ def _reduce(a: _Analysis, node: fx.Node, args: dict):
         # slices go together as an add's operands do
         for d in channels:
             a.join(x.ids, x.ids.narrow(d, 0, 1).expand_as(x.ids),
-                   strict=f"{describe(node)} sums channels together with entries that cannot be cut")
+                   strict=f"{describe(node)} sums channels together with entries that cannot be cut",
+                   via=f"{describe(node)} (a sum of branches)")
         channels = []
     if channels:
         exact = name in ("sum", "linalg_vector_norm", "norm")  # a zero adds nothing
@@ -920,9 +955,114 @@ def _softmax(a: _Analysis, node: fx.Node, args: dict):
                   f"{describe(node)} maps a removed channel's zeros to 1/n, so it would still reach the consumer")
 
 
-def analyze_groups(model: nn.Module, example_inputs: tuple) -> list[Group]:
-    """Every channel group of ``model`` (prunable or not, with the reason), in the order of their
-    first producer."""
+def _analysis(model: nn.Module, example_inputs: tuple) -> _Analysis:
     analysis = _Analysis(model, export(model, example_inputs))
     analysis.run()
-    return analysis.groups()
+    return analysis
+
+
+def _unfiltered(name: str, shared: dict) -> str:
+    """Why a layer that runs has its filters in no group."""
+    return shared.get(f"{name}.weight", "greg_fast cannot cut its weight along its filters")
+
+
+def analyze_groups(model: nn.Module, example_inputs: tuple) -> tuple[list[Group], dict[str, str]]:
+    """Every channel group of ``model`` (prunable or not, with the reason), in the order of their
+    first producer; and why, for each conv/linear that runs but whose filters are in no group."""
+    analysis = _analysis(model, example_inputs)
+    groups = analysis.groups()
+    with_filters = {k.module for g in groups for k in g.members if k.role == "filter"}
+    return groups, {n: _unfiltered(n, analysis.shared) for n in analysis.layers if n not in with_filters}
+
+
+# ---- single layers: the groups that couple nothing (the 2021 reference's rule) ----
+@dataclass
+class Consumer:
+    """A layer that reads a producer's channels as its input channels."""
+    name: str
+    spatial: int  # input features per producer channel (>1 only for flatten-before-linear)
+
+
+@dataclass
+class LayerDeps:
+    name: str
+    module: nn.Module
+    consumers: list[Consumer] = field(default_factory=list)
+    norms: list[str] = field(default_factory=list)     # the norms carrying this layer's filters
+    filter_reason: str | None = None                    # why its filters cannot be cut alone
+    producer: str | None = None                         # the layer whose filters are its input channels
+    input_spatial: int = 1                              # features per input channel (flatten-before-linear)
+    channel_reason: str | None = None                   # why its input channels cannot be cut
+
+
+_NORM_TENSORS = ("weight", "bias", "running_mean", "running_var", "")
+
+
+def _alone(name: str, group: Group | None, modules: dict, shared: dict) -> str | None:
+    """Why the filters of layer ``name`` are not a group of their own that only its norms and its
+    consumers' columns go with, in the way the single-layer plan cuts them (None: they are)."""
+    m = modules[name]
+    if group is None:
+        return _unfiltered(name, shared)
+    if isinstance(m, nn.modules.conv._ConvNd) and m.groups != 1:
+        return f"grouped/depthwise conv (groups={m.groups}): its filters go with its input channels"
+    if group.reason or group.approximate or group.speculative:
+        return group.reason or group.approximate or group.speculative
+    if group.joins:
+        return f"its channels are tied to other channels by {group.joins[0]}; coupled groups cut them together"
+    rows = torch.arange(m.weight.shape[0]).view(-1, 1)
+    for key, pos in group.members.items():
+        same = pos.shape == rows.shape and torch.equal(pos, rows)
+        if key.role in ("filter", "bias") and key.module == name and same:
+            continue
+        if key.role == "norm" and key.tensor in _NORM_TENSORS and same:
+            continue
+        if key.role == "input" and key.tensor == "weight" and key.axis == 1 and pos.shape[0] == len(rows):
+            if modules[key.module].weight.shape[1] != pos.numel():
+                return f"`{key.module}` reads its channels beside others (a concat)"
+            if not torch.equal(pos, torch.arange(pos.numel()).view(pos.shape)):
+                return f"`{key.module}` reads its channels interleaved with another axis, not one block per channel"
+            continue
+        return f"its channels also reach `{key.module}.{key.tensor}`; coupled groups cut them together"
+    return None
+
+
+def analyze_layers(model: nn.Module, example_inputs: tuple) -> tuple[dict[str, LayerDeps], list[str]]:
+    """Every conv/linear layer that runs, in the order it runs, with what a cut of its filters takes
+    along when they couple nothing (``filter_reason`` None) and which layer's filters its input
+    channels are (``producer``, when that layer's filters feed it alone)."""
+    analysis = _analysis(model, example_inputs)
+    modules = dict(model.named_modules())
+    order = [n for n in analysis.layers if isinstance(modules.get(n), LAYER_TYPES)]
+    groups = analysis.groups()
+    of_filters = {k.module: g for g in groups for k in g.members if k.role == "filter" and k.tensor == "weight"}
+    deps = {}
+    for name in order:
+        d = deps[name] = LayerDeps(name, modules[name])
+        g = of_filters.get(name)
+        d.filter_reason = _alone(name, g, modules, analysis.shared)
+        if d.filter_reason is None:
+            d.norms = list(dict.fromkeys(k.module for k in g.members if k.role == "norm"))
+            d.consumers = [Consumer(k.module, pos.shape[1]) for k, pos in g.members.items() if k.role == "input"]
+    for name in order:
+        d, m = deps[name], modules[name]
+        sources = [g for g in groups if any(k.module == name and k.role == "input" for k in g.members)]
+        if isinstance(m, nn.modules.conv._ConvNd) and m.groups != 1:
+            d.channel_reason = f"grouped/depthwise conv (groups={m.groups})"
+        elif not analysis.layers[name] or not sources:
+            d.channel_reason = "its input channels come from the model input or from ops without filters to cut"
+        elif len(sources) > 1:
+            d.channel_reason = "its input channels come from several layers (a concat)"
+        else:
+            producer = next((k.module for k in sources[0].members if k.role == "filter"), None)
+            p = deps.get(producer)
+            if p is None:
+                d.channel_reason = f"its input channels are group {sources[0].name!r}, which has no layer's filters"
+            elif p.filter_reason is not None:
+                d.channel_reason = f"its producer '{producer}' cannot be cut: {p.filter_reason}"
+            elif [c.name for c in p.consumers] != [name]:
+                d.channel_reason = f"its producer '{producer}' also feeds " + ", ".join(
+                    repr(c.name) for c in p.consumers if c.name != name)
+            else:
+                d.producer, d.input_spatial = producer, p.consumers[0].spatial
+    return deps, order

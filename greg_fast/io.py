@@ -16,7 +16,7 @@ import torch.nn as nn
 from . import models
 from .atomic import save_atomic
 from .compaction import set_widths
-from .graph import LAYER_TYPES, NORM_TYPES, unwrap
+from .capture import LAYER_TYPES, NORM_TYPES, unwrap
 
 FORMAT = "greg_fast.model/1"
 

@@ -10,11 +10,20 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .graph import LAYER_TYPES, LayerDeps, analyze, unwrap
-from .groups import MemberKey, analyze_groups
+from .capture import LAYER_TYPES, unwrap
+from .groups import LayerDeps, MemberKey, analyze_groups, analyze_layers
 from .table import format_table
 
 GRANULARITIES = ("filter", "channel", "weight")
+
+
+def _unread(name: str, modules: Mapping[str, nn.Module]) -> str:
+    """Why a conv/linear that no op of the graph reads by its own name is not planned."""
+    w = modules[name].weight
+    twin = next((n for n, m in modules.items() if n != name and getattr(m, "weight", None) is w), None)
+    if twin is not None:
+        return f"its weight is the same parameter as `{twin}.weight` (tied weights)"
+    return "it does not run on the example inputs (no op of the captured graph reads its weight)"
 
 
 @dataclass(eq=False)
@@ -360,8 +369,9 @@ def plan(model: nn.Module, ratio: float = 0.0, *, granularity: str = "filter",
     channel groups (:mod:`greg_fast.groups`): all the filters, BatchNorm channels, depthwise filters,
     layer scales and consumer columns that residual adds, concats, gating and grouped convs tie to one
     channel go together, and one group loses ``n_prune`` channels. ``coupled=False`` plans single
-    layers as the 2021 reference does (:mod:`greg_fast.graph`: a layer whose channels reach a residual
-    add or a concat is excluded); channel and weight granularity are always uncoupled.
+    layers as the 2021 reference does: the groups of the same analysis that couple nothing (a layer
+    whose channels a residual add, a concat, gating or a grouped conv ties to others is excluded);
+    channel and weight granularity are always uncoupled.
 
     ``ratio`` applies to every unit; ``ratios`` maps module names or glob patterns to ratios that
     override it (the last matching key wins; a group is addressed by any module whose own channels it
@@ -421,14 +431,16 @@ def plan(model: nn.Module, ratio: float = 0.0, *, granularity: str = "filter",
         layers, excluded = _coupled_units(model, example_inputs, ratio, ratios, skip, modules, approximate,
                                           (layer_flops, total))
     else:
-        layers, excluded = _layer_units(*analyze(model, example_inputs), granularity, ratio, ratios, skip, modules)
+        layers, excluded = _layer_units(*analyze_layers(model, example_inputs), granularity, ratio, ratios, skip, modules)
     return Plan(model, layers, excluded, layer_flops, total, example_inputs)
 
 
 def _confirm(model, layers, excluded, pending, layer_flops, total, example_inputs) -> list[LayerPlan]:
     """Keep the groups in ``pending`` (``{name: why it may not follow}``: a width export wrote as a
     number) whose cut a trial compaction of a copy shows exact on the example inputs; the others go
-    to ``excluded``. All are tried at once, then one by one where that fails."""
+    to ``excluded``. All are tried at once; where that fails, the groups of each op (one reason)
+    together: cutting any of them changes the width of that op's input, which its written size does
+    or does not follow."""
     from .compaction import compaction_error
 
     def error(units):
@@ -439,7 +451,12 @@ def _confirm(model, layers, excluded, pending, layer_flops, total, example_input
     tried = [l for l in layers if l.name in pending and l.n_groups > 1]
     failed = {}
     if tried and (joint := error(tried)) is not None:
-        failed = {l.name: e for l in tried if (e := error([l])) is not None}
+        by_op: dict[str, list[LayerPlan]] = {}
+        for l in tried:
+            by_op.setdefault(pending[l.name], []).append(l)
+        for units in by_op.values():
+            if (e := error(units)) is not None:
+                failed.update({l.name: e for l in units})
         rest = [l for l in tried if l.name not in failed]
         if rest and (joint := error(rest)) is not None:
             failed.update({l.name: joint for l in rest})
@@ -478,12 +495,15 @@ def _layer_units(deps, order, granularity, ratio, ratios, skip, modules):
             consumers=[c.name for c in d.consumers] if granularity == "filter" else [],
             producer=d.producer if granularity == "channel" else None,
             members={} if granularity == "weight" else _layer_members(d, granularity, view[1], deps, modules)))
+    for name, m in modules.items():
+        if isinstance(m, LAYER_TYPES) and name not in deps:
+            excluded[name] = _unread(name, modules)
     return layers, excluded
 
 
 def _coupled_units(model, example_inputs, ratio, ratios, skip, modules, approximate, flops):
     layers, excluded, pending = [], {}, {}
-    groups = analyze_groups(model, example_inputs)
+    groups, unfiltered = analyze_groups(model, example_inputs)
     for g in groups:
         owners = list(dict.fromkeys(k.module for k in g.members if k.role != "input"))
         skipped = next((f"skipped by the user ({m!r} matches {p!r})" for m in owners for p in skip
@@ -529,7 +549,7 @@ def _coupled_units(model, example_inputs, ratio, ratios, skip, modules, approxim
                                         if k.module != g.name.split("#")[0] else excluded[g.name])
     for name, m in modules.items():
         if isinstance(m, LAYER_TYPES) and name not in planned and name not in excluded:
-            excluded[name] = "it does not run on the example inputs (no op of the captured graph reads its weight)"
+            excluded[name] = unfiltered.get(name) or _unread(name, modules)
     return layers, excluded
 
 

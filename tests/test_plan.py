@@ -23,7 +23,8 @@ def test_uncoupled_cifar_resnet_prunes_inner_block_convs_only(name, blocks):
     p = gf.plan(models.create(name), 0.5, coupled=False)
     assert names(p) == [f"layer{s}.{b}.conv1" for s in (1, 2, 3) for b in range(blocks)]
     assert "residual add" in p.excluded["conv1"]
-    assert "residual add" in p.excluded["layer2.0.conv2"]
+    assert "residual add" in p.excluded["layer1.0.conv2"]
+    assert "zero channels" in p.excluded["layer2.0.conv2"]  # the option-A shortcut's padding
     assert "model output" in p.excluded["fc"]
     assert all(l.norms == [l.name.replace("conv1", "bn1")] for l in p.layers)
     assert all(l.consumers == [l.name.replace("conv1", "conv2")] for l in p.layers)
@@ -160,7 +161,7 @@ def test_uncoupled_concat_grouped_and_output_are_excluded_with_reasons():
     p = gf.plan(Branches(), 0.5, example_inputs=torch.zeros(1, 3, 8, 8), coupled=False)
     assert names(p) == []
     assert "concat" in p.excluded["a"] and "concat" in p.excluded["b"]
-    assert "grouped/depthwise conv 'dw'" in p.excluded["c"]
+    assert "`dw` (Conv2d): conv2d (a depthwise conv" in p.excluded["c"]
     assert "grouped/depthwise conv (groups=16)" in p.excluded["dw"]
     assert "model output" in p.excluded["head"]
 
