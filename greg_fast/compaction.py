@@ -239,5 +239,7 @@ def set_widths(module: nn.Module) -> None:
         module.out_channels, module.in_channels = w.shape[0], w.shape[1] * module.groups
     elif isinstance(module, NORM_TYPES):
         module.num_features = (module.running_mean if module.running_mean is not None else w).shape[0]
+    elif isinstance(module, nn.GroupNorm) and w is not None:
+        module.num_channels = w.shape[0]
     elif isinstance(module, nn.LayerNorm) and w is not None:
         module.normalized_shape = (w.shape[0],)

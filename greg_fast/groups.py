@@ -19,10 +19,10 @@ it is pointwise (judged by evaluating it at 0), else the channels reaching it ar
 elements form a component; components that touch the same tensors form a group (``plan``'s unit).
 A component is frozen, with a reason naming the module and the op, when a removed channel would
 still change the output or its width could not follow: it reaches the model output, feeds an op
-that is not understood, passes an op that maps 0 elsewhere before a consumer, is normalized
-together with other channels by a GroupNorm, is sliced or split at written sizes, is combined with
-a tensor of its width that cannot be cut, or lines up with F.pad's fixed zero channels. Channels a
-LayerNorm normalizes together, or that a weight-standardized conv reads, are marked *approximate*
+that is not understood, passes an op that maps 0 elsewhere before a consumer, is sliced or split
+at written sizes, is combined with a tensor of its width that cannot be cut, or lines up with
+F.pad's fixed zero channels. Channels a LayerNorm or a GroupNorm normalizes together, or that a
+weight-standardized conv reads, are marked *approximate*
 (the cut model computes a little differently): only ``plan(..., approximate=True)`` cuts them.
 
 Single layers (``plan(..., coupled=False)``, the 2021 reference's rule) come from the same analysis
@@ -814,6 +814,21 @@ def _batch_norm(a: _Analysis, node: fx.Node, args: dict):
     return (out,) + a._none_like(meta)[1:] if isinstance(meta, (tuple, list)) else out
 
 
+def _normalized_together(a: _Analysis, node: fx.Node, args: dict, x: _Val, ids: torch.Tensor):
+    """A norm whose statistics span the channels ``ids`` (LayerNorm, GroupNorm): approximate, as the
+    compacted model normalizes over the kept channels only; its weight and bias go with them."""
+    a.mark_approximate(ids, f"{describe(node)} normalizes channels together: the compacted model normalizes "
+                            "over the kept ones only, so it does not compute exactly what the masked model does")
+    a.consume(x)  # its statistics read every entry
+    tensors = [a.val(args[t]) for t in ("weight", "bias") if isinstance(a.val(args[t]), _Val)]
+    for v in tensors:  # zeroed at a removed channel: its output is then exactly 0
+        if not a.param_member(v, ids, "norm", True):
+            return a.unsupported(node)
+    if not tensors:
+        return a.unsupported(node, f"{describe(node)} has no weight or bias to zero a removed channel with")
+    return _Val(x.ids, torch.zeros_like(x.lost))
+
+
 @rule("layer_norm")
 def _layer_norm(a: _Analysis, node: fx.Node, args: dict):
     """LayerNorm over the last axis. Over the channels it is approximate: the compacted model
@@ -827,19 +842,28 @@ def _layer_norm(a: _Analysis, node: fx.Node, args: dict):
         return a.unsupported(node, f"{describe(node)} normalizes channels together with entries that cannot be cut")
     if not bool((ids >= 0).any()):
         return a.none(node)  # no prunable channel in what it normalizes
-    a.mark_approximate(ids, f"{describe(node)} normalizes channels together: the compacted model normalizes "
-                            "over the kept ones only, so it does not compute exactly what the masked model does")
-    a.consume(x)  # its statistics read every entry
-    tensors = [a.val(args[t]) for t in ("weight", "bias") if isinstance(a.val(args[t]), _Val)]
-    for v in tensors:  # zeroed at a removed channel: its output is then exactly 0
-        if not a.param_member(v, ids, "norm", True):
-            return a.unsupported(node)
-    if not tensors:
-        return a.unsupported(node, f"{describe(node)} has no weight or bias to zero a removed channel with")
-    return _Val(x.ids, torch.zeros_like(x.lost))
+    return _normalized_together(a, node, args, x, ids)
 
 
-@rule("group_norm", "native_group_norm", "local_response_norm", "_weight_norm", "_weight_norm_interface")
+@rule("group_norm")
+def _group_norm(a: _Analysis, node: fx.Node, args: dict):
+    """GroupNorm over the channels (axis 1): approximate, as LayerNorm; each group must keep as many
+    channels as the others, so the same position in every group goes together (as in a grouped conv)."""
+    x, groups = a.val(args["input"]), args["num_groups"]
+    ids = _along(x.ids, 1) if isinstance(x, _Val) and x.ids.dim() > 1 else None
+    if ids is None or isinstance(groups, fx.Node) or ids.numel() % groups:
+        return a.unsupported(node, f"{describe(node)} does not normalize over the channels' axis")
+    if bool((ids < 0).any()) and bool((ids >= 0).any()):
+        return a.unsupported(node, f"{describe(node)} normalizes channels together with entries that cannot be cut")
+    if not bool((ids >= 0).any()):
+        return a.none(node)
+    by_group = ids.view(groups, -1)
+    a.join(by_group, by_group[:1].expand_as(by_group),
+           via=f"{describe(node)} (GroupNorm, {groups} groups: the same position in every group goes together)")
+    return _normalized_together(a, node, args, x, ids)
+
+
+@rule("native_group_norm", "local_response_norm", "_weight_norm", "_weight_norm_interface")
 def _other_norms(a: _Analysis, node: fx.Node, args: dict):
     return a.unsupported(node, f"{describe(node)} normalizes channels together: removing one would change the others")
 

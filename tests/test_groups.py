@@ -121,6 +121,20 @@ def test_norms_over_the_channels_exclude_the_group(norm):
     assert "normalizes channels together" in plan.excluded["c1"]
 
 
+def test_approximate_cuts_a_groupnorm_evenly_from_every_group():
+    model = ChannelNorm(nn.GroupNorm(2, 8)).eval()
+    plan = gf.plan(model, 0.5, example_inputs=X8, approximate=True)
+    (group,) = plan.layers
+    assert group.approximate and group.n_groups == 4  # position i of both norm groups is one channel
+    assert group.members[MemberKey("norm", "weight", 0, "norm", True)].tolist() == [[0, 4], [1, 5], [2, 6], [3, 7]]
+    masks = {group.name: torch.tensor([True, False, True, False])}
+    x = torch.randn(2, 3, 8, 8)
+    assert 0 < gf.output_change(model, masks, plan, x) < 1
+    small = gf.compact(model, masks, plan)
+    assert small.norm.num_groups == 2 and small.norm.num_channels == small.c1.out_channels == 4
+    assert torch.isfinite(small(x)).all()
+
+
 class Split(nn.Module):  # chunk, shuffle with a written group count, a literal slice
     def __init__(self, literal):
         super().__init__()
