@@ -47,7 +47,8 @@ def cost_of(model: nn.Module, x: torch.Tensor) -> tuple[int, int]:
     return sum(p.numel() for p in model.parameters()), count_flops(model, (x,))[1]
 
 
-def greg_fast_row(model: nn.Module, x: torch.Tensor, ratio: float, coupled: bool, approximate: bool = False) -> dict:
+def greg_fast_row(model: nn.Module, x: torch.Tensor, ratio: float, coupled: bool,
+                  approximate: bool = False) -> tuple[dict, gf.Plan]:
     model = copy.deepcopy(model).eval()
     start = time.perf_counter()
     plan = gf.plan(model, ratio, example_inputs=x, coupled=coupled, approximate=approximate)
@@ -66,7 +67,7 @@ def greg_fast_row(model: nn.Module, x: torch.Tensor, ratio: float, coupled: bool
         gf.compact(model, masks, plan, verify=False)
         row["compact_s"] = time.perf_counter() - start
         row["params_after_matches_plan"] = sum(p.numel() for p in model.parameters()) == c["params_after"]
-    return row
+    return row, plan
 
 
 def float64_change(model: nn.Module, masks: dict, plan: gf.Plan, x: torch.Tensor) -> float:
@@ -155,15 +156,11 @@ def main(argv=None) -> int:
         model = build(name, args.timm)
         size = args.size if args.timm or name in models._TORCHVISION else 32
         x = torch.randn(1, 3, size, size)
-        row = {"model": name, "input": size, "coupled": greg_fast_row(model, x, args.ratio, True)}
-        try:
-            row["layers"] = greg_fast_row(model, x, args.ratio, False)
-        except gf.UntraceableModelError as err:  # the 2021 reference's single layers trace with torch.fx
-            row["layers"] = {"error": str(err)[:200]}
-        plan = gf.plan(model, args.ratio, example_inputs=x)
-        row["excluded"] = why_excluded(plan).most_common()
+        coupled, plan = greg_fast_row(model, x, args.ratio, True)
+        row = {"model": name, "input": size, "coupled": coupled, "layers": greg_fast_row(model, x, args.ratio, False)[0],
+               "excluded": why_excluded(plan).most_common()}
         if any("approximate=True" in reason for reason in plan.excluded.values()):
-            row["approximate"] = greg_fast_row(model, x, args.ratio, True, approximate=True)
+            row["approximate"] = greg_fast_row(model, x, args.ratio, True, approximate=True)[0]
         try:
             row["torch_pruning"] = torch_pruning_row(model, x, args.ratio)
         except ImportError:
@@ -186,7 +183,7 @@ def main(argv=None) -> int:
         tp_flops = f"{tp_['flops_removed']:.1f}%" if "error" not in tp_ else "fails"
         tp_params = f"{tp_['params_removed']:.1f}%" if "error" not in tp_ else "-"
         table.append((r["model"], f"{c['flops_removed']:.1f}%",
-                      f"{lay['flops_removed']:.1f}%" if "error" not in lay else "untraceable", tp_flops,
+                      f"{lay['flops_removed']:.1f}%", tp_flops,
                       f"{c['params_removed']:.1f}%", tp_params, str(c["groups"]), str(c["excluded"]),
                       f"{c['plan_s']:.1f}", f"{c['compact_s']:.2f}", f"{c.get('verify_s', 0):.2f}",
                       f"{tp_['seconds']:.1f}" if "error" not in tp_ else "-",

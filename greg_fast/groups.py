@@ -75,7 +75,7 @@ class Group:
     reason: str | None  # why it cannot be removed, or None
     approximate: str | None = None  # why its cut changes what the model computes
     speculative: str | None = None  # a width that export wrote as a number: plan() confirms the cut by trial
-    joins: tuple[str, ...] = ()  # the ops that join its channels with others (none: a single layer's)
+    coupled_by: str | None = None  # the first op that joins its channels with others (None: a single layer's)
 
     @property
     def n_channels(self) -> int:
@@ -193,7 +193,7 @@ class _Analysis:
         self.members: dict[MemberKey, torch.Tensor] = {}
         self.env: dict[fx.Node, object] = {}
         self.joined_by: list[tuple[int, str]] = []  # (element, the op that joined it to another)
-        self.layers: dict[str, bool] = {}  # conv/linear modules in the order they run: reads channels?
+        self.layers: dict[str, None] = {}  # the conv/linear modules, in the order they run
 
     def _shared(self) -> dict[str, str]:
         """Parameters and buffers whose cut would reach more than one place: read by several ops (a
@@ -448,8 +448,7 @@ class _Analysis:
         if w.param is not None and not self.whole(w):
             w = _Val(w.ids, w.lost, w.sources)  # a view that reorders a parameter: treated as computed
         in_ids = _along(x.ids, axis) if x.ids.dim() > axis else None
-        for s in sorted(w.sources)[:1]:
-            self.layers.setdefault(s.rpartition(".")[0], in_ids is not None and bool((in_ids >= 0).any()))
+        self.layers.update(dict.fromkeys(s.rpartition(".")[0] for s in sorted(w.sources)[:1]))
         if in_ids is None:
             self.freeze(x.ids, f"{describe(node)} does not read the channels as its input channels")
             return self.producer_output(node, w, bias, self.fresh(n_out), axis)
@@ -629,9 +628,9 @@ class _Analysis:
         speculative: dict[int, str] = {}
         for e, why in self.speculative.items():
             speculative.setdefault(self.root(e), why)
-        joins: dict[int, list[str]] = {}
+        coupled_by: dict[int, str] = {}
         for e, via in self.joined_by:
-            joins.setdefault(self.root(e), []).append(via)
+            coupled_by.setdefault(self.root(e), via)
         by_signature: dict[tuple, list[int]] = {}
         for comp, touched in where.items():
             by_signature.setdefault(tuple(sorted((i, len(p)) for i, p in touched.items())), []).append(comp)
@@ -656,7 +655,7 @@ class _Analysis:
             out.append((order, Group(name, members, reason,
                                      next((approximate[c] for c in comps if c in approximate), None),
                                      next((speculative[c] for c in comps if c in speculative), None),
-                                     tuple(dict.fromkeys(v for c in comps for v in joins.get(c, ()))))))
+                                     next((coupled_by[c] for c in comps if c in coupled_by), None))))
         return [g for _, g in sorted(out, key=lambda x: x[0])]
 
 
@@ -1022,18 +1021,22 @@ class LayerDeps:
 _NORM_TENSORS = ("weight", "bias", "running_mean", "running_var", "")
 
 
+def _grouped(m: nn.Module) -> bool:
+    return isinstance(m, nn.modules.conv._ConvNd) and m.groups != 1
+
+
 def _alone(name: str, group: Group | None, modules: dict, shared: dict) -> str | None:
     """Why the filters of layer ``name`` are not a group of their own that only its norms and its
     consumers' columns go with, in the way the single-layer plan cuts them (None: they are)."""
     m = modules[name]
     if group is None:
         return _unfiltered(name, shared)
-    if isinstance(m, nn.modules.conv._ConvNd) and m.groups != 1:
+    if _grouped(m):
         return f"grouped/depthwise conv (groups={m.groups}): its filters go with its input channels"
     if group.reason or group.approximate or group.speculative:
         return group.reason or group.approximate or group.speculative
-    if group.joins:
-        return f"its channels are tied to other channels by {group.joins[0]}; coupled groups cut them together"
+    if group.coupled_by:
+        return f"its channels are tied to other channels by {group.coupled_by}; coupled groups cut them together"
     rows = torch.arange(m.weight.shape[0]).view(-1, 1)
     for key, pos in group.members.items():
         same = pos.shape == rows.shape and torch.equal(pos, rows)
@@ -1060,6 +1063,10 @@ def analyze_layers(model: nn.Module, example_inputs: tuple) -> tuple[dict[str, L
     order = [n for n in analysis.layers if isinstance(modules.get(n), LAYER_TYPES)]
     groups = analysis.groups()
     of_filters = {k.module: g for g in groups for k in g.members if k.role == "filter" and k.tensor == "weight"}
+    read_by: dict[str, list[Group]] = {}  # layer -> the groups its input columns belong to
+    for g in groups:
+        for m in dict.fromkeys(k.module for k in g.members if k.role == "input"):
+            read_by.setdefault(m, []).append(g)
     deps = {}
     for name in order:
         d = deps[name] = LayerDeps(name, modules[name])
@@ -1070,10 +1077,10 @@ def analyze_layers(model: nn.Module, example_inputs: tuple) -> tuple[dict[str, L
             d.consumers = [Consumer(k.module, pos.shape[1]) for k, pos in g.members.items() if k.role == "input"]
     for name in order:
         d, m = deps[name], modules[name]
-        sources = [g for g in groups if any(k.module == name and k.role == "input" for k in g.members)]
-        if isinstance(m, nn.modules.conv._ConvNd) and m.groups != 1:
+        sources = read_by.get(name, [])
+        if _grouped(m):
             d.channel_reason = f"grouped/depthwise conv (groups={m.groups})"
-        elif not analysis.layers[name] or not sources:
+        elif not sources:
             d.channel_reason = "its input channels come from the model input or from ops without filters to cut"
         elif len(sources) > 1:
             d.channel_reason = "its input channels come from several layers (a concat)"
