@@ -77,20 +77,8 @@ class GrowingReg(torch.optim.Optimizer):
         if penalize not in PENALIZE:
             raise ValueError(f"penalize must be one of {PENALIZE}, got {penalize!r}")
         self.penalize = penalize
-        self._map = SliceMap(plan.pruned, plan.module, penalize,
-                             next((l.weight.device for l in plan.layers), torch.device("cpu")), whole=fused)
-        self._removed = None  # after pruning: (tensor, removed entries) whose gradients stay zero
-        self.slices = self._map.slices
-        self._backend_memo: dict = {}  # host work a backend reuses across steps (triton: its launches)
-        frozen = [l.name for l in plan.pruned
-                  if not all(s.param.requires_grad for s in l.slices(plan.module, penalize))]
-        if frozen:
-            warnings.warn(f"planned layers {frozen[:5]} are frozen (requires_grad=False): they get no "
-                          "gradient, so they lose their groups without being regularized", stacklevel=2)
         self.optimizer = optimizer
         self.plan = plan
-        self.layers = plan.pruned
-        self._check_optimizer()
         devices = {l.weight.device for l in plan.layers}
         if len(devices) > 1:
             raise ValueError(f"the planned layers are on several devices {sorted(map(str, devices))}; "
@@ -102,17 +90,50 @@ class GrowingReg(torch.optim.Optimizer):
         self.skipped_steps = 0  # steps refused for non-finite gradients
         self.max_skipped_in_a_row = max_skipped_in_a_row
         self._skipped_in_a_row = 0
-        if fused:
+        self._hyper = hyper
+        budget = plan.budget
+        # a global budget allocates from scores: GReg-1 and L1 from the weights now, GReg-2 at its pick
+        # (it regularizes every unit the budget may cut until then)
+        self._allocates_at_pick = budget is not None and budget.by_score and method == "greg2"
+        if budget is not None and budget.by_score and method != "greg2":
+            self._setup(budget.units(plan), method)
+            budget.allocate(plan, dict(zip((l.name for l in self.layers), self._current_scores())))
+        self._setup(budget.units(plan) if self._allocates_at_pick else plan.pruned, method)
+        frozen = [l.name for l in self.layers
+                  if not all(s.param.requires_grad for s in l.slices(plan.module, penalize))]
+        if frozen:
+            warnings.warn(f"planned layers {frozen[:5]} are frozen (requires_grad=False): they get no "
+                          "gradient, so they lose their groups without being regularized", stacklevel=2)
+        if method != "greg2":  # GReg-1 and L1 select on the weights as they are
+            self.schedule.select(self._current_scores())
+        if method == "l1" or not self.layers:
+            self._prune()
+
+    def _setup(self, units, method: str) -> None:
+        """The slices, the schedule and the fused-step bookkeeping for regularizing ``units``."""
+        plan = self.plan
+        self._map = SliceMap(units, plan.module, self.penalize, self.device, whole=self.fused)
+        self._removed = None  # after pruning: (tensor, removed entries) whose gradients stay zero
+        self.slices = self._map.slices
+        self._backend_memo: dict = {}  # host work a backend reuses across steps (triton: its launches)
+        self.layers = list(units)
+        self._check_optimizer()
+        if self.fused:
+            optimizer = self.optimizer
             group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
             self._fused_groups = [group_of[id(s.param)] for s in self.slices]
             self._check_fusable()
             fused_ids = {id(s.param) for s in self.slices}
             self._others = [p for g in optimizer.param_groups for p in g["params"] if id(p) not in fused_ids]
-        self.schedule = Schedule(self.layers, method, hyper, self.device)
-        if method != "greg2":  # GReg-1 and L1 select on the weights as they are
-            self.schedule.select(self._map.unit_scores(self.backend.scores(self.slices)))
-        if method == "l1" or not self.layers:
-            self._prune()
+        self.schedule = Schedule(self.layers, method, self._hyper, self.device,
+                                 allocate=self._allocate_at_pick if self._allocates_at_pick else None)
+
+    def _current_scores(self) -> list[torch.Tensor]:
+        return self._map.unit_scores(self.backend.scores(self.slices))
+
+    def _allocate_at_pick(self, scores: list[torch.Tensor]) -> None:
+        """GReg-2 with a global budget: the counts from the scores of all units at the pick."""
+        self.plan.budget.allocate(self.plan, dict(zip((l.name for l in self.layers), scores)))
 
     # ---- the torch.optim surface, passed through to the inner optimizer ----
     def _init_optimizer_hooks(self) -> None:
@@ -342,7 +363,20 @@ class GrowingReg(torch.optim.Optimizer):
             g, opt = state_dict["greg"], state_dict["optimizer"]
         except (KeyError, TypeError) as err:
             raise ValueError("not a GrowingReg state_dict (expected keys 'optimizer' and 'greg')") from err
-        kept = self.schedule.check_state_dict(g)  # everything checked before anything is loaded
+        before = None
+        if self.plan.budget is not None and self.plan.budget.by_score:  # the run's own allocation
+            counts = self.plan.budget.check_counts(self.plan, dict(zip(g["layers"], g.get("n_prune", []))))
+            before = ({l.name: l.n_prune for l in self.plan.layers}, self.layers, self.schedule)
+            self.plan.set_counts(counts)
+            if not self._allocates_at_pick:
+                self._setup(self.plan.pruned, self.method)
+        try:
+            kept = self.schedule.check_state_dict(g)  # everything checked before anything is loaded
+        except ValueError:
+            if before is not None:  # leave the plan and the schedule as they were
+                self.plan.set_counts(before[0])
+                self._setup(before[1], self.method)
+            raise
         if g.get("penalize", "filters") != self.penalize:
             raise ValueError(f"checkpoint was saved with penalize={g.get('penalize')!r}, this GrowingReg has "
                              f"penalize={self.penalize!r}")

@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from .budget import ALLOCATIONS, DEFAULT_MAX_RATIO, check_round_to, check_timeable, parse_target, plan_to
 from .capture import LAYER_TYPES, unwrap
 from .groups import LayerDeps, MemberKey, analyze_groups, analyze_layers
 from .table import format_table
@@ -218,6 +219,7 @@ class Plan:
         self._shapes = {l.name: tuple(l.weight.shape) for l in layers}
         self._cost = self._compute_cost()  # of the model as planned, whatever happens to it later
         self.compacted = False  # set by compact(): the plan then describes the model as it was
+        self.budget = None      # a target's allocation rules (greg_fast.budget.Budget), if planned to one
 
     def __iter__(self):
         return iter(self.layers)
@@ -272,17 +274,36 @@ class Plan:
                 "flops_before": self.total_flops,
                 "flops_after": self.total_flops - round(removed_flops)}
 
-    def _removed(self, units: Sequence[LayerPlan]) -> tuple[float, float]:
-        """Parameters and FLOPs that removing ``units``' planned groups takes away."""
+    def set_counts(self, counts: Mapping[str, int]) -> None:
+        """Give the named units new counts of removed groups (an allocation); costs follow."""
+        self.check_current()
+        for l in self.layers:
+            if l.name in counts:
+                l.n_prune = int(counts[l.name])
+                l.ratio = l.n_prune / l.n_groups
+        self._cost = self._compute_cost()
+
+    def kept_fraction(self, counts: Mapping[str, int]) -> dict[str, float]:
+        """The fractions of the model's FLOPs and parameters kept if the units lose ``counts``
+        groups (the others none)."""
+        params, flops = self._removed(self.layers, counts)
+        return {"flops": 1 - flops / max(self.total_flops, 1), "params": 1 - params / max(self.total_params, 1)}
+
+    def _removed(self, units: Sequence[LayerPlan], counts: Mapping[str, int] | None = None) -> tuple[float, float]:
+        """Parameters and FLOPs that removing ``units``' planned groups (or ``counts`` of them)
+        takes away."""
         removed: dict[tuple[str, str, int], int] = {}  # positions removed per tensor axis
         kept: dict[tuple[str, str], float] = {}        # kept fraction per tensor
         for l in units:
+            n_prune = l.n_prune if counts is None else counts.get(l.name, 0)
+            if not n_prune:
+                continue
             if l.granularity == "weight":
-                kept[(l.name, "weight")] = (l.n_groups - l.n_prune) / l.n_groups
+                kept[(l.name, "weight")] = (l.n_groups - n_prune) / l.n_groups
             for key, positions in l.members.items():
                 if key.tensor:
                     at = (key.module, key.tensor, key.axis)
-                    removed[at] = removed.get(at, 0) + l.n_prune * positions.shape[1]
+                    removed[at] = removed.get(at, 0) + n_prune * positions.shape[1]
         for (module, tensor, axis), n in removed.items():
             size = getattr(self._modules[module], tensor).shape[axis]
             kept[(module, tensor)] = kept.get((module, tensor), 1.0) * (1 - n / size)
@@ -321,6 +342,8 @@ class Plan:
                      f"({c['params_before'] / max(c['params_after'], 1):.2f}x fewer)")
         lines.append(f"FLOPs:      {c['flops_before']:,} -> {c['flops_after']:,} "
                      f"({c['flops_before'] / max(c['flops_after'], 1):.2f}x fewer)")
+        if self.budget is not None:
+            lines.append(self.budget.describe())
         approximate = [l.name for l in self.layers if l.approximate]
         if approximate:
             lines.append(f"approximate (compacted != masked; measure with output_change): {', '.join(approximate)}")
@@ -359,10 +382,11 @@ def count_flops(model: nn.Module, example_inputs: tuple) -> tuple[dict[str, int]
     return per_module, counter.get_total_flops()
 
 
-def plan(model: nn.Module, ratio: float = 0.0, *, granularity: str = "filter",
+def plan(model: nn.Module, ratio: float | None = None, *, granularity: str = "filter",
          ratios: Mapping[str, float] | None = None, skip: Sequence[str] = (),
          example_inputs: tuple | torch.Tensor | None = None, coupled: bool | None = None,
-         approximate: bool = False) -> Plan:
+         approximate: bool = False, target: Mapping | None = None, allocation: str | None = None,
+         max_ratio: float | None = None, round_to: int | None = None) -> Plan:
     """Decide which layers or channel groups of ``model`` are regularized and how many groups each loses.
 
     Prunability comes from the traced graph. With ``coupled`` (the default for filters) the units are
@@ -386,6 +410,16 @@ def plan(model: nn.Module, ratio: float = 0.0, *, granularity: str = "filter",
     a LayerNorm normalizes together (ConvNeXt's stream). Their masked model zeroes the channel, but
     the compacted model normalizes over fewer channels; ``LayerPlan.approximate`` says so, and
     :func:`greg_fast.compaction.output_change` measures the difference.
+
+    ``target`` plans to a budget instead of a ratio (:mod:`greg_fast.budget`): ``{"flops": 0.5}``
+    keeps at most half the FLOPs, ``{"params": "2x"}`` half the parameters, ``{"latency": "1.5x",
+    "batch_size": 64}`` a measured speed-up on the model's device. ``allocation`` spreads it over the
+    units: ``"uniform"`` (the default: one common ratio, found by search) or ``"global"`` (groups of
+    all units ranked together by mean |w| relative to their unit's mean). No unit loses more than
+    ``max_ratio`` of its groups (default 0.9, never all); units matched by ``ratios`` keep the ratio
+    given and ``skip`` still excludes. ``round_to=N`` makes every unit keep a multiple of N groups or
+    all of them (a unit of at most N groups stays whole); with a target the search accounts for it,
+    with a ratio each count is rounded to the nearest allowed one.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"plan() needs an nn.Module, got {type(model).__name__}")
@@ -399,7 +433,31 @@ def plan(model: nn.Module, ratio: float = 0.0, *, granularity: str = "filter",
     if approximate and not coupled:
         raise ValueError("approximate=True cuts coupled groups (LayerNorm over channels); single-layer plans "
                          "(coupled=False, channel or weight granularity) have none")
-    ratio = _check_ratio(ratio, "ratio")
+    if target is not None:
+        if ratio is not None:
+            raise ValueError("give a ratio or a target, not both: a target chooses the ratios (per-group ratios "
+                             "that the target must not change go in ratios=)")
+        target = parse_target(target)
+        if granularity == "weight" and round_to is not None:
+            raise ValueError("round_to rounds channel counts; unstructured (weight) plans have none")
+        if target.kind == "latency" and granularity == "weight":
+            raise ValueError("a latency target needs a structured plan: masks keep the dense kernels, so "
+                             "unstructured pruning does not change the latency measured here")
+    else:
+        for name, value in (("allocation", allocation), ("max_ratio", max_ratio)):
+            if value is not None:
+                raise ValueError(f"{name} spreads a target over the groups: give target= too "
+                                 "(e.g. target={'flops': '2x'})")
+    if allocation is not None and allocation not in ALLOCATIONS:
+        raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
+    if max_ratio is not None and (isinstance(max_ratio, bool) or not isinstance(max_ratio, (int, float))
+                                  or not 0 < max_ratio < 1):
+        raise ValueError(f"max_ratio must be a number in (0, 1) (the largest share of a group removed), "
+                         f"got {max_ratio!r}")
+    round_to = check_round_to(round_to)
+    if round_to is not None and granularity == "weight":
+        raise ValueError("round_to rounds channel counts; unstructured (weight) plans have none")
+    ratio = _check_ratio(0.0 if ratio is None else ratio, "ratio")
     if ratios is not None and not isinstance(ratios, Mapping):
         raise TypeError(f"ratios must map layer names or globs to ratios, e.g. {{'layer1.*': 0.5}}; "
                         f"got {type(ratios).__name__}")
@@ -426,13 +484,21 @@ def plan(model: nn.Module, ratio: float = 0.0, *, granularity: str = "filter",
         if not any(_matches(n, pattern) for n in modules):
             raise ValueError(f"skip entry {pattern!r} matches no module of {type(model).__name__}")
 
+    if target is not None and target.kind == "latency":
+        check_timeable(model, example_inputs, target.batch_size)
     layer_flops, total = count_flops(model, example_inputs)
+    given: set[str] = set()  # units whose ratio comes from ratios=
     if coupled:
         layers, excluded = _coupled_units(model, example_inputs, ratio, ratios, skip, modules, approximate,
-                                          (layer_flops, total))
+                                          (layer_flops, total), given)
     else:
-        layers, excluded = _layer_units(*analyze_layers(model, example_inputs), granularity, ratio, ratios, skip, modules)
-    return Plan(model, layers, excluded, layer_flops, total, example_inputs)
+        layers, excluded = _layer_units(*analyze_layers(model, example_inputs), granularity, ratio, ratios, skip,
+                                        modules, given)
+    result = Plan(model, layers, excluded, layer_flops, total, example_inputs)
+    if target is not None or round_to is not None:
+        plan_to(result, target, allocation or "uniform", DEFAULT_MAX_RATIO if max_ratio is None else max_ratio,
+                round_to, given)
+    return result
 
 
 def _confirm(model, layers, excluded, pending, layer_flops, total, example_inputs) -> list[LayerPlan]:
@@ -465,7 +531,7 @@ def _confirm(model, layers, excluded, pending, layer_flops, total, example_input
     return [l for l in layers if l.name not in failed]
 
 
-def _layer_units(deps, order, granularity, ratio, ratios, skip, modules):
+def _layer_units(deps, order, granularity, ratio, ratios, skip, modules, given):
     layers, excluded = [], {}
     for index, name in enumerate(order):
         d = deps[name]
@@ -487,6 +553,7 @@ def _layer_units(deps, order, granularity, ratio, ratios, skip, modules):
         for key, value in ratios.items():
             if _matches(name, key):
                 r = value
+                given.add(name)
         view = _group_view(d.module, granularity, d.input_spatial)
         layers.append(LayerPlan(
             name=name, module=d.module, granularity=granularity, n_groups=view[1],
@@ -501,7 +568,7 @@ def _layer_units(deps, order, granularity, ratio, ratios, skip, modules):
     return layers, excluded
 
 
-def _coupled_units(model, example_inputs, ratio, ratios, skip, modules, approximate, flops):
+def _coupled_units(model, example_inputs, ratio, ratios, skip, modules, approximate, flops, given_units):
     layers, excluded, pending = [], {}, {}
     groups, unfiltered = analyze_groups(model, example_inputs)
     for g in groups:
@@ -531,6 +598,8 @@ def _coupled_units(model, example_inputs, ratio, ratios, skip, modules, approxim
                              f"({values[0]} and {values[1]}); one group of channels has one ratio (per-layer "
                              "settings such as the reference's stage lists plan single layers: coupled=False)")
         r = next(iter(given.values())) if given else ratio
+        if given:
+            given_units.add(g.name)
         n = g.n_channels
         first = modules[filters[0].module]
         layers.append(LayerPlan(

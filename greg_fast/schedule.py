@@ -52,8 +52,12 @@ class Schedule:
     half of a λ update, when due), the caller's pass over the weights, :meth:`end_step` with its
     scores (picks, magnitude ratios, finishing), then :meth:`advance`."""
 
-    def __init__(self, layers: Sequence[LayerPlan], method: str, hyper: Hyper, device: torch.device):
+    def __init__(self, layers: Sequence[LayerPlan], method: str, hyper: Hyper, device: torch.device,
+                 allocate=None):
         self.layers, self.method, self.device = list(layers), method, device
+        # GReg-2 with a global budget: called with the scores at the pick to set every layer's
+        # n_prune; a layer left with none is idle from then on (λ 0, finished)
+        self.allocate = allocate
         self.hyper = hyper.as_dict()
         self.structured = self.layers[0].granularity != "weight" if self.layers else True
         n, dev = len(self.layers), device
@@ -72,6 +76,7 @@ class Schedule:
             sizes if self.structured else [0] * n, dtype=torch.int64, device=dev))
         self._n_grow = torch.zeros(n, dtype=torch.int64, device=dev)
         self._finished = torch.zeros(n, dtype=torch.bool, device=dev)
+        self._idle, self._any_idle = torch.zeros(n, dtype=torch.bool, device=dev), False
         self._hist = torch.full((n,), math.nan, dtype=torch.float64, device=dev)
         self.last_scores: list[torch.Tensor | None] = [None] * n
         self.iteration = 0           # completed steps
@@ -103,7 +108,10 @@ class Schedule:
         if self.structured:
             self.last_scores = scores
         if pick_now:
+            if self.allocate is not None:
+                self.allocate(scores)
             self.select(scores)  # on the current weights
+            self._finished |= self._idle
         if not self._picked:
             return
         active = ~self._finished
@@ -142,7 +150,15 @@ class Schedule:
             kept[order[: layer.n_prune]] = False
             self.kept[i].copy_(kept if self.structured else pack_bits(kept))
         _from_rank0(self.kept_flat)
+        self._set_idle()
         self.version += 1
+
+    def _set_idle(self) -> None:
+        """Layers of a late allocation left with nothing to remove get no penalty."""
+        if self.allocate is not None and self._picked:
+            idle = [l.n_prune == 0 for l in self.layers]
+            self._idle, self._any_idle = torch.tensor(idle, dtype=torch.bool, device=self.device), any(idle)
+            self._refresh_lambdas()
 
     def _advance_counts(self) -> bool:
         pick_now = False
@@ -174,6 +190,9 @@ class Schedule:
                                         torch.full_like(self.lam_selected, pick))
         else:
             self.lam_kept = torch.zeros_like(self.lam_selected)
+        if self._any_idle:
+            self.lam_selected = self.lam_selected.masked_fill(self._idle, 0.0)
+            self.lam_kept = self.lam_kept.masked_fill(self._idle, 0.0)
         # the kernels take fp32 λ; after pruning there is no penalty
         done = self.phase == "done"
         self.lam_selected32 = torch.zeros_like(self.lam_selected, dtype=torch.float32) if done else \
@@ -262,6 +281,7 @@ class Schedule:
         self._hist = g["hist"].to(dev, torch.float64)
         for view, k in zip(self.kept, kept):
             view.copy_(k)
+        self._set_idle()
         self.version += 1
         self.last_scores = [s.to(dev) if s is not None else None for s in g["scores"]]
         self._refresh_lambdas()

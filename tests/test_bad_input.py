@@ -170,7 +170,7 @@ def test_state_saved_for_other_ratios_is_refused():
 
 
 @pytest.mark.parametrize("call,message", [
-    (lambda net, plan: gf.plan(net, None, example_inputs=X), "ratio must be a number in"),
+    (lambda net, plan: gf.plan(net, "0.5", example_inputs=X), "ratio must be a number in"),
     (lambda net, plan: gf.plan(net, ratios=[0.5], example_inputs=X), "ratios must map layer names"),
     (lambda net, plan: gf.plan(net, 0.5, example_inputs="abc"), "example_inputs must be a tensor"),
     (lambda net, plan: gf.plan("net", 0.5), "needs an nn.Module"),
