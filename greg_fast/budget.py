@@ -92,6 +92,17 @@ def parse_target(target) -> Target:
     return Target(kinds[0], parse_keep(target[kinds[0]], f"target {kinds[0]}"), batch)
 
 
+def target_from_args(args) -> dict | None:
+    """The command line's ``--target-flops/--target-params/--target-latency`` as plan()'s target."""
+    given = {k: v for k in TARGET_KINDS if (v := getattr(args, f"target_{k}", None)) is not None}
+    if len(given) > 1:
+        raise ValueError(f"give one target, not {' and '.join('--target-' + k for k in given)}")
+    if not given:
+        return None
+    (kind, value), = given.items()
+    return {kind: value, **({"batch_size": args.latency_batch_size} if kind == "latency" else {})}
+
+
 def check_round_to(round_to) -> int | None:
     if round_to is None:
         return None
@@ -145,6 +156,10 @@ class Budget:
             reached += (f"; measured {lat['speedup']:.3g}x faster ({lat['speedup_p10_p90'][0]:.3g}-"
                         f"{lat['speedup_p10_p90'][1]:.3g} over {lat['rounds']} rounds)")
         return f"target: {self.target} ({rules}); {reached}"
+
+    def restore(self, target: Target, achieved: dict, flops_keep: float) -> None:
+        """Take back what a latency search found when the run started (a resumed run does not measure again)."""
+        self.target, self.achieved, self.flops_keep = target, dict(achieved), flops_keep
 
     def units(self, plan) -> list:
         """The units this budget may cut (in plan order): those it allocates and those given a ratio."""
@@ -409,8 +424,7 @@ def _latency_prefix(plan, units, steps, scores, seconds: float = 1.0) -> int:
         return probes[k]
 
     n = len(steps[0])
-    # the noise band counts as met: a probe whose 90th percentile reaches the goal
-    k = shortest_prefix(n, lambda k: measured(k)["speedup_p10_p90"][1] >= goal)
+    k = shortest_prefix(n, lambda k: measured(k)["speedup"] >= goal)  # the median of alternating rounds
     if k is None:
         best = measured(n)
         raise ValueError(f"target {budget.target} cannot be reached: with every allocated group at its cap "

@@ -14,6 +14,7 @@ from . import __version__, compare, data, models
 from .backend import ENV_VAR, auto_choice, backends
 from .hyper import METHODS, Hyper
 from . import bench
+from .budget import ALLOCATIONS, DEFAULT_MAX_RATIO, target_from_args
 from .plan import PENALIZE
 from .recipes import RECIPES, table as recipes_table
 from .plan import GRANULARITIES
@@ -59,6 +60,20 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
     ratio.add_argument("--ratio", type=float, help="pruning ratio of every prunable layer, in [0, 1)")
     ratio.add_argument("--stage-ratios", type=_ratio_list,
                        help="reference ResNet stage list 'stem,stage1,...,fc', e.g. 0,0.75,0.75,0.32,0")
+    for kind, what in (("flops", "FLOPs"), ("params", "parameters"), ("latency", "latency (measured)")):
+        ratio.add_argument(f"--target-{kind}", metavar="KEEP|Nx", default=None,
+                           help=f"prune to a {what} budget instead of a ratio: the fraction kept (0.5) or a "
+                                "speed-up (2x)")
+    b = p.add_argument_group("budget (with --target-*)")
+    b.add_argument("--allocation", choices=ALLOCATIONS, default=None,
+                   help="how the budget is spread: uniform (one ratio, searched; the default) or global (channels "
+                        "of all groups ranked by mean |w| relative to their group's mean)")
+    b.add_argument("--max-ratio", type=float, default=None,
+                   help=f"no group loses more than this share of its channels (default {DEFAULT_MAX_RATIO})")
+    b.add_argument("--round-to", type=int, default=None, metavar="N",
+                   help="every group keeps a multiple of N channels, or all of them (also with --ratio)")
+    b.add_argument("--latency-batch-size", type=int, default=64, metavar="B",
+                   help="batch size at which --target-latency is measured (default 64)")
     p.add_argument("--skip", type=lambda text: text.split(","), default=None, metavar="GLOBS",
                    help="layers (names or globs, comma-separated) kept whole")
     s = p.add_argument_group("schedule (reference CIFAR defaults)")
@@ -98,13 +113,13 @@ def _prune_args(prune: argparse.ArgumentParser, argv, defaults=None) -> argparse
     elif defaults is not None and args.model is None and args.data is None:
         settings = dict(defaults)
     if settings is not None:
-        if args.ratio is not None or args.stage_ratios is not None:  # the user's ratios replace the preset's
-            settings.pop("ratio", None), settings.pop("stage_ratios", None)
+        if args.ratio is not None or args.stage_ratios is not None or target_from_args(args) is not None:
+            settings.pop("ratio", None), settings.pop("stage_ratios", None)  # the user's replace the preset's
         prune.set_defaults(**settings)
         args = prune.parse_args(argv)
     missing = [f"--{k.replace('_', '-')}" for k in _REQUIRED if getattr(args, k) is None]
-    if args.ratio is None and args.stage_ratios is None:
-        missing.append("--ratio or --stage-ratios")
+    if args.ratio is None and args.stage_ratios is None and not target_from_args(args) is not None:
+        missing.append("--ratio, --stage-ratios or a --target-flops/--target-params/--target-latency")
     if missing:
         prune.error(f"missing {', '.join(missing)} (or a --recipe that sets them)")
     if args.checkpoint is None and args.pretrain_epochs <= 0:
@@ -147,6 +162,9 @@ def main(argv=None) -> int:
     _add_prune_args(comp)
     comp.add_argument("--methods", type=compare.parse_methods, default="l1,greg1,greg2",
                       help="comma-separated: l1, greg1, greg2, greg1-group, greg2-group (-group: penalize='group')")
+    comp.add_argument("--allocations", type=compare.parse_allocations, default=None, metavar="LIST",
+                      help="with a --target-*: run every method under each allocation (e.g. uniform,global), "
+                           "all at the same budget")
     comp.add_argument("--seeds", type=int, default=3, help="dense models (and runs of each method): seeds --seed .. --seed + N - 1")
     comp.set_defaults(method="l1", out="runs/compare")
     sub.add_parser("info", help="versions, device and available backends")

@@ -31,6 +31,7 @@ from .hyper import METHODS
 from .table import format_table
 
 GROUP = "-group"
+AT = "@"  # method@allocation: one method under one way of spreading a budget
 PROTOCOLS = ("equal fine-tune", "equal total steps")
 SETTINGS_FILE = "settings.json"
 
@@ -51,6 +52,16 @@ def parse_methods(text: str) -> list[str]:
     if len(set(methods)) != len(methods):
         raise argparse.ArgumentTypeError(f"--methods lists a method twice: {text}")
     return methods
+
+
+def parse_allocations(text: str) -> list[str]:
+    from .budget import ALLOCATIONS
+    allocations = [a.strip() for a in text.split(",") if a.strip()]
+    bad = [a for a in allocations if a not in ALLOCATIONS]
+    if bad or not allocations or len(set(allocations)) != len(allocations):
+        raise argparse.ArgumentTypeError(f"--allocations: expected distinct entries of {', '.join(ALLOCATIONS)}, "
+                                         f"got {text!r}")
+    return allocations
 
 
 def stretch_lr_schedule(text: str, epochs: int, new_epochs: int) -> str:
@@ -76,7 +87,20 @@ class Compare:
         args.methods = self.methods
         if args.seeds < 1:
             raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
-        check_args(self._job_args(self.methods[0], 0, self.out / "check", args.finetune_epochs, args.lr_ft))
+        allocations = getattr(args, "allocations", None)
+        if allocations is not None:
+            if args.allocation is not None:
+                raise ValueError("give --allocation or --allocations, not both")
+            from .budget import target_from_args
+            if target_from_args(args) is None:
+                raise ValueError("--allocations compares ways of spreading a budget: it needs --target-flops, "
+                                 "--target-params or --target-latency")
+        # each allocation runs every method; labels carry the allocation when there are several
+        self.allocations = list(allocations) if allocations else [args.allocation]
+        self.groups = [[m if len(self.allocations) == 1 else f"{m}{AT}{a}" for m in self.methods]
+                       for a in self.allocations]
+        self.variants = [v for group in self.groups for v in group]
+        check_args(self._job_args(self.variants[0], 0, self.out / "check", args.finetune_epochs, args.lr_ft))
         settings = self.out / SETTINGS_FILE
         identity = json.loads(json.dumps(_identity(args)))
         if settings.exists():
@@ -94,7 +118,9 @@ class Compare:
         """A ``greg-fast prune`` job's arguments: this compare's, for one method, seed and folder."""
         from .job import _checkpoints
         a = copy.copy(self.args)
+        method, _, allocation = method.partition(AT)
         a.method, a.penalize = method.removesuffix(GROUP), "group" if method.endswith(GROUP) else "filters"
+        a.allocation = allocation or a.allocation
         a.seed, a.out, a.finetune_epochs, a.quiet = seed, str(out), finetune_epochs, True
         a.lr_ft = lr_ft or a.lr_ft
         a.resume = str(out) if _checkpoints(out) else None  # a killed job continues
@@ -133,42 +159,49 @@ class Compare:
 
     def run(self) -> dict:
         args = self.args
-        regularized = [m for m in self.methods if m != "l1"]
         has_l1 = "l1" in self.methods
-        per_seed = 1 + len(self.methods) + (1 if has_l1 and regularized else 0)
+        regularized = len(self.methods) - has_l1
+        per_seed = 1 + len(self.variants) + (len(self.groups) if has_l1 and regularized else 0)
         records = []
         with tqdm(total=args.seeds * per_seed, desc="compare", dynamic_ncols=True, disable=args.quiet) as bar:
             for seed in range(args.seed, args.seed + args.seeds):
                 dense, pretrain_s = self._dense(seed, bar)
                 bar.update()
-                done = {}
-                for method in regularized + (["l1"] if has_l1 else []):
-                    done[method] = self._job(method, method, seed, dense, args.finetune_epochs, None, bar)
-                    bar.update()
-                    for protocol in PROTOCOLS if method != "l1" or not regularized else PROTOCOLS[:1]:
-                        records.append(_record(done[method], seed, method, protocol, pretrain_s))
-                if has_l1 and regularized:  # equal total steps: L1 fine-tunes as long as the longest regularization
-                    steps = max(done[m]["regularization_iterations"] for m in regularized)
-                    extra = math.ceil(steps / done[regularized[0]]["steps_per_epoch"])
-                    epochs = args.finetune_epochs + extra
-                    lr_ft = stretch_lr_schedule(args.lr_ft, args.finetune_epochs, epochs)
-                    summary = self._job("l1-total-steps", "l1", seed, dense, epochs, lr_ft, bar)
-                    bar.update()
-                    records.append(_record(summary, seed, "l1", PROTOCOLS[1], pretrain_s,
-                                           extra_finetune_epochs=extra))
+                for group in self.groups:
+                    records += self._group(group, seed, dense, pretrain_s, bar)
         return self.report(records)
+
+    def _group(self, variants: list[str], seed: int, dense: Path, pretrain_s: float, bar) -> list[dict]:
+        """One allocation's methods from one dense model, under both protocols."""
+        args, records, done = self.args, [], {}
+        l1 = next((v for v in variants if v.partition(AT)[0] == "l1"), None)
+        regularized = [v for v in variants if v != l1]
+        for variant in regularized + ([l1] if l1 else []):
+            done[variant] = self._job(variant, variant, seed, dense, args.finetune_epochs, None, bar)
+            bar.update()
+            for protocol in PROTOCOLS if variant != l1 or not regularized else PROTOCOLS[:1]:
+                records.append(_record(done[variant], seed, variant, protocol, pretrain_s))
+        if l1 and regularized:  # equal total steps: L1 fine-tunes as long as the longest regularization
+            steps = max(done[m]["regularization_iterations"] for m in regularized)
+            extra = math.ceil(steps / done[regularized[0]]["steps_per_epoch"])
+            epochs = args.finetune_epochs + extra
+            lr_ft = stretch_lr_schedule(args.lr_ft, args.finetune_epochs, epochs)
+            summary = self._job(l1.replace("l1", "l1-total-steps", 1), l1, seed, dense, epochs, lr_ft, bar)
+            bar.update()
+            records.append(_record(summary, seed, l1, PROTOCOLS[1], pretrain_s, extra_finetune_epochs=extra))
+        return records
 
     # ---- the report ----
     def report(self, records: list[dict]) -> dict:
         from . import plots
-        rows = aggregate(records, self.methods)
-        per_seed = [r for r in records if r["method"] == self.methods[0] and r["protocol"] == PROTOCOLS[0]]
+        rows = aggregate(records, self.variants)
+        per_seed = [r for r in records if r["method"] == self.variants[0] and r["protocol"] == PROTOCOLS[0]]
         dense = [r["dense_test_acc"] for r in per_seed]
         result = {"settings": _identity(self.args), "dense_test_acc": dense, "rows": rows, "runs": records}
         write_text_atomic(self.out / "compare.json", json.dumps(result, indent=1))
         text = table(rows, dense, [r["seconds"]["pretrain"] for r in per_seed])
         write_text_atomic(self.out / "compare.md", text + "\n")
-        plots.compare(records, self.methods, PROTOCOLS, self.out / "compare.png", dense)
+        plots.compare(records, self.variants, PROTOCOLS, self.out / "compare.png", dense)
         print(text)
         print(f"wrote {self.out / 'compare.json'}, {self.out / 'compare.md'}, {self.out / 'compare.png'}")
         return result

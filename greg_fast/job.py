@@ -34,12 +34,15 @@ from .sparse import pack_model
 from .engine import GrowingReg
 from .hyper import Hyper
 from .recipes import RECIPES
+from .budget import batch_inputs, measure_speedup, parse_target, target_from_args
 from .plan import count_flops, plan as make_plan, stage_ratios
 from .train import epoch_metrics, evaluate, lr_at, n_batches, parse_lr_schedule, train_epoch
 
 # Arguments that must agree between a run and its resume.
 _HYPER = tuple(f.name for f in dataclasses.fields(Hyper))
-_RUN_IDENTITY = ("model", "data", "method", "granularity", "coupled", "approximate", "penalize", "ratio", "stage_ratios", "skip", *_HYPER,
+_BUDGET = ("target_flops", "target_params", "target_latency", "allocation", "max_ratio", "round_to", "latency_batch_size")
+_RUN_IDENTITY = ("model", "data", "method", "granularity", "coupled", "approximate", "penalize", "ratio", "stage_ratios",
+                 "skip", *_BUDGET, *_HYPER,
                  "pretrain_epochs", "checkpoint", "finetune_epochs", "lr_ft", "lr_pretrain", "lr_reg",
                  "momentum", "weight_decay", "batch_size", "seed")
 
@@ -136,8 +139,24 @@ def check_args(args) -> None:
         raise ValueError(f"--out {out} is a file, not a folder")
     if args.resume is not None and Path(args.resume) != out:
         raise ValueError("--resume DIR must be the run's --out DIR")
-    if (args.ratio is None) == (args.stage_ratios is None):
-        raise ValueError("give exactly one of --ratio and --stage-ratios")
+    target = target_from_args(args)
+    if sum(x is not None for x in (args.ratio, args.stage_ratios, target)) != 1:
+        raise ValueError("give exactly one of --ratio, --stage-ratios and a --target-flops/--target-params/"
+                         "--target-latency")
+    if target is not None:
+        parse_target(target)
+        if target.get("batch_size", 1) < 1:
+            raise ValueError(f"--latency-batch-size must be >= 1, got {args.latency_batch_size}")
+    else:
+        for flag, value in (("--allocation", args.allocation), ("--max-ratio", args.max_ratio)):
+            if value is not None:
+                raise ValueError(f"{flag} spreads a budget: it needs --target-flops, --target-params or --target-latency")
+    if args.max_ratio is not None and not 0 < args.max_ratio < 1:
+        raise ValueError(f"--max-ratio must be in (0, 1), got {args.max_ratio}")
+    if args.round_to is not None and args.round_to < 1:
+        raise ValueError(f"--round-to must be >= 1, got {args.round_to}")
+    if args.round_to is not None and args.granularity == "weight":
+        raise ValueError("--round-to rounds channel counts; --granularity weight has none")
     if args.coupled and args.granularity != "filter":
         raise ValueError(f"--coupled prunes groups of filters; --granularity {args.granularity} plans single layers")
     if args.approximate and not _coupled(args):
@@ -200,13 +219,15 @@ class _Run:
         torch.manual_seed(args.seed)
         self.model = models.create(args.model, self.data.num_classes, in_channels=self.data.in_channels).to(self.device)
         self.example = (self.data.train[0][0].unsqueeze(0).to(self.device),)
-        ratios = stage_ratios(self.model, args.stage_ratios) if args.stage_ratios is not None else None
-        self.plan = make_plan(self.model, args.ratio or 0.0, granularity=args.granularity, coupled=_coupled(args),
-                              approximate=args.approximate,
-                              ratios=ratios, skip=args.skip or (), example_inputs=self.example)
         self.structured = args.granularity != "weight"
         self.state = RunState()
         self.checkpoint = _load_latest(self.out, self.device) if args.resume is not None else None
+        saved = self.checkpoint["state"]["results"].get("allocation") if self.checkpoint is not None else None
+        self.plan = self._make_plan(saved)
+        if self.plan.budget is not None:
+            self.state.results["allocation"] = {"counts": {l.name: l.n_prune for l in self.plan.layers},
+                                                "flops_keep": self.plan.budget.flops_keep,
+                                                "achieved": self.plan.budget.achieved}
         if self.checkpoint is not None:
             self._resume()
         if self.main_rank:
@@ -215,16 +236,38 @@ class _Run:
         self.clock = time.perf_counter()
         self.steps_per_epoch = n_batches(self.data.train, args.batch_size)
 
+    def _make_plan(self, saved: dict | None):
+        """The run's plan; a resumed latency target takes the allocation measured when the run started
+        (measuring again would give other counts, within the noise)."""
+        args = self.args
+        ratios = stage_ratios(self.model, args.stage_ratios) if args.stage_ratios is not None else None
+        target = target_from_args(args)
+        kwargs = dict(granularity=args.granularity, coupled=_coupled(args), approximate=args.approximate,
+                      ratios=ratios, skip=args.skip or (), example_inputs=self.example, round_to=args.round_to)
+        if target is None:
+            return make_plan(self.model, args.ratio, **kwargs)
+        kwargs.update(allocation=args.allocation, max_ratio=args.max_ratio)
+        if saved is None or "latency" not in target:
+            return make_plan(self.model, target=target, **kwargs)
+        plan = make_plan(self.model, target={"flops": saved["flops_keep"]}, **kwargs)
+        plan.budget.restore(parse_target(target), saved["achieved"], saved["flops_keep"])
+        plan.set_counts(saved["counts"])
+        return plan
+
     def _resume(self) -> None:
         # runs started before coupled groups existed planned single layers: --no-coupled resumes them
-        saved = {"coupled": False, "approximate": False, "penalize": "filters", **self.checkpoint["identity"]}
+        saved = {"coupled": False, "approximate": False, "penalize": "filters", **{k: None for k in _BUDGET},
+                 "latency_batch_size": 64, **self.checkpoint["identity"]}
         diff = {k: (saved.get(k), v) for k, v in _identity(self.args).items() if saved.get(k) != v}
         if diff:
             raise ValueError(f"--resume {self.out}: the run was started with other settings: "
                              + ", ".join(f"{k}={a!r} (now {b!r})" for k, (a, b) in diff.items()))
         self.state = RunState(**self.checkpoint["state"])
+        masks = self.state.results.get("masks")
+        if masks is not None:  # pruned already: the counts are the masks' (a global budget chose them late)
+            self.plan.set_counts({k: int((~m).sum()) for k, m in masks.items()})
         if self.state.stage in ("finetune", "finished") and self.structured:  # the checkpoint holds the small model
-            compact(self.model, self.state.results["masks"], self.plan)
+            compact(self.model, masks, self.plan)
         self.model.load_state_dict(self.checkpoint["model"])
         torch.set_rng_state(self.checkpoint["rng"])
 
@@ -315,7 +358,8 @@ class _Run:
                                                **model_cost(self.model, self.example)}
         self.say(f"dense model: test accuracy {dense['test_acc']:.2f}%")
         self.next_stage("regularize")
-        self.say(str(self.plan))
+        if self.plan.budget is None or not self.plan.budget.by_score:  # else GrowingReg allocates: shown then
+            self.say(str(self.plan))
 
     def regularize(self) -> None:
         """Growing regularization until the schedule is done, then prune (compact when structured)."""
@@ -328,6 +372,9 @@ class _Run:
         self.train_stage("regularize", greg, None, lambda e: args.lr_reg, after_step=tracer.after_step,
                          stop=lambda: greg.done, extra=lambda: {"phase": greg.phase, "lam": f"{tracer.lam_max:.2e}"})
         masks = greg.masks()
+        if self.plan.budget is not None and self.plan.budget.by_score:
+            self.say(f"allocation chosen from the scores at the {'pick' if args.method == 'greg2' else 'start'}:\n"
+                     f"{self.plan}")
         apply_masks(self.model, masks, self.plan)
         state.results["masks"] = {k: v.cpu() for k, v in masks.items()}
         state.results["regularization"] = {"iterations": greg.iteration, "lambda": greg.lambdas()}
@@ -370,6 +417,11 @@ class _Run:
         dense_arch = models.create(args.model, self.data.num_classes, in_channels=self.data.in_channels)  # widths only
         latency = compare_latency(dense_arch, self.model, self.example)
         summary = _summary(args, state, self.plan.cost(), self.structured, n_pruned, latency)
+        budget = self.plan.budget
+        if budget is not None:  # a latency target is measured where it was planned: on the run's device
+            timed = measure_speedup(dense_arch.to(self.device).eval(), self.model.eval(), batch_inputs(
+                self.example, budget.target.batch_size), seconds=2.0) if budget.target.kind == "latency" else None
+            summary["target"] = _target_summary(budget, summary, timed)
         summary["steps_per_epoch"] = self.steps_per_epoch
         if args.recipe is not None:  # the paper's figures beside this run's
             summary["recipe"] = {"name": args.recipe, "paper": RECIPES[args.recipe].paper}
@@ -505,11 +557,35 @@ def _summary(args, state: RunState, cost: dict, structured: bool, n_pruned: int,
     }
 
 
+def _target_summary(budget, summary: dict, timed: dict | None) -> dict:
+    """The target against what was planned and what the pruned model measures (``timed``: dense
+    and pruned at the latency target's batch size, alternating)."""
+    t = budget.target
+    measured = {"flops_kept": summary["pruned"]["flops"] / summary["dense"]["flops"],
+                "params_kept": summary["pruned"]["params"] / summary["dense"]["params"]}
+    if timed is not None:
+        measured.update(latency_ms={"dense": timed["dense_ms"], "pruned": timed["pruned_ms"]})
+        measured.update(latency_speedup=timed["speedup"], latency_speedup_p10_p90=timed["speedup_p10_p90"])
+        met = timed["speedup_p10_p90"][1] >= 1 / t.keep  # within the noise band
+    else:
+        met = measured[f"{t.kind}_kept"] <= t.keep * (1 + 1e-9)
+    planned = {k: v for k, v in budget.achieved.items() if k != "latency"}
+    if "latency" in budget.achieved:
+        lat = budget.achieved["latency"]
+        planned.update(latency_speedup=lat["speedup"], latency_speedup_p10_p90=lat["speedup_p10_p90"])
+    return {"kind": t.kind, "keep": t.keep, "speedup": 1 / t.keep, "batch_size": t.batch_size if timed else None,
+            "allocation": budget.allocation, "max_ratio": budget.max_ratio, "round_to": budget.round_to,
+            "text": str(t), "planned": planned, "measured": measured, "met": met}
+
+
 def format_table(s: dict) -> str:
     lo, hi = s["speedup_batch64_p10_p90"]
     unit = ("groups" + (", penalize group" if s.get("penalize") == "group" else "")) if s.get("coupled") \
         else s["granularity"]
-    label = f"{s['method']} {unit} " + (f"ratio {s['ratio']}" if s["ratio"] is not None else f"stages {s['stage_ratios']}")
+    t = s.get("target")
+    label = f"{s['method']} {unit} " + (f"ratio {s['ratio']}" if s["ratio"] is not None else
+                                        f"stages {s['stage_ratios']}" if s["stage_ratios"] is not None else
+                                        f"{t['allocation']} to {t['speedup']:.3g}x {t['kind']}")
     rows = [
         ("", "dense", f"pruned ({label})"),
         ("test accuracy (%)", f"{s['dense']['test_acc']:.2f}",
@@ -522,6 +598,13 @@ def format_table(s: dict) -> str:
              f"({s['speedup_batch64']:.2f}x faster, {lo:.2f}-{hi:.2f} over rounds)" if s["pruned"]["compacted"]
              else "(masks keep the dense kernels: no speed-up without a sparse runtime)")),
     ]
+    if t is not None:
+        key = "latency_speedup" if t["kind"] == "latency" else f"{t['kind']}_kept"
+        spread = lambda d: (f" ({d[key + '_p10_p90'][0]:.2f}-{d[key + '_p10_p90'][1]:.2f})"
+                            if key + "_p10_p90" in d else "")
+        fmt = "{:.2f}x faster" if t["kind"] == "latency" else "{:.4f} kept"
+        rows.append(("target", t["text"], f"planned {fmt.format(t['planned'][key])}{spread(t['planned'])}, measured "
+                     f"{fmt.format(t['measured'][key])}{spread(t['measured'])}: {'met' if t['met'] else 'NOT met'}"))
     w = s["wall_time_s"]
     rows.append(("wall time (s)", f"pretrain {w.get('pretrain', 0):.1f}",
                  f"regularize {w.get('regularize', 0):.1f} ({s['regularization_iterations']} it), "

@@ -134,7 +134,7 @@ def test_a_latency_target_measures_on_the_real_clock():
     model, _ = zoo("resnet20")
     plan = gf.plan(model, target={"latency": "1.05x", "batch_size": 4})
     lat = plan.budget.achieved["latency"]
-    assert lat["speedup_p10_p90"][1] >= 1.05 and lat["rounds"] >= 5 and lat["dense_ms"] > 0
+    assert lat["speedup"] >= 1.05 and lat["rounds"] >= 5 and lat["dense_ms"] > 0
 
 
 def train(model, greg, opt, steps):

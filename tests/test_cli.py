@@ -189,3 +189,71 @@ def test_a_run_from_before_coupled_groups_resumes_with_no_coupled(tmp_path, caps
     assert "coupled=False (now None)" in capsys.readouterr().err
     assert main([*args, "--out", str(out), "--resume", str(out)]) == 0
     assert json.loads((out / "summary.json").read_text())["coupled"] is False
+
+
+def budget_args(*target):
+    """TINY with a target in place of --ratio 0.5."""
+    i = TINY.index("--ratio")
+    return [*TINY[:i], *TINY[i + 2:], *target]
+
+
+def test_prune_to_a_flops_budget_reports_planned_and_measured_against_the_target(tmp_path, capsys):
+    out = tmp_path / "budget"
+    args = ["prune", "--method", "greg1", *budget_args("--target-flops", "2x", "--allocation", "global",
+                                                       "--round-to", "4"), "--out", str(out)]
+    assert main(args) == 0
+    s = json.loads((out / "summary.json").read_text())
+    t = s["target"]
+    assert t["kind"] == "flops" and t["keep"] == 0.5 and t["allocation"] == "global" and t["round_to"] == 4
+    assert t["met"] and 0.5 * 0.95 <= t["measured"]["flops_kept"] <= 0.5
+    assert t["planned"]["flops_kept"] == pytest.approx(t["measured"]["flops_kept"], rel=1e-6)
+    assert "target" in capsys.readouterr().out
+    state = torch.load(out / "model.pt", weights_only=True)["state_dict"]
+    widths = [w.shape[0] for k, w in state.items() if k.endswith("conv1.weight")]
+    assert all(w % 4 == 0 for w in widths)
+
+
+def test_a_latency_budget_is_measured_once_and_a_killed_run_resumes_with_its_allocation(tmp_path):
+    args = ["prune", "--method", "greg2", *budget_args("--target-latency", "1.1x", "--latency-batch-size", "16",
+                                                       "--allocation", "global"), "--checkpoint-every", "3"]
+    killed = tmp_path / "killed"
+    env = {**os.environ, "GREG_FAST_KILL_AT": "regularize:4", "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    proc = subprocess.run([sys.executable, "-m", "greg_fast.cli", *args, "--out", str(killed)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    saved = torch.load(sorted((killed / "checkpoints").glob("ckpt-*.pt"))[-1], weights_only=True)
+    allocation = saved["state"]["results"]["allocation"]
+    assert allocation["achieved"]["latency"]["batch_size"] == 16
+    import greg_fast.budget
+    real = greg_fast.budget.measure_speedup
+    calls = []
+    greg_fast.budget.measure_speedup = lambda *a, **k: calls.append(1) or real(*a, **k)
+    try:
+        assert main([*args, "--out", str(killed), "--resume", str(killed)]) == 0
+    finally:
+        greg_fast.budget.measure_speedup = real
+    assert calls == []  # the resumed run took the allocation back instead of measuring again
+    t = json.loads((killed / "summary.json").read_text())["target"]
+    assert t["kind"] == "latency" and t["batch_size"] == 16
+    assert t["planned"]["latency_speedup"] == allocation["achieved"]["latency"]["speedup"]
+    assert "latency_speedup" in t["measured"] and len(t["measured"]["latency_speedup_p10_p90"]) == 2
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--target-flops", "0"], "must be in (0, 1]"),
+    (["--target-params", "1.5"], "must be in (0, 1]"),
+    (["--target-flops", "2x", "--ratio", "0.5"], "not allowed with argument"),
+    (["--ratio", "0.5", "--allocation", "global"], "needs --target-flops"),
+    (["--target-flops", "2x", "--max-ratio", "1.2"], "--max-ratio must be in (0, 1)"),
+    (["--target-flops", "0.01"], "reachable range"),
+    (["--target-flops", "2x", "--round-to", "128"], "larger than every group"),
+])
+def test_bad_budget_flags_fail_before_any_work(tmp_path, capsys, flags, message):
+    out = tmp_path / "bad"
+    try:
+        code = main(["prune", "--method", "l1", *budget_args(*flags), "--out", str(out)])
+    except SystemExit as exit:  # argparse's own errors
+        code = exit.code
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not (out / "checkpoints").exists() or not list((out / "checkpoints").glob("*.pt"))

@@ -98,3 +98,20 @@ def test_compare_runs_on_folder_data(tmp_path, name, monkeypatch):
     assert main(argv) == 0
     result = json.loads((tmp_path / "cmp" / "compare.json").read_text())
     assert result["settings"]["data"] == name and len(result["runs"]) == 4
+
+
+def test_compare_runs_every_method_under_each_allocation_at_the_same_budget(tmp_path, capsys):
+    i = TINY.index("--ratio")
+    tiny = [*TINY[:i], *TINY[i + 2:], "--target-flops", "2x"]
+    out = tmp_path / "alloc"
+    assert main(["compare", *tiny, "--methods", "l1,greg1", "--allocations", "uniform,global", "--seeds", "1",
+                 "--out", str(out)]) == 0
+    result = json.loads((out / "compare.json").read_text())
+    labels = {r["method"] for r in result["runs"]}
+    assert labels == {"l1@uniform", "greg1@uniform", "l1@global", "greg1@global"}
+    for r in result["runs"]:
+        assert 0.5 * 0.95 <= 1 / r["flops_reduction"] <= 0.5  # every run at the same budget
+    uniform = json.loads((out / "seed0" / "greg1@uniform" / "summary.json").read_text())
+    assert uniform["target"]["allocation"] == "uniform"
+    assert main(["compare", *TINY, "--allocations", "uniform,global", "--out", str(tmp_path / "x")]) == 2
+    assert "needs --target-flops" in capsys.readouterr().err

@@ -42,7 +42,7 @@ def test_a_run_without_a_recipe_names_what_is_missing(capsys):
     with pytest.raises(SystemExit):
         main(["prune", "--method", "greg1", "--pretrain-epochs", "1"])
     err = capsys.readouterr().err
-    assert "missing --model, --data, --finetune-epochs, --lr-ft, --out, --ratio or --stage-ratios" in err
+    assert "missing --model, --data, --finetune-epochs, --lr-ft, --out, --ratio, --stage-ratios or a --target-flops/--target-params/--target-latency" in err
 
 
 def test_a_recipe_sets_the_published_schedule(tmp_path, monkeypatch):

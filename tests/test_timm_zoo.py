@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 import greg_fast as gf
+from greg_fast import budget
 from greg_fast.capture import LAYER_TYPES
 
 from test_groups import random_group_masks
@@ -49,6 +50,16 @@ def test_timm_model_plans_compacts_exactly_regularizes_and_round_trips(name, tmp
         gf.compact(small, masks, small_plan, verify=False)
         a, b = float64_outputs(masked, x), float64_outputs(small, x)
         assert float((a - b).abs().max() / a.abs().max()) < 1e-9, ratio
+
+    if plan.pruned:  # a global budget's uneven counts: still exact (compact verifies on the example input)
+        c = plan.cost()
+        keep = 1 - 0.5 * (1 - c["flops_after"] / c["flops_before"])
+        glob = gf.plan(model, target={"flops": keep}, allocation="global", example_inputs=x)
+        assert glob.cost()["flops_after"] <= keep * c["flops_before"]
+        masks = budget.selection(glob.layers, {l.name: l.n_prune for l in glob.layers},
+                                    budget.plan_scores(glob, glob.layers))
+        small, small_plan = copy.deepcopy((model, glob))
+        gf.compact(small, masks, small_plan)
 
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
