@@ -52,6 +52,11 @@ class GrowingReg(torch.optim.Optimizer):
     the closure itself (LBFGS) gets one that adds the penalty to every re-evaluation (gradient
     ``λ_g·w`` and loss ``½ Σ λ_g ‖w_g‖²``).
 
+    A plan made to a budget with ``allocation="global"`` (``plan(model, target=..., allocation=
+    "global")``) is allocated again from this wrapper's own scores: GReg-1 and L1 at construction,
+    GReg-2 at its pick (until then it regularizes every unit the budget may cut; a unit left with
+    nothing to cut gets λ = 0). The plan's counts follow, and ``state_dict`` carries them.
+
     ``step()`` after ``loss.backward()``: :meth:`apply_penalty` (λ update every ``interval``
     iterations, then ``grad += λ_g * w``; after pruning, zero the removed groups' gradients), the
     inner optimizer's step, then the schedule advances. Phases: ``pick`` (GReg-2 only), ``grow``,
