@@ -128,8 +128,8 @@ def main(argv=None) -> int:
     (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     text = table(rows)
     (out / f"{stem}.md").write_text(
-        f"FLOPs target {args.target}, {args.size}x{args.size}, latency at batch {args.batch} on {meta['device']} "
-        f"({meta['threads']} threads), torch {meta['torch']}, {meta['date']}; random weights.\n\n{text}\n")
+        f"FLOPs target {args.target}, {args.size}x{args.size}, latency at batch {args.batch} on {meta['device']}, "
+        f"torch {meta['torch']}, {meta['date']}; random weights.\n\n{text}\n")
     plot(rows, out / f"{stem}.png", names[:3])
     print(text)
     print(f"wrote {out / stem}.json, .md, .png")

@@ -111,7 +111,7 @@ def check_round_to(round_to) -> int | None:
     return round_to
 
 
-def levels(n: int, cap: int, round_to: int | None) -> list[int]:
+def levels(n: int, cap: int, round_to: int | None) -> Sequence[int]:
     """The counts of removed groups a unit of ``n`` groups may take, ascending from 0: at most
     ``cap``, and with ``round_to`` only those that keep a multiple of it."""
     if not round_to or round_to == 1:
@@ -129,8 +129,8 @@ def rounded(count: int, allowed: Sequence[int]) -> int:
 class Budget:
     """How a plan's counts were chosen, kept on the plan (``plan.budget``) so that a later selection
     (GrowingReg: GReg-1 and L1 at the start, GReg-2 at its pick) allocates again from its own scores
-    with the same rules. ``flops_keep`` is what such a re-allocation must reach: the planned FLOPs
-    (for a latency target, those of the allocation that met the measured latency)."""
+    with the same rules. ``flops_keep`` is the planned share of FLOPs kept; for a latency target it
+    is what a re-allocation must reach (it cannot measure)."""
     target: Target
     allocation: str
     max_ratio: float
@@ -240,6 +240,7 @@ def plan_to(plan, target: Target | None, allocation: str, max_ratio: float, roun
             given: set[str]) -> None:
     """Apply a target (and rounding) to a freshly built ``plan``: units in ``given`` keep the count
     their ratio gave (rounded), the others are allocated."""
+    from .plan import n_prune_for  # plan imports this module
     units = plan.layers
     if round_to:
         if units and all(u.n_groups <= round_to for u in units):
@@ -257,17 +258,12 @@ def plan_to(plan, target: Target | None, allocation: str, max_ratio: float, roun
     if target is None:
         return
     plan.budget = Budget(target, allocation, max_ratio, round_to, fixed=fixed, levels={
-        u.name: levels(u.n_groups, n_prune_for_cap(max_ratio, u.n_groups), round_to) for u in units
+        u.name: levels(u.n_groups, n_prune_for(max_ratio, u.n_groups), round_to) for u in units
         if u.name not in given})
     allocate(plan)
 
 
-def n_prune_for_cap(max_ratio: float, n: int) -> int:
-    from .plan import n_prune_for
-    return n_prune_for(max_ratio, n)
-
-
-def _fill(steps, n, cost, keep):
+def _fill(steps, cost, keep):
     """The shortest prefix of ``steps`` with ``cost <= keep``; where its last step lands more than
     the tolerance below ``keep``, that step's unit stays where it was (its later steps are passed
     over) and the search goes on with the steps after it, so that small steps further down the
@@ -305,8 +301,8 @@ def shortest_prefix(n_steps: int, meets) -> int | None:
 
 def allocate(plan, scores: Mapping[str, torch.Tensor] | None = None) -> dict[str, int]:
     """The counts that meet ``plan.budget`` with the fewest steps of its order, set on ``plan``.
-    FLOPs and parameter targets are planned; a latency target is measured (:func:`_latency_prefix`);
-    a re-allocation from later ``scores`` (global) meets the budget's ``flops_keep``."""
+    FLOPs and parameter targets are planned; a latency target is measured (:func:`_latency_prefix`)
+    once, and a re-allocation from later ``scores`` (global) meets its ``flops_keep``."""
     budget = plan.budget
     units = [u for u in plan.layers if u.name in budget.levels]
     if budget.allocation == "global" and scores is None:
@@ -324,18 +320,19 @@ def allocate(plan, scores: Mapping[str, torch.Tensor] | None = None) -> dict[str
     if kind == "latency":
         k = _latency_prefix(plan, units, steps, scores)
     else:
-        steps, k = _fill(steps, n, lambda st, k: kept_by(st, k)[kind], keep)
+        steps, k = _fill(steps, lambda st, k: kept_by(st, k)[kind], keep)
         if k is None:
             floor = kept(n)[kind]
             raise ValueError(f"target {budget.target} cannot be reached: with every allocated group at its cap "
                              f"(max_ratio={budget.max_ratio}{f', round_to={budget.round_to}' if budget.round_to else ''}"
-                             f"{', skip and ratios as given' if budget.fixed or plan.excluded else ''}) the model "
+                             f"{', ratios as given' if budget.fixed else ''}, excluded groups whole) the model "
                              f"keeps {floor:.4g} of its {NAMES[kind]} ({1 / floor:.3g}x): the reachable range is "
                              f"[{floor:.4g}, 1] kept (1x-{1 / floor:.3g}x)")
     counts = budget.counts(units, steps, k)
     plan.set_counts(counts)
     fractions = plan.kept_fraction(counts)
-    budget.flops_keep = fractions["flops"]
+    if kind == budget.target.kind:  # not a latency budget's re-allocation, which keeps the measured one's FLOPs
+        budget.flops_keep = fractions["flops"]
     budget.achieved.update({f"{key}_kept": v for key, v in fractions.items()})
     return counts
 

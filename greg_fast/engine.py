@@ -368,23 +368,23 @@ class GrowingReg(torch.optim.Optimizer):
             g, opt = state_dict["greg"], state_dict["optimizer"]
         except (KeyError, TypeError) as err:
             raise ValueError("not a GrowingReg state_dict (expected keys 'optimizer' and 'greg')") from err
+        if g.get("penalize", "filters") != self.penalize:
+            raise ValueError(f"checkpoint was saved with penalize={g.get('penalize')!r}, this GrowingReg has "
+                             f"penalize={self.penalize!r}")
         before = None
         if self.plan.budget is not None and self.plan.budget.by_score:  # the run's own allocation
             counts = self.plan.budget.check_counts(self.plan, dict(zip(g["layers"], g.get("n_prune", []))))
-            before = ({l.name: l.n_prune for l in self.plan.layers}, self.layers, self.schedule)
+            before = ({l.name: l.n_prune for l in self.plan.layers}, dict(self.__dict__))
             self.plan.set_counts(counts)
             if not self._allocates_at_pick:
                 self._setup(self.plan.pruned, self.method)
         try:
             kept = self.schedule.check_state_dict(g)  # everything checked before anything is loaded
         except ValueError:
-            if before is not None:  # leave the plan and the schedule as they were
+            if before is not None:  # leave the plan, the schedule and the slices as they were
                 self.plan.set_counts(before[0])
-                self._setup(before[1], self.method)
+                self.__dict__.update(before[1])
             raise
-        if g.get("penalize", "filters") != self.penalize:
-            raise ValueError(f"checkpoint was saved with penalize={g.get('penalize')!r}, this GrowingReg has "
-                             f"penalize={self.penalize!r}")
         self.optimizer.load_state_dict(opt)
         self.schedule.load_state_dict(g, kept)
         self._removed = None

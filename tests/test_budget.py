@@ -128,6 +128,15 @@ def test_a_latency_target_is_searched_on_measurements(monkeypatch):
     flops = gf.plan(model, target={"flops": 1 / 1.6})
     assert kept_of(plan, "flops") >= kept_of(flops, "flops") - 0.02
     assert plan.budget.goal() == ("flops", pytest.approx(kept_of(plan, "flops")))
+    # a global latency budget, allocated again from other weights, keeps the measured allocation's FLOPs
+    glob = gf.plan(model, target={"latency": "1.6x", "batch_size": 2}, allocation="global")
+    measured_flops = glob.budget.flops_keep
+    with torch.no_grad():
+        model.layer3[0].conv1.weight.mul_(torch.rand_like(model.layer3[0].conv1.weight))
+    for _ in range(2):
+        gf.GrowingReg(torch.optim.SGD(model.parameters(), lr=0.01), glob, method="greg1")
+        assert glob.budget.flops_keep == measured_flops
+        assert measured_flops * 0.99 <= kept_of(glob, "flops") <= measured_flops
 
 
 def test_a_latency_target_measures_on_the_real_clock():
@@ -184,10 +193,21 @@ def test_growing_regularization_allocates_globally_from_its_own_scores_and_resum
     other_model, _ = zoo("resnet20")
     other = gf.plan(other_model, target={"flops": "3x"}, allocation="global")
     refused = gf.GrowingReg(torch.optim.SGD(other_model.parameters(), lr=0.05), other, method=method, **SCHEDULE)
-    before = [l.n_prune for l in other.layers]
+    before, schedule = [l.n_prune for l in other.layers], refused.schedule
     with pytest.raises(ValueError, match="another target|other settings"):
         refused.load_state_dict(state)
-    assert [l.n_prune for l in other.layers] == before
+    assert [l.n_prune for l in other.layers] == before and refused.schedule is schedule
+    # an allocation that fits, in a checkpoint that does not (other settings): nothing changes either
+    same_model, _ = zoo("resnet20")
+    same = gf.plan(same_model, target={"flops": "2x"}, allocation="global")
+    with torch.no_grad():
+        same_model.conv1.weight.mul_(torch.rand_like(same_model.conv1.weight))
+    other_settings = gf.GrowingReg(torch.optim.SGD(same_model.parameters(), lr=0.05), same, method=method,
+                                   **{**SCHEDULE, "stabilize": 3})
+    before, schedule = [l.n_prune for l in same.layers], other_settings.schedule
+    with pytest.raises(ValueError, match="stabilize"):
+        other_settings.load_state_dict(state)
+    assert [l.n_prune for l in same.layers] == before and other_settings.schedule is schedule
 
 
 @pytest.mark.parametrize("call,message", [
