@@ -45,7 +45,7 @@ class Target:
     batch_size: int = 64
 
     def __str__(self) -> str:
-        what = {"flops": "FLOPs", "params": "parameters", "latency": f"latency at batch {self.batch_size}"}[self.kind]
+        what = f"latency at batch {self.batch_size}" if self.kind == "latency" else NAMES[self.kind]
         return f"{what} <= {self.keep:.4g} of dense ({1 / self.keep:.3g}x)"
 
 
@@ -164,9 +164,6 @@ class Budget:
     def units(self, plan) -> list:
         """The units this budget may cut (in plan order): those it allocates and those given a ratio."""
         return [u for u in plan.layers if len(self.levels.get(u.name, ())) > 1 or self.fixed.get(u.name)]
-
-    def allocate(self, plan, scores: Mapping[str, torch.Tensor] | None = None) -> dict[str, int]:
-        return allocate(plan, scores)
 
     def goal(self) -> tuple[str, float]:
         """What an allocation must keep at most: the target, or for latency the FLOPs of the
@@ -378,21 +375,24 @@ def check_timeable(model: nn.Module, example_inputs: tuple, batch_size: int) -> 
                          "use a FLOPs target or give example_inputs it runs on") from err
 
 
-def measure_speedup(dense: nn.Module, pruned: nn.Module, inputs: tuple, seconds: float = 1.0) -> dict:
-    """Dense and pruned timed in alternation (one call each per round) for about ``seconds``:
-    median times and the median and 10th-90th percentile of the per-round speed-up."""
+def measure_speedup(dense: nn.Module, pruned: nn.Module, inputs: tuple, seconds: float = 1.0,
+                    rounds: int | None = None, warmup: int = 1) -> dict:
+    """Dense and pruned timed in alternation (one call each per round, so that load on a shared
+    machine hits both alike) for about ``seconds`` or for ``rounds`` rounds: median times and the
+    median and 10th-90th percentile of the per-round speed-up."""
     from .bench import alternate, ratio_spread, synchronize
     device = next(dense.parameters()).device
     calls = {"dense": lambda: dense(*inputs), "pruned": lambda: pruned(*inputs)}
     with torch.no_grad():
-        synchronize(device)
-        start = time.perf_counter()
-        for fn in calls.values():  # warm-up, and the size of a round
-            fn()
-        synchronize(device)
-        per_round = max(time.perf_counter() - start, 1e-6)
-        rounds = max(5, min(200, int(seconds / per_round)))
-        times = alternate(calls, rounds, device, warmup=1)
+        if rounds is None:
+            synchronize(device)
+            start = time.perf_counter()
+            for fn in calls.values():  # warm-up, and the size of a round
+                fn()
+            synchronize(device)
+            per_round = max(time.perf_counter() - start, 1e-6)
+            rounds = max(5, min(200, int(seconds / per_round)))
+        times = alternate(calls, rounds, device, warmup=warmup)
     speedup, spread = ratio_spread(times["dense"], times["pruned"])
     return {"dense_ms": 1e3 * statistics.median(times["dense"]), "pruned_ms": 1e3 * statistics.median(times["pruned"]),
             "speedup": speedup, "speedup_p10_p90": spread, "rounds": rounds}
@@ -400,8 +400,9 @@ def measure_speedup(dense: nn.Module, pruned: nn.Module, inputs: tuple, seconds:
 
 def compacted_copy(plan, masks: Mapping[str, torch.Tensor]) -> nn.Module:
     """A compacted copy of the planned model (the model itself is not touched)."""
-    from .compaction import _masked_and_compacted
-    return _masked_and_compacted(plan.module(""), masks, plan)[1]
+    from .compaction import compact
+    model, copied = copy.deepcopy((plan.module(""), plan))
+    return compact(model.eval(), masks, copied, verify=False)
 
 
 def _latency_prefix(plan, units, steps, scores, seconds: float = 1.0) -> int:

@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 import torch
 
+from .budget import allocate, plan_scores
 from .backend import SGDArgs, StepBatch, module as backend_module, resolve as resolve_backend
 from .hyper import Hyper
 from .masks import expand_groups, kept_bool, masked_tensors
@@ -101,8 +102,7 @@ class GrowingReg(torch.optim.Optimizer):
         # (it regularizes every unit the budget may cut until then)
         self._allocates_at_pick = budget is not None and budget.by_score and method == "greg2"
         if budget is not None and budget.by_score and method != "greg2":
-            self._setup(budget.units(plan), method)
-            budget.allocate(plan, dict(zip((l.name for l in self.layers), self._current_scores())))
+            allocate(plan, plan_scores(plan, budget.units(plan), penalize))
         self._setup(budget.units(plan) if self._allocates_at_pick else plan.pruned, method)
         frozen = [l.name for l in self.layers
                   if not all(s.param.requires_grad for s in l.slices(plan.module, penalize))]
@@ -110,7 +110,7 @@ class GrowingReg(torch.optim.Optimizer):
             warnings.warn(f"planned layers {frozen[:5]} are frozen (requires_grad=False): they get no "
                           "gradient, so they lose their groups without being regularized", stacklevel=2)
         if method != "greg2":  # GReg-1 and L1 select on the weights as they are
-            self.schedule.select(self._current_scores())
+            self.schedule.select(self._map.unit_scores(self.backend.scores(self.slices)))
         if method == "l1" or not self.layers:
             self._prune()
 
@@ -133,12 +133,9 @@ class GrowingReg(torch.optim.Optimizer):
         self.schedule = Schedule(self.layers, method, self._hyper, self.device,
                                  allocate=self._allocate_at_pick if self._allocates_at_pick else None)
 
-    def _current_scores(self) -> list[torch.Tensor]:
-        return self._map.unit_scores(self.backend.scores(self.slices))
-
     def _allocate_at_pick(self, scores: list[torch.Tensor]) -> None:
         """GReg-2 with a global budget: the counts from the scores of all units at the pick."""
-        self.plan.budget.allocate(self.plan, dict(zip((l.name for l in self.layers), scores)))
+        allocate(self.plan, dict(zip((l.name for l in self.layers), scores)))
 
     # ---- the torch.optim surface, passed through to the inner optimizer ----
     def _init_optimizer_hooks(self) -> None:

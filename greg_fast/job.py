@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
 import json
 import math
 import os
 import signal
-import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -509,23 +507,13 @@ def model_cost(model, example) -> dict:
 
 
 def compare_latency(dense, pruned, example, batches=(1, 64), rounds=31) -> dict:
-    """CPU inference latency of the dense and the pruned model, timed in alternation (one call
-    each per round) so that load on a shared machine hits both alike: per batch size, the median
-    time of each and the median and 10th-90th percentile range of the per-round speed-up."""
-    from .bench import alternate, ratio_spread
-    timed = {"dense": copy.deepcopy(dense).cpu().eval(), "pruned": copy.deepcopy(pruned).cpu().eval()}
+    """CPU inference latency of the dense and the pruned model (:func:`greg_fast.budget.measure_speedup`:
+    timed in alternation), per batch size."""
+    dense, pruned = copy.deepcopy(dense).cpu().eval(), copy.deepcopy(pruned).cpu().eval()
     x = example[0].cpu()
-    out = {}
-    with torch.no_grad():
-        for b in batches:
-            xb = x.expand(b, *x.shape[1:]).contiguous()
-            times = alternate({k: functools.partial(m, xb) for k, m in timed.items()}, rounds,
-                              torch.device("cpu"), warmup=2)
-            speedup, spread = ratio_spread(times["dense"], times["pruned"])
-            out[f"batch{b}"] = {"dense_ms": 1e3 * statistics.median(times["dense"]),
-                                "pruned_ms": 1e3 * statistics.median(times["pruned"]),
-                                "speedup": speedup, "speedup_p10_p90": spread}
-    return out
+    return {f"batch{b}": {k: v for k, v in measure_speedup(dense, pruned, (x.expand(b, *x.shape[1:]).contiguous(),),
+                                                           rounds=rounds, warmup=2).items() if k != "rounds"}
+            for b in batches}
 
 
 def _summary(args, state: RunState, cost: dict, structured: bool, n_pruned: int, latency: dict | None) -> dict:

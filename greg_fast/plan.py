@@ -438,8 +438,6 @@ def plan(model: nn.Module, ratio: float | None = None, *, granularity: str = "fi
             raise ValueError("give a ratio or a target, not both: a target chooses the ratios (per-group ratios "
                              "that the target must not change go in ratios=)")
         target = parse_target(target)
-        if granularity == "weight" and round_to is not None:
-            raise ValueError("round_to rounds channel counts; unstructured (weight) plans have none")
         if target.kind == "latency" and granularity == "weight":
             raise ValueError("a latency target needs a structured plan: masks keep the dense kernels, so "
                              "unstructured pruning does not change the latency measured here")
