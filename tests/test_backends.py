@@ -389,3 +389,31 @@ def test_passes_that_do_not_cover_the_layers_are_refused_before_anything_is_writ
                      [torch.ones(4, dtype=torch.bool)] * 3, torch.ones(3), torch.ones(3), [l.view for l in layers],
                      mask=False, scores=torch.empty(0), passes=[1, 1])
     assert all(torch.equal(l.weight.grad, b) for l, b in zip(layers, before))
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("mask", [False, True])
+def test_the_cpp_step_compiles_with_fullgraph_and_equals_the_uncompiled_step(fused, mask):
+    """torch.compile traces the cpp backend's whole step as one graph, the op inside it (torch
+    derives the fake kernel of an op that only writes its ``(a!)`` arguments), and the result is
+    the uncompiled call's, bit for bit: the first step of a capturable GrowingReg (issue 21)."""
+    torch.manual_seed(0)
+    shapes = [(8, 3, 3, 3), (16, 8, 1, 1), (10, 16)]
+    runs = []  # the same start three times: uncompiled, compiled, and one for explain (which runs it)
+    for _ in range(3):
+        torch.manual_seed(0)
+        layers = [fake_layer(s, "filter", torch.float32, "cpu") for s in shapes]
+        kept = [torch.rand(l.n_groups) < 0.6 for l in layers]
+        lam = torch.rand(len(layers)), torch.rand(len(layers))
+        sgd = SGDArgs([torch.randn_like(l.weight) for l in layers], [0.1] * 3, [0.9] * 3, [1e-4] * 3) if fused else None
+        runs.append((layers, StepBatch(layers, kept, *lam, sgd)))
+    step = lambda batch: cpp.step(batch, want_scores=True, mask=mask)  # noqa: E731
+    want = step(runs[0][1])
+    torch._dynamo.reset()
+    assert torch._dynamo.explain(step)(runs[2][1]).graph_break_count == 0
+    torch._dynamo.reset()
+    got = torch.compile(step, fullgraph=True, backend="aot_eager")(runs[1][1])
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    for la, lb in zip(runs[0][0], runs[1][0]):
+        assert torch.equal(la.weight.grad, lb.weight.grad) and torch.equal(la.weight.detach(), lb.weight.detach())
