@@ -320,6 +320,13 @@ void set_penalty(std::vector<Layer>& layers, at::TensorList grads, at::TensorLis
   }
 }
 
+// a 0-d bool flag the caller may compute on the device schedule (no host read before the call)
+bool read_flag(const at::Tensor& t, const char* what) {
+  TORCH_CHECK(t.numel() == 1 && t.scalar_type() == at::kBool && t.device().is_cpu(), what,
+              " must be a one-element CPU bool tensor");
+  return *t.data_ptr<bool>();
+}
+
 void scores_(at::TensorList weights, at::IntArrayRef views, const at::Tensor& scores) {
   TORCH_CHECK(scores.numel() > 0 || weights.empty(), "scores_ needs an output tensor");
   auto layers = make_layers(weights, views, scores);
@@ -327,32 +334,37 @@ void scores_(at::TensorList weights, at::IntArrayRef views, const at::Tensor& sc
 }
 
 void penalty_(at::TensorList weights, at::TensorList grads, at::TensorList kept, const at::Tensor& lam_kept,
-              const at::Tensor& lam_selected, at::IntArrayRef views, bool mask, const at::Tensor& scores,
-              at::IntArrayRef passes) {
+              const at::Tensor& lam_selected, at::IntArrayRef views, const at::Tensor& mask,
+              const at::Tensor& scores, at::IntArrayRef passes) {
   auto layers = make_layers(weights, views, scores);
   set_penalty(layers, grads, kept, lam_kept, lam_selected, weights);
-  run(layers, Mode::Penalty, mask, passes);
+  run(layers, Mode::Penalty, read_flag(mask, "mask"), passes);
 }
 
 void fused_sgd_(at::TensorList weights, at::TensorList grads, at::TensorList momentum_buffers,
                 at::TensorList kept, const at::Tensor& lam_kept, const at::Tensor& lam_selected,
-                at::ArrayRef<double> lr, at::ArrayRef<double> momentum, at::ArrayRef<double> weight_decay,
-                at::IntArrayRef views, bool mask, const at::Tensor& scores) {
+                const at::Tensor& hyper, at::IntArrayRef views, const at::Tensor& mask, const at::Tensor& skip,
+                const at::Tensor& scores) {
   auto layers = make_layers(weights, views, scores);
   set_penalty(layers, grads, kept, lam_kept, lam_selected, weights);
-  const size_t n = layers.size();
-  TORCH_CHECK(momentum_buffers.size() == n && lr.size() == n && momentum.size() == n && weight_decay.size() == n,
-              "momentum_buffers, lr, momentum and weight_decay must have one entry per layer");
-  for (size_t i = 0; i < n; ++i) {
+  const int64_t n = layers.size();
+  TORCH_CHECK(static_cast<int64_t>(momentum_buffers.size()) == n, "momentum_buffers must have one entry per layer");
+  TORCH_CHECK(hyper.scalar_type() == at::kFloat && hyper.is_contiguous() && hyper.device().is_cpu() &&
+                  hyper.dim() == 2 && hyper.size(0) == n && hyper.size(1) == 3,
+              "hyper must be a contiguous fp32 CPU tensor [", n, ", 3]: lr, momentum, weight_decay per layer");
+  const bool masked = read_flag(mask, "mask");
+  if (read_flag(skip, "skip")) return;  // a skipped step (non-finite gradients): nothing is written
+  const float* h = hyper.data_ptr<float>();
+  for (int64_t i = 0; i < n; ++i) {
     if (momentum_buffers[i].numel() > 0) {  // an empty tensor: plain SGD for this layer
       check_tensor(momentum_buffers[i], "momentum_buffers", i, weights[i], layers[i]);
       layers[i].buf = momentum_buffers[i].data_ptr();
     }
-    layers[i].lr = static_cast<float>(lr[i]);
-    layers[i].momentum = static_cast<float>(momentum[i]);
-    layers[i].weight_decay = static_cast<float>(weight_decay[i]);
+    layers[i].lr = h[3 * i];
+    layers[i].momentum = h[3 * i + 1];
+    layers[i].weight_decay = h[3 * i + 2];
   }
-  run(layers, Mode::FusedSGD, mask);
+  run(layers, Mode::FusedSGD, masked);
 }
 
 // ---- compaction: gather kept rows and columns of many tensors in one call ----
@@ -525,10 +537,10 @@ TORCH_LIBRARY(greg_fast, m) {
   m.def("pack_csr(Tensor weight, Tensor mask) -> (Tensor, Tensor, Tensor)");
   m.def("scores_(Tensor[] weights, int[] views, Tensor(a!) scores) -> ()");
   m.def("penalty_(Tensor(a!)[] weights, Tensor(b!)[] grads, Tensor[] kept, Tensor lam_kept, "
-        "Tensor lam_selected, int[] views, bool mask, Tensor(c!) scores, int[] passes=[]) -> ()");
+        "Tensor lam_selected, int[] views, Tensor mask, Tensor(c!) scores, int[] passes=[]) -> ()");
   m.def("fused_sgd_(Tensor(a!)[] weights, Tensor[] grads, Tensor(b!)[] momentum_buffers, Tensor[] kept, "
-        "Tensor lam_kept, Tensor lam_selected, float[] lr, float[] momentum, float[] weight_decay, int[] views, "
-        "bool mask, Tensor(c!) scores) -> ()");
+        "Tensor lam_kept, Tensor lam_selected, Tensor hyper, int[] views, Tensor mask, Tensor skip, "
+        "Tensor(c!) scores) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(greg_fast, CPU, m) {

@@ -19,15 +19,29 @@ from .backend import SGDArgs, StepBatch, module as backend_module, resolve as re
 from .hyper import Hyper
 from .masks import expand_groups, kept_bool, masked_tensors
 from .plan import PENALIZE, Plan, Slice
-from .schedule import Schedule
+from .schedule import DeviceSchedule, Schedule
 from .slices import SliceMap
-from .train import grads_finite
+from .train import finite_grads, grads_finite
 
 
 def _needs_closure(optimizer: torch.optim.Optimizer) -> bool:
     """Whether the optimizer's step takes its closure as a required argument (LBFGS)."""
     param = inspect.signature(optimizer.step).parameters.get("closure")
     return param is not None and param.default is inspect.Parameter.empty
+
+
+def _unwrapped_step(optimizer: torch.optim.Optimizer) -> Callable[[], Any]:
+    """The optimizer class's own ``step``, without torch's hook and grad-mode wrappers."""
+    step = type(optimizer).step
+    while hasattr(step, "__wrapped__"):
+        step = step.__wrapped__
+    return lambda: step(optimizer)
+
+
+def _state_tensors(optimizer: torch.optim.Optimizer, param: torch.Tensor, with_param: bool) -> list[torch.Tensor]:
+    """The tensors a step of ``optimizer`` writes for ``param``: its state (and the parameter)."""
+    state = [v for v in optimizer.state.get(param, {}).values() if isinstance(v, torch.Tensor)]
+    return [param, *state] if with_param else state
 
 
 class GrowingReg(torch.optim.Optimizer):
@@ -68,7 +82,8 @@ class GrowingReg(torch.optim.Optimizer):
 
     def __init__(self, optimizer: torch.optim.Optimizer, plan: Plan, *, method: str = "greg1",
                  backend: str = "auto", fused: bool = False, nan_guard: bool = True,
-                 max_skipped_in_a_row: int = 100, penalize: str = "filters", **settings):
+                 max_skipped_in_a_row: int = 100, penalize: str = "filters", capturable: bool = False,
+                 **settings):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"GrowingReg wraps a torch.optim optimizer, e.g. GrowingReg(torch.optim.SGD("
                             f"model.parameters(), lr=1e-3), plan); got {type(optimizer).__name__}")
@@ -93,14 +108,18 @@ class GrowingReg(torch.optim.Optimizer):
         self._backend_name = resolve_backend(backend, self.device).name  # a name: deepcopy-able
         self.fused = fused
         self.nan_guard = nan_guard
-        self.skipped_steps = 0  # steps refused for non-finite gradients
+        self.capturable = capturable
         self.max_skipped_in_a_row = max_skipped_in_a_row
-        self._skipped_in_a_row = 0
+        # steps refused for non-finite gradients, all and in a row: ints, or 0-d device tensors
+        zero = torch.zeros((), dtype=torch.int64, device=self.device) if capturable else 0
+        self._skipped, self._skipped_in_a_row = zero, zero.clone() if capturable else 0
         self._hyper = hyper
         budget = plan.budget
         # a global budget allocates from scores: GReg-1 and L1 from the weights now, GReg-2 at its pick
         # (it regularizes every unit the budget may cut until then)
         self._allocates_at_pick = budget is not None and budget.by_score and method == "greg2"
+        if capturable:
+            self._check_capturable()
         if budget is not None and budget.by_score and method != "greg2":
             allocate(plan, plan_scores(plan, budget.units(plan), penalize))
         self._setup(budget.units(plan) if self._allocates_at_pick else plan.pruned, method)
@@ -117,7 +136,8 @@ class GrowingReg(torch.optim.Optimizer):
     def _setup(self, units, method: str) -> None:
         """The slices, the schedule and the fused-step bookkeeping for regularizing ``units``."""
         plan = self.plan
-        self._map = SliceMap(units, plan.module, self.penalize, self.device, whole=self.fused)
+        self._map = SliceMap(units, plan.module, self.penalize, self.device, whole=self.fused,
+                             cache=not self.capturable)
         self._removed = None  # after pruning: (tensor, removed entries) whose gradients stay zero
         self.slices = self._map.slices
         self._backend_memo: dict = {}  # host work a backend reuses across steps (triton: its launches)
@@ -130,8 +150,15 @@ class GrowingReg(torch.optim.Optimizer):
             self._check_fusable()
             fused_ids = {id(s.param) for s in self.slices}
             self._others = [p for g in optimizer.param_groups for p in g["params"] if id(p) not in fused_ids]
-        self.schedule = Schedule(self.layers, method, self._hyper, self.device,
-                                 allocate=self._allocate_at_pick if self._allocates_at_pick else None)
+            if self.capturable:
+                self._others_optimizer = torch.optim.SGD(
+                    [{**g, "params": [p for p in g["params"] if id(p) not in fused_ids]} for g in optimizer.param_groups])
+                self._others_optimizer.state = optimizer.state
+        self.schedule = (DeviceSchedule if self.capturable else Schedule)(
+            self.layers, method, self._hyper, self.device,
+            allocate=self._allocate_at_pick if self._allocates_at_pick else None)
+        if self.capturable:
+            self._setup_capturable()
 
     def _allocate_at_pick(self, scores: list[torch.Tensor]) -> None:
         """GReg-2 with a global budget: the counts from the scores of all units at the pick."""
@@ -204,21 +231,24 @@ class GrowingReg(torch.optim.Optimizer):
         """Completed (not skipped) steps."""
         return self.schedule.iteration
 
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped for non-finite gradients."""
+        return int(self._skipped)
+
     # ---- one step ----
     def step(self, closure: Callable[[], Any] | None = None):
         self.plan.check_current()
+        if self.capturable:
+            return self._capturable_step(closure)
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         if self.nan_guard and not grads_finite(self.optimizer):
-            self.skipped_steps += 1  # nothing reaches λ, the schedule or the weights
+            self._skipped += 1  # nothing reaches λ, the schedule or the weights
             self._skipped_in_a_row += 1
-            if self._skipped_in_a_row >= self.max_skipped_in_a_row:
-                raise RuntimeError(
-                    f"{self._skipped_in_a_row} steps in a row had non-finite gradients and were skipped, so "
-                    "the schedule cannot advance: training has diverged (lower the learning rate or delta, "
-                    "or raise max_skipped_in_a_row)")
+            self.check()
             return loss
         self._skipped_in_a_row = 0
         if self.fused:
@@ -233,6 +263,123 @@ class GrowingReg(torch.optim.Optimizer):
         if self.schedule.advance():
             self._prune()
         return loss
+
+    def check(self) -> None:
+        """Raise if the last ``max_skipped_in_a_row`` steps were all skipped for non-finite gradients
+        (training has diverged and the schedule cannot advance). Every step does this itself; a
+        capturable GrowingReg counts on the device and checks only here (one host sync): call it
+        every N steps or at the end of an epoch."""
+        in_a_row = int(self._skipped_in_a_row)
+        if in_a_row >= self.max_skipped_in_a_row:
+            raise RuntimeError(
+                f"{in_a_row} steps in a row had non-finite gradients and were skipped, so "
+                "the schedule cannot advance: training has diverged (lower the learning rate or delta, "
+                "or raise max_skipped_in_a_row)")
+
+    # ---- a capturable step: no host sync, every decision a tensor op ----
+    def _check_capturable(self) -> None:
+        """Refuse what a capturable step cannot run without reading the device, with what to change."""
+        opt = self.optimizer
+        if _needs_closure(opt):
+            raise ValueError(f"capturable=True cannot wrap {type(opt).__name__}: its step re-evaluates a closure "
+                             "on the host; use capturable=False")
+        if self._backend_name == "triton":
+            raise ValueError("capturable=True has no registered op for backend 'triton' yet (its launch is "
+                             "Python): use backend='eager' on CUDA, or capturable=False")
+        if self.nan_guard and not isinstance(opt, (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)):
+            raise ValueError(f"capturable=True with nan_guard=True skips a non-finite step on the device, which "
+                             f"needs an inner optimizer whose fresh state is zeros (SGD, Adam, AdamW), not "
+                             f"{type(opt).__name__}: pass nan_guard=False (e.g. under a GradScaler, which guards itself)")
+        if self.nan_guard and isinstance(opt, torch.optim.SGD) and any(
+                g["momentum"] and g["dampening"] for g in opt.param_groups):
+            raise ValueError("capturable=True with nan_guard=True starts SGD's momentum from zeros, exact only "
+                             "without dampening: pass dampening=0 or nan_guard=False")
+        if self.device.type == "cuda":
+            slow = [i for i, g in enumerate(opt.param_groups) if g.get("capturable") is False and not g.get("fused")]
+            if slow:
+                raise ValueError(f"capturable=True on CUDA needs a capturable inner optimizer: param group {slow[0]} "
+                                 f"of {type(opt).__name__} has capturable=False (pass capturable=True or fused=True)")
+
+    def _setup_capturable(self) -> None:
+        """Device-side constants and the lists a capturable step walks (shapes fixed, masks not)."""
+        members = [masked_tensors(self.plan, l, k) for l, k in zip(self.layers, self.schedule.kept)]
+        elsewhere = sorted({f"{t.device}" for pairs in members for t, _ in pairs} - {str(self.device)})
+        if elsewhere:
+            raise ValueError(f"capturable=True keeps the masks on {self.device}, but tensors the pruning zeroes are "
+                             f"on {elsewhere}: move the whole model to one device")
+        penalized = {id(s.param) for s in self.slices}
+        # per layer, which of its masked tensors get their removed gradients zeroed (the pass does the rest)
+        self._grad_members = [[l.granularity != "weight" and id(t) not in penalized for t, _ in pairs]
+                              for l, pairs in zip(self.layers, members)]
+        self._all_finite = torch.ones((), dtype=torch.bool, device=self.device)
+        if self.nan_guard:  # fused SGD skipped on its first step leaves its new momentum buffer unset (torch
+            for group in self.optimizer.param_groups:  # 2.14): start from zeros, exact (0 * m + d = d)
+                if isinstance(self.optimizer, torch.optim.SGD) and group["momentum"] != 0:
+                    for p in group["params"]:
+                        self.optimizer.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+
+    def _capturable_step(self, closure):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        ok = finite_grads(self.optimizer) if self.nan_guard else None
+        ok = self._all_finite if ok is None else ok
+        skip = ~ok
+        s = self.schedule
+        with torch.no_grad():
+            update, pick_now, mask = s.device_begin(ok)
+            sgd = self._sgd_args(skip) if self.fused else None
+            scores = self.backend.step(self._batch(sgd), want_scores=True, mask=mask)
+            self._zero_removed_grads(mask)
+            s.device_end(self._map.unit_scores(scores), update, pick_now)
+        if self.fused:
+            self._step_others(skip)
+        else:
+            self._inner_step(skip)
+        with torch.no_grad():
+            self._zero_pruned(s.device_advance(ok))
+            self._skipped += skip
+            self._skipped_in_a_row.copy_(torch.where(ok, 0, self._skipped_in_a_row + 1))
+        return loss
+
+    def _inner_step(self, skip: torch.Tensor | None = None, opt: torch.optim.Optimizer | None = None) -> None:
+        """The inner optimizer's step. Under a capturable nan guard (``skip``, a 0-d flag) it is
+        skipped on the device: torch's fused optimizers take it as ``found_inf`` (as under a
+        GradScaler); any other is stepped, then its parameters and state are put back where
+        ``skip`` is set (two more passes over them: fused=True avoids those). State that a skipped
+        step created starts from zeros, the fresh state of SGD (dampening 0), Adam and AdamW."""
+        opt = opt or self.optimizer
+        if not self.capturable:
+            opt.step()
+            return
+        # torch's step wrapper breaks the graph by design (torch.optim.optimizer._use_grad): a compiled
+        # step calls the step itself, under no_grad as that wrapper would
+        step = _unwrapped_step(opt) if torch.compiler.is_compiling() else opt.step
+        if skip is None or not self.nan_guard:
+            with torch.no_grad():
+                step()
+            return
+        params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
+        had_state = [bool(opt.state.get(p)) for p in params]
+        found_inf = all(g.get("fused") for g in opt.param_groups)
+        saved = [] if found_inf else [[t.clone() for t in _state_tensors(opt, p, with_param=True)]
+                                      for p, had in zip(params, had_state)]
+        with torch.no_grad():
+            if found_inf:
+                opt.grad_scale, opt.found_inf = None, skip.to(torch.float32)
+            try:
+                step()
+            finally:
+                if found_inf:
+                    del opt.grad_scale, opt.found_inf
+            for i, (p, had) in enumerate(zip(params, had_state)):
+                restored = [] if found_inf else _state_tensors(opt, p, with_param=True)[:len(saved[i])]
+                for t, before in zip(restored, saved[i] if saved else ()):
+                    t.copy_(torch.where(skip, before, t))
+                if not had:  # made by this step: fresh, unless the step counted
+                    for t in _state_tensors(opt, p, with_param=False):
+                        t.copy_(torch.where(skip, torch.zeros_like(t), t))
 
     def _penalized(self, closure: Callable[[], Any]) -> Callable[[], Any]:
         """``closure`` whose every evaluation also carries this step's penalty (λ fixed)."""
@@ -266,18 +413,19 @@ class GrowingReg(torch.optim.Optimizer):
         (increments come first, the pick happens while λ is uniform), so one pass serves both."""
         done = self.done
         update, pick_now = self.schedule.begin_step()
-        sgd = None
-        if fused:
-            groups = self._fused_groups
-            sgd = SGDArgs(buffers=[self._momentum_buffer(s, g) for s, g in zip(self.slices, groups)],
-                          lr=[g["lr"] for g in groups], momentum=[g["momentum"] for g in groups],
-                          weight_decay=[g["weight_decay"] for g in groups])
+        sgd = self._sgd_args() if fused else None
         scores = self.backend.step(self._batch(sgd), want_scores=self.schedule.wants_scores(update, pick_now),
                                    mask=done)
         if done:
             self._zero_removed_grads()
         if update:
             self.schedule.end_step(self._map.unit_scores(scores) if scores is not None else scores, pick_now)
+
+    def _sgd_args(self, skip: torch.Tensor | bool = False) -> SGDArgs:
+        groups = self._fused_groups
+        return SGDArgs(buffers=[self._momentum_buffer(s, g) for s, g in zip(self.slices, groups)],
+                       lr=[g["lr"] for g in groups], momentum=[g["momentum"] for g in groups],
+                       weight_decay=[g["weight_decay"] for g in groups], skip=skip)
 
     # ---- after pruning: removed groups stay exactly zero ----
     def _prune(self) -> None:
@@ -286,16 +434,29 @@ class GrowingReg(torch.optim.Optimizer):
         AdamW leave those entries at zero; the backend's masked pass keeps them there."""
         self.schedule.finish()
         with torch.no_grad():
-            for layer, kept in zip(self.layers, self.schedule.kept):
-                for tensor, keep in masked_tensors(self.plan, layer, kept):
-                    tensor.masked_fill_(~keep, 0)
-                    for value in self.optimizer.state.get(tensor, {}).values():
-                        if isinstance(value, torch.Tensor) and value.shape == tensor.shape:
-                            value.masked_fill_(~keep, 0)
+            self._zero_pruned()
 
-    def _zero_removed_grads(self) -> None:
+    def _zero_pruned(self, now: torch.Tensor | None = None) -> None:
+        """The zeroing of :meth:`_prune`; with ``now`` (a capturable step's 0-d flag) a masked write
+        that zeroes only when it is set."""
+        for layer, kept in zip(self.layers, self.schedule.kept):
+            for tensor, keep in masked_tensors(self.plan, layer, kept):
+                removed = ~keep if now is None else ~keep & now
+                tensor.masked_fill_(removed, 0)
+                for value in self.optimizer.state.get(tensor, {}).values():
+                    if isinstance(value, torch.Tensor) and value.shape == tensor.shape:
+                        value.masked_fill_(removed, 0)
+
+    def _zero_removed_grads(self, mask: torch.Tensor | None = None) -> None:
         """Every step after pruning: the removed groups' gradients of biases, BatchNorms and the
-        other zeroed members (the backend's masked pass does the penalized weights)."""
+        other zeroed members (the backend's masked pass does the penalized weights). A capturable
+        step calls it every step with its 0-d ``mask`` flag (masks may change on the device)."""
+        if mask is not None:
+            for layer, kept, chosen in zip(self.layers, self.schedule.kept, self._grad_members):
+                for (tensor, keep), take in zip(masked_tensors(self.plan, layer, kept), chosen):
+                    if take and tensor.grad is not None:
+                        tensor.grad.masked_fill_(~keep & mask, 0)
+            return
         if self._removed is None:  # the masks no longer change: build the list once
             penalized = {id(s.param) for s in self.slices}
             self._removed = [(t, ~keep) for layer, kept in zip(self.layers, self.schedule.kept)
@@ -385,7 +546,11 @@ class GrowingReg(torch.optim.Optimizer):
         self.optimizer.load_state_dict(opt)
         self.schedule.load_state_dict(g, kept)
         self._removed = None
-        self.skipped_steps = g.get("skipped_steps", 0)
+        if self.capturable:  # in place: a captured graph holds these tensors
+            self._skipped.fill_(g.get("skipped_steps", 0))
+            self._skipped_in_a_row.zero_()
+        else:
+            self._skipped = g.get("skipped_steps", 0)
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
 
@@ -420,15 +585,23 @@ class GrowingReg(torch.optim.Optimizer):
             buf = state["momentum_buffer"] = torch.zeros_like(weight, memory_format=torch.preserve_format)
         return part.part(buf)
 
-    def _step_others(self) -> None:
-        """The inner SGD steps every parameter but the fused weights (SGD skips a None grad)."""
+    def _step_others(self, skip: torch.Tensor | None = None) -> None:
+        """The inner SGD steps every parameter but the fused weights (SGD skips a None grad). A
+        capturable step uses a sibling SGD over the others instead, sharing the inner optimizer's
+        settings and state (a compiled optimizer step refuses parameters whose grad was just unset)."""
         if all(p.grad is None for p in self._others):
+            return
+        if self.capturable:
+            sibling = self._others_optimizer
+            for mine, theirs in zip(sibling.param_groups, self.optimizer.param_groups):
+                mine.update((k, v) for k, v in theirs.items() if k != "params")  # an LR scheduler's changes
+            self._inner_step(skip, sibling)
             return
         grads = list({id(s.param): (s.param, s.param.grad) for s in self.slices}.values())
         for w, _ in grads:
             w.grad = None
         try:
-            self.optimizer.step()
+            self._inner_step(skip)
         finally:
             for w, g in grads:
                 w.grad = g

@@ -49,10 +49,13 @@ def expand_groups(layer: LayerPlan, values: torch.Tensor) -> torch.Tensor:
 
 
 def member_keep(tensor: torch.Tensor, axis: int, positions: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
-    """Bool over ``tensor``'s ``axis``: False at the positions of the removed groups."""
-    keep = torch.ones(tensor.shape[axis], dtype=torch.bool, device=tensor.device)
-    keep[positions.to(tensor.device)[~kept].reshape(-1)] = False
-    return keep
+    """Bool over ``tensor``'s ``axis``: False at the positions of the removed groups (a position
+    any removed group holds). Fixed shapes (a scatter, no boolean indexing), so that a capturable
+    step can build it from masks that live on the device."""
+    positions = positions.to(tensor.device).reshape(kept.shape[0], -1)
+    held = kept.to(tensor.device, torch.uint8).view(-1, 1).expand_as(positions)
+    keep = torch.ones(tensor.shape[axis], dtype=torch.uint8, device=tensor.device)
+    return keep.scatter_reduce_(0, positions.reshape(-1), held.reshape(-1), "amin").bool()
 
 
 def masked_tensors(plan: Plan, layer: LayerPlan, kept: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -42,24 +42,49 @@ def scores_(weights: Sequence[torch.Tensor], views, out: torch.Tensor) -> None:
     torch.ops.greg_fast.scores_(list(weights), flat_views(views), out)
 
 
-def penalty_(weights, grads, kept, lam_kept, lam_selected, views, *, mask: bool, scores: torch.Tensor,
+_FLAGS = {}  # the constant flag tensors of host-decided steps, made once
+
+
+def flag(value) -> torch.Tensor:
+    """A 0-d CPU bool tensor: ``value`` as is when it is one (a capturable schedule's flag, read by
+    the op itself, never on the host), else a cached constant."""
+    if isinstance(value, torch.Tensor):
+        return value
+    value = bool(value)
+    if value not in _FLAGS:
+        _FLAGS[value] = torch.tensor(value)
+    return _FLAGS[value]
+
+
+def sgd_hyper(lr, momentum, weight_decay) -> torch.Tensor:
+    """fp32 ``[n_layers, 3]`` (lr, momentum, weight decay), from floats or 0-d tensors (a tensor
+    learning rate changes without a recompile)."""
+    if not any(isinstance(v, torch.Tensor) for v in (*lr, *momentum, *weight_decay)):
+        return torch.tensor(list(zip(lr, momentum, weight_decay)), dtype=torch.float32).view(-1, 3)
+    cols = [torch.stack([torch.as_tensor(v, dtype=torch.float32).reshape(()) for v in col])
+            for col in (lr, momentum, weight_decay)]
+    return torch.stack(cols, 1)
+
+
+def penalty_(weights, grads, kept, lam_kept, lam_selected, views, *, mask, scores: torch.Tensor,
              passes: Sequence[int] = ()) -> None:
-    """``grad += λ_g·w`` for all layers in one call (``mask``: zero the removed groups instead);
-    group scores into ``scores`` unless it is empty. ``passes``: sizes of consecutive runs of layers
-    that run one after the other (layers that share entries must not be in one run)."""
+    """``grad += λ_g·w`` for all layers in one call (``mask``, a bool or a 0-d bool tensor: zero the
+    removed groups instead); group scores into ``scores`` unless it is empty. ``passes``: sizes of
+    consecutive runs of layers that run one after the other (layers that share entries must not be
+    in one run)."""
     torch.ops.greg_fast.penalty_(list(weights), list(grads), list(kept), lam_kept, lam_selected,
-                                 flat_views(views), mask, scores, list(passes))
+                                 flat_views(views), flag(mask), scores, list(passes))
 
 
-def fused_sgd_(weights, grads, buffers, kept, lam_kept, lam_selected, views, *, lr, momentum, weight_decay,
-               mask: bool, scores: torch.Tensor) -> None:
+def fused_sgd_(weights, grads, buffers, kept, lam_kept, lam_selected, views, *, hyper: torch.Tensor,
+               mask, skip=False, scores: torch.Tensor) -> None:
     """Penalty, weight decay, momentum and the SGD update of all layers in one call (a missing
-    momentum buffer is None)."""
+    momentum buffer is None; ``hyper``: :func:`sgd_hyper`). ``skip`` (a bool or 0-d bool tensor):
+    write nothing, the step of non-finite gradients a capturable schedule skips."""
     empty = torch.empty(0)
     torch.ops.greg_fast.fused_sgd_(list(weights), list(grads), [b if b is not None else empty for b in buffers],
-                                   list(kept), lam_kept, lam_selected, list(map(float, lr)),
-                                   list(map(float, momentum)), list(map(float, weight_decay)), flat_views(views),
-                                   mask, scores)
+                                   list(kept), lam_kept, lam_selected, hyper, flat_views(views), flag(mask),
+                                   flag(skip), scores)
 
 
 def gather(tensors, rows, cols) -> list[torch.Tensor]:

@@ -181,15 +181,18 @@ class Schedule:
             sums[row].index_add_(0, self._segment, values)
         return (sums[0] / sums[1]) / (sums[2] / sums[3])
 
-    def _refresh_lambdas(self) -> None:
+    def _lambda_values(self, pick) -> tuple[torch.Tensor, torch.Tensor]:
+        """(λ selected, λ kept) in float64 from the counts; ``pick`` = n_pick * pick_delta, a float
+        or a 0-d float64 tensor (the same IEEE products either way)."""
         h = self.hyper
-        pick = self._n_pick * h["pick_delta"]
-        self.lam_selected = pick + self._n_grow.to(torch.float64) * h["delta"]
-        if self.method == "greg2":
-            self.lam_kept = torch.where(self._n_grow > 0, torch.full_like(self.lam_selected, h["recover"]),
-                                        torch.full_like(self.lam_selected, pick))
-        else:
-            self.lam_kept = torch.zeros_like(self.lam_selected)
+        selected = pick + self._n_grow.to(torch.float64) * h["delta"]
+        if self.method != "greg2":
+            return selected, torch.zeros_like(selected)
+        return selected, torch.where(self._n_grow > 0, torch.full_like(selected, h["recover"]),
+                                     torch.zeros_like(selected) + pick)
+
+    def _refresh_lambdas(self) -> None:
+        self.lam_selected, self.lam_kept = self._lambda_values(self._n_pick * self.hyper["pick_delta"])
         if self._any_idle:
             self.lam_selected = self.lam_selected.masked_fill(self._idle, 0.0)
             self.lam_kept = self.lam_kept.masked_fill(self._idle, 0.0)
@@ -285,3 +288,144 @@ class Schedule:
         self.version += 1
         self.last_scores = [s.to(dev) if s is not None else None for s in g["scores"]]
         self._refresh_lambdas()
+
+
+class _OnDevice:
+    """A host attribute of :class:`Schedule` (an int, bool, None or phase name) that
+    :class:`DeviceSchedule` holds as a 0-d int64 device tensor: assigning writes in place (a captured
+    graph keeps the tensor's address), reading syncs."""
+
+    def __init__(self, encode=int, decode=int):
+        self.encode, self.decode = encode, decode
+
+    def __set_name__(self, owner, name):
+        self.key = "_dev" + name
+
+    def __get__(self, obj, owner=None):
+        return self if obj is None else self.decode(int(obj.__dict__[self.key]))
+
+    def __set__(self, obj, value):
+        t = obj.__dict__.get(self.key)
+        if t is None:
+            obj.__dict__[self.key] = torch.tensor(self.encode(value), dtype=torch.int64, device=obj.device)
+        else:
+            t.fill_(self.encode(value))
+
+
+class DeviceSchedule(Schedule):
+    """The schedule of a capturable GrowingReg: the same decisions as :class:`Schedule`, step for
+    step, made with tensor ops on the device, so that no step reads a value back to the host
+    (a compiled step is one graph; a CUDA graph replays it). Phase, iteration, the pick count and
+    the stabilize end are 0-d device tensors; every state write is in place. A step runs
+    :meth:`device_begin`, the pass (scores of every step: the host cannot know which step updates
+    λ), :meth:`device_end` and :meth:`device_advance`, each gated by ``ok``, the step's device-side
+    finite check. Selections, λ updates, finishing and pruning happen under ``torch.where``.
+    Host reads (``phase``, ``iteration``, ``done``, ``state_dict``) sync where the user asks."""
+
+    phase = _OnDevice(PHASES.index, PHASES.__getitem__)
+    iteration = _OnDevice()
+    _n_pick = _OnDevice()
+    _picked = _OnDevice(int, bool)
+    _stabilize_end = _OnDevice(lambda v: -1 if v is None else v, lambda v: None if v < 0 else v)
+
+    def __init__(self, layers, method, hyper, device, allocate=None):
+        if allocate is not None:
+            raise ValueError("a capturable GrowingReg cannot run GReg-2 on a global budget: the budget is "
+                             "allocated on the host at the pick; plan with allocation='uniform' or capturable=False")
+        super().__init__(layers, method, hyper, device)
+        if not self.structured:
+            raise ValueError("a capturable GrowingReg needs structured layers: an unstructured pick ranks every "
+                             "weight, so every step would score every weight; use capturable=False")
+        self.last_scores = [torch.zeros(l.n_groups, dtype=torch.float32, device=device) for l in self.layers]
+        self._scored = torch.zeros((), dtype=torch.bool, device=device)  # any λ update yet (host: scores not None)
+        h = self.hyper
+        self._pick_threshold = h["pick_ceiling"] * (1 - 1e-9) if h["pick_ceiling"] > 0 else h["pick_ceiling"]
+
+    def _t(self, name: str) -> torch.Tensor:
+        return self.__dict__["_dev" + name]
+
+    def _refresh_lambdas(self) -> None:
+        selected, kept = self._lambda_values(self._t("_n_pick").to(torch.float64) * self.hyper["pick_delta"])
+        done = self._t("phase") == PHASES.index("done")
+        values = {"lam_selected": selected, "lam_kept": kept,  # the kernels take fp32 λ, 0 once pruned
+                  "lam_selected32": torch.where(done, 0.0, selected).float(),
+                  "lam_kept32": torch.where(done, 0.0, kept).float()}
+        for name, value in values.items():
+            if name in self.__dict__:
+                self.__dict__[name].copy_(value)
+            else:
+                self.__dict__[name] = value
+
+    # ---- one step, on the device ----
+    def device_begin(self, ok: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The λ increments of a due update (:meth:`Schedule.begin_step`); returns ``(update,
+        pick_now, mask)``, mask: the step is after pruning (the masked pass)."""
+        phase, picked = self._t("phase"), self._t("_picked")
+        mask = phase == PHASES.index("done")
+        update = ok & (phase <= PHASES.index("grow")) & (self._t("iteration") % self.hyper["interval"] == 0)
+        pick_step = update & (picked == 0)
+        n_pick = self._t("_n_pick")
+        n_pick += pick_step
+        pick_now = pick_step & (n_pick.to(torch.float64) * self.hyper["pick_delta"] >= self._pick_threshold)
+        self._n_grow += update & (picked == 1) & ~self._finished
+        picked |= pick_now
+        phase.copy_(torch.where(pick_now, PHASES.index("grow"), phase))
+        self._refresh_lambdas()
+        return update, pick_now, mask
+
+    def device_end(self, scores: list[torch.Tensor], update: torch.Tensor, pick_now: torch.Tensor) -> None:
+        """:meth:`Schedule.end_step` under ``update``: picks, magnitude ratios, finishing."""
+        h = self.hyper
+        for last, s in zip(self.last_scores, scores):
+            last.copy_(torch.where(update, s, last))
+        self._scored |= update
+        for layer, kept, s in zip(self.layers, self.kept, scores):  # fixed shapes: sort, then the n_prune lowest
+            chosen = torch.ones_like(kept).index_fill(0, torch.sort(s, stable=True).indices[:layer.n_prune], False)
+            kept.copy_(torch.where(pick_now, chosen, kept))
+        _from_rank0(self.kept_flat)
+        counting = update & (self._t("_picked") == 1)
+        active = counting & ~self._finished
+        over_ceiling = torch.maximum(self.lam_selected, self.lam_kept) > h["ceiling"]
+        ratio = self._magnitude_ratios(scores)
+        smoothed = torch.where(self._hist.isnan(), ratio, _SMOOTHING * self._hist + (1 - _SMOOTHING) * ratio)
+        self._hist.copy_(torch.where(active, smoothed, self._hist))
+        strong = self._hist >= h["mag_ratio_limit"]
+        if self.method == "greg1":
+            strong = strong.all().expand_as(strong)
+        self._finished |= active & (over_ceiling | strong)
+        _from_rank0(self._finished, self._hist)
+        stabilize = counting & self._finished.all()
+        phase, it = self._t("phase"), self._t("iteration")
+        phase.copy_(torch.where(stabilize, PHASES.index("stabilize"), phase))
+        end = self._t("_stabilize_end")
+        end.copy_(torch.where(stabilize, it + h["stabilize"] + 1, end))
+
+    def device_advance(self, ok: torch.Tensor) -> torch.Tensor:
+        """Count the step (:meth:`Schedule.advance`); returns whether it prunes now (the phase is
+        then ``done``: λ 0 from here on)."""
+        phase, it = self._t("phase"), self._t("iteration")
+        it += ok
+        prune = ok & (phase == PHASES.index("stabilize")) & (it >= self._t("_stabilize_end"))
+        phase.copy_(torch.where(prune, PHASES.index("done"), phase))
+        self._refresh_lambdas()
+        return prune
+
+    # ---- checkpointing: the host format, written in place ----
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        if not bool(self._scored):
+            state["scores"] = [None] * len(self.layers)
+        return state
+
+    def load_state_dict(self, g: dict, kept: list[torch.Tensor]) -> None:
+        held = {k: getattr(self, k) for k in ("_n_grow", "_finished", "_hist")}
+        scores = self.last_scores
+        super().load_state_dict(g, kept)
+        for name, t in held.items():
+            t.copy_(getattr(self, name))
+            setattr(self, name, t)
+        loaded = self.last_scores
+        for t, s in zip(scores, loaded):
+            t.copy_(s) if s is not None else t.zero_()
+        self.last_scores = scores
+        self._scored.fill_(any(s is not None for s in loaded))

@@ -23,8 +23,11 @@ class SliceMap:
     """The slices of ``units`` for one ``penalize`` mode, and the maps between slices and units."""
 
     def __init__(self, units: Sequence[LayerPlan], module_of: Callable[[str], nn.Module], penalize: str,
-                 device: torch.device, whole: bool = False):
+                 device: torch.device, whole: bool = False, cache: bool = True):
         self.units = list(units)
+        # cache: reuse the per-slice masks, λ and cross tables while the host's version says they
+        # hold; off for a capturable schedule, whose masks and λ change on the device
+        self.cache = cache
         per_unit = [u.slices(module_of, penalize) for u in self.units]
         self.slices = [s for slices in per_unit for s in slices]
         self.identity = all(not u.coupled for u in self.units)
@@ -76,6 +79,8 @@ class SliceMap:
         """Each slice's kept mask (the unit's, through the slice's channel index)."""
         if self.identity:
             return list(unit_kept)
+        if not self.cache:
+            return self.by_channel(unit_kept, filler=True)
         if version != self._version:
             self._kept = self.by_channel(unit_kept, filler=True)
             self._version = version
@@ -94,10 +99,12 @@ class SliceMap:
         changed (a new tensor or an in-place write), not every step: two launches fewer on a GPU."""
         if self.identity:
             return per_unit
-        cached = self._per_slice.get(id(per_unit))
+        cached = self._per_slice.get(id(per_unit)) if self.cache else None
         if cached is not None and cached[0] is per_unit and cached[1] == per_unit._version:
             return cached[2]
         out = torch.cat([per_unit, per_unit.new_zeros(1)]).index_select(0, self.unit_index)
+        if not self.cache:
+            return out
         if len(self._per_slice) >= 4:  # λ kept and λ selected, and the ones they replaced
             self._per_slice.clear()
         self._per_slice[id(per_unit)] = (per_unit, per_unit._version, out)
@@ -131,7 +138,7 @@ class SliceMap:
         if not self.passes or not self._cross_cols:
             return None
         key = (kept, lam_kept, lam_selected)
-        if self._cross_cache and all(a is b for a, b in zip(self._cross_cache[0], key)):
+        if self.cache and self._cross_cache and all(a is b for a, b in zip(self._cross_cache[0], key)):
             return self._cross_cache[1]
         along_b = {}
         for param_key, cols in self._cross_cols.items():
@@ -148,7 +155,8 @@ class SliceMap:
         for s, param_key, own in zip(self.slices, self._param_of, self._own):
             x = along_b.get(param_key) if s.axis == 0 else None
             out.append((*(x or (None, None)), own))
-        self._cross_cache = (key, out)
+        if self.cache:
+            self._cross_cache = (key, out)
         return out
 
     def unit_scores(self, slice_scores: Sequence[torch.Tensor]) -> list[torch.Tensor]:

@@ -47,10 +47,17 @@ def distributed_rank_world() -> tuple[int, int]:
     return 0, 1
 
 
-def grads_finite(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether every gradient the optimizer would apply is finite (one fused norm, one host sync)."""
+def finite_grads(optimizer: torch.optim.Optimizer) -> torch.Tensor | None:
+    """Whether every gradient the optimizer would apply is finite, as a 0-d bool tensor on the
+    gradients' device (one fused norm, no host sync); None without gradients."""
     grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-    return not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads, 2.0)))
+    return torch.isfinite(torch.nn.utils.get_total_norm(grads, 2.0)) if grads else None
+
+
+def grads_finite(optimizer: torch.optim.Optimizer) -> bool:
+    """:func:`finite_grads` read on the host (one sync)."""
+    ok = finite_grads(optimizer)
+    return ok is None or bool(ok)
 
 
 def batches(dataset, batch_size: int, *, shuffle: bool, generator: torch.Generator | None = None,

@@ -328,12 +328,12 @@ def test_cpp_ops_pass_opcheck():
     lam = torch.rand(1), torch.rand(1)
     w, g = layer.weight.detach(), layer.weight.grad
     torch.library.opcheck(torch.ops.greg_fast.penalty_.default,
-                          ([w], [g], [kept], *lam, list(layer.view), False, torch.empty(7)))
+                          ([w], [g], [kept], *lam, list(layer.view), torch.tensor(False), torch.empty(7)))
     torch.library.opcheck(torch.ops.greg_fast.scores_.default, ([w], list(layer.view), torch.empty(7)))
     buf = torch.randn_like(w)
     torch.library.opcheck(torch.ops.greg_fast.fused_sgd_.default,
-                          ([w], [g], [buf], [kept], *lam, [0.1], [0.9], [1e-4], list(layer.view), True,
-                           torch.empty(0)))
+                          ([w], [g], [buf], [kept], *lam, torch.tensor([[0.1, 0.9, 1e-4]]), list(layer.view),
+                           torch.tensor(True), torch.tensor(False), torch.empty(0)))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

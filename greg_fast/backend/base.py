@@ -23,12 +23,14 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the compiled ker
 
 @dataclass(frozen=True)
 class SGDArgs:
-    """The SGD half of a fused step (dampening 0, no nesterov), one entry per layer; a buffer is
-    None where the layer's group has no momentum."""
+    """The SGD half of a fused step (dampening 0, no nesterov), one entry per layer (floats, or 0-d
+    tensors under a capturable schedule); a buffer is None where the layer's group has no momentum.
+    ``skip``: a 0-d bool tensor, True on a step the schedule skips on the device (nothing written)."""
     buffers: Sequence[torch.Tensor | None]
-    lr: Sequence[float]
-    momentum: Sequence[float]
-    weight_decay: Sequence[float]
+    lr: Sequence[float | torch.Tensor]
+    momentum: Sequence[float | torch.Tensor]
+    weight_decay: Sequence[float | torch.Tensor]
+    skip: torch.Tensor | bool = False
 
 
 @dataclass(frozen=True)
@@ -68,7 +70,8 @@ class StepBatch:
             return self
         sel = torch.tensor(idx, device=self.lam_kept.device)
         sgd = None if self.sgd is None else SGDArgs(*([getattr(self.sgd, f)[i] for i in idx]
-                                                      for f in ("buffers", "lr", "momentum", "weight_decay")))
+                                                      for f in ("buffers", "lr", "momentum", "weight_decay")),
+                                                    skip=self.sgd.skip)
         # the same order, each pass keeping the chosen layers it had
         passes = tuple(n for n in (sum(i in r for i in idx) for r in self.pass_ranges()) if n) if self.passes else ()
         return replace(self, layers=[self.layers[i] for i in idx], kept=[self.kept[i] for i in idx],

@@ -35,6 +35,17 @@ def scores(layers) -> list[torch.Tensor]:
     return base.split_scores(out, layers)
 
 
+def _hyper(sgd: base.SGDArgs, memo: dict | None) -> torch.Tensor:
+    """The op's [n_layers, 3] lr / momentum / weight decay, built again only when a value changed."""
+    values = (tuple(sgd.lr), tuple(sgd.momentum), tuple(sgd.weight_decay))
+    if memo is None or torch.compiler.is_compiling() or any(isinstance(v, torch.Tensor) for col in values for v in col):
+        return ops.sgd_hyper(*values)  # tensors: read by the op; compiled: a constant of the graph
+    cached = memo.get("cpp_hyper")
+    if cached is None or cached[0] != values:
+        cached = memo["cpp_hyper"] = (values, ops.sgd_hyper(*values))
+    return cached[1]
+
+
 def _step(batch: base.StepBatch, *, want_scores: bool, mask: bool):
     out = base.score_buffer(batch, want_scores, "cpu")
     weights = [l.weight for l in batch.layers]
@@ -47,7 +58,7 @@ def _step(batch: base.StepBatch, *, want_scores: bool, mask: bool):
     else:
         sgd = batch.sgd
         ops.fused_sgd_(weights, grads, sgd.buffers, batch.kept, batch.lam_kept, batch.lam_selected, batch.views,
-                       lr=sgd.lr, momentum=sgd.momentum, weight_decay=sgd.weight_decay, mask=mask, scores=out)
+                       hyper=_hyper(sgd, batch.memo), mask=mask, skip=sgd.skip, scores=out)
     return base.split_scores(out, batch.layers) if want_scores else None
 
 

@@ -31,10 +31,11 @@ def unavailable(device: torch.device) -> str | None:
 
 
 @torch.no_grad()
-def step(batch: StepBatch, *, want_scores: bool, mask: bool) -> list[torch.Tensor] | None:
+def step(batch: StepBatch, *, want_scores: bool, mask) -> list[torch.Tensor] | None:
     """One step of ``batch``, layer by layer: the penalty on the gradients, or with ``batch.sgd``
     the fused SGD update. ``want_scores``: also return every layer's group scores (of the weights
-    as read)."""
+    as read). ``mask`` and ``batch.sgd.skip`` are bools, or 0-d bool tensors that a capturable
+    schedule computes on the device: then the same values come out of masked writes and selects."""
     out = scores(batch.layers) if want_scores else None
     for i, layer in enumerate(batch.layers):
         keep = kept_bool(layer, batch.kept[i])
@@ -43,42 +44,55 @@ def step(batch: StepBatch, *, want_scores: bool, mask: bool) -> list[torch.Tenso
             _penalty(layer, keep, lam, mask)
         else:
             _sgd(layer, keep, lam, mask, *(getattr(batch.sgd, f)[i] for f in ("buffers", "lr", "momentum",
-                                                                              "weight_decay")))
+                                                                              "weight_decay")), batch.sgd.skip)
     return out
 
 
-def _penalty(layer: LayerPlan, keep: torch.Tensor, lam: torch.Tensor, mask: bool) -> None:
+def _removed(layer: LayerPlan, keep: torch.Tensor, mask) -> torch.Tensor | None:
+    """Where a masked step zeroes: the removed groups (broadcastable to the weight), None when not masked."""
+    if isinstance(mask, torch.Tensor):
+        return ~expand_groups(layer, keep) & mask
+    return ~expand_groups(layer, keep) if mask else None
+
+
+def _penalty(layer: LayerPlan, keep: torch.Tensor, lam: torch.Tensor, mask) -> None:
     """``grad += λ_g * w``; with ``mask`` (after pruning) the removed groups' weights and gradients
     are then zeroed."""
     w, g = layer.weight, layer.grad
     if g is not None:
         g.addcmul_(w, lam)
-    if mask:
-        removed = ~expand_groups(layer, keep)
+    removed = _removed(layer, keep, mask)
+    if removed is not None:
         w.masked_fill_(removed, 0)
         if g is not None:
             g.masked_fill_(removed, 0)
 
 
-def _sgd(layer: LayerPlan, keep: torch.Tensor, lam: torch.Tensor, mask: bool, buf: torch.Tensor | None,
-         lr: float, momentum: float, weight_decay: float) -> None:
+def _sgd(layer: LayerPlan, keep: torch.Tensor, lam: torch.Tensor, mask, buf: torch.Tensor | None,
+         lr, momentum, weight_decay, skip=False) -> None:
     """Penalty, weight decay, momentum and the SGD update (dampening 0, no nesterov), in the order
     ``torch.optim.SGD`` applies them after :func:`_penalty`; the gradient itself is not written.
-    With ``mask``, the removed groups' weights and momentum are zeroed instead of updated."""
+    With ``mask`` (after pruning), the removed groups' weights and momentum are zeroed instead of
+    updated; with ``skip`` nothing is written."""
     w, g = layer.weight, layer.grad
-    if g is None:
+    if g is None or skip is True:
         return
-    kept = expand_groups(layer, keep)
+    removed = _removed(layer, keep, mask)
     d = g.addcmul(w, lam)
-    if mask:
-        d.masked_fill_(~kept, 0)
-    if weight_decay != 0:
-        d.add_(w, alpha=weight_decay)
+    if removed is not None:
+        d.masked_fill_(removed, 0)
+    if isinstance(weight_decay, torch.Tensor) or weight_decay != 0:
+        d = d.add(w * weight_decay) if isinstance(weight_decay, torch.Tensor) else d.add_(w, alpha=weight_decay)
     if buf is not None:
-        buf.mul_(momentum).add_(d)
-        d = buf
-    w.add_(d, alpha=-lr)
-    if mask:
-        w.masked_fill_(~kept, 0)
+        d = buf.mul(momentum).add_(d)
+        _write(buf, d, skip)
+    _write(w, w - d * lr if isinstance(lr, torch.Tensor) else w.add(d, alpha=-lr), skip)
+    if removed is not None:
+        w.masked_fill_(removed, 0)
         if buf is not None:
-            buf.masked_fill_(~kept, 0)
+            buf.masked_fill_(removed, 0)
+
+
+def _write(t: torch.Tensor, value: torch.Tensor, skip) -> None:
+    """``t = value``, unless ``skip`` (a 0-d bool tensor) is set."""
+    t.copy_(torch.where(skip, t, value) if isinstance(skip, torch.Tensor) else value)

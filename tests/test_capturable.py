@@ -1,0 +1,236 @@
+"""capturable=True: the schedule lives in device tensors and no step reads back to the host. Each
+test runs the same training twice, host mode and capturable, and compares them step by step."""
+import copy
+import io
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import greg_fast as gf
+
+from conftest import SmallNet, make_batches
+
+X = torch.zeros(1, 3, 6, 6)
+# every phase in a few steps: GReg-1 stops growing at iteration 12, GReg-2 picks at iteration 6;
+# both reach done before 30 steps
+FAST = dict(delta=0.02, interval=2, ceiling=0.1, stabilize=3, pick_delta=0.01, pick_ceiling=0.03,
+            mag_ratio_limit=1e12)
+
+
+class Residual(nn.Module):
+    """A residual add: one coupled group of two producers, its BatchNorms and a consumer."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.bn0 = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.c1, self.bn1 = nn.Conv2d(8, 6, 3, padding=1), nn.BatchNorm2d(6)
+        self.c2, self.bn2 = nn.Conv2d(6, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = F.relu(self.bn0(self.stem(x)))
+        x = F.relu(x + self.bn2(self.c2(F.relu(self.bn1(self.c1(x))))))
+        return self.head(x.mean((2, 3)))
+
+
+def inner_optimizer(net, opt):
+    if opt.startswith("sgd"):
+        return torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4,
+                               fused=opt == "sgd-fused")
+    cls = torch.optim.Adam if opt.startswith("adam-") else torch.optim.AdamW
+    return cls(net.parameters(), lr=1e-2, weight_decay=1e-3, fused=opt.endswith("fused"))
+
+
+def pair(method="greg1", backend="cpp", fused=False, opt="sgd", net_cls=SmallNet, **kwargs):
+    """The same model and GrowingReg twice: host mode, then capturable."""
+    torch.manual_seed(0)
+    net = net_cls()
+    out = []
+    for capturable in (False, True):
+        model = copy.deepcopy(net)
+        plan = gf.plan(model, 0.5, example_inputs=X)
+        greg = gf.GrowingReg(inner_optimizer(model, opt), plan, method=method, backend=backend, fused=fused,
+                             capturable=capturable, **{**FAST, **kwargs})
+        out.append((model, greg))
+    return out
+
+
+def backward(model, greg, batch, nan=False):
+    x, y = batch
+    greg.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    if nan:  # one non-finite gradient: the guard skips the whole step
+        next(model.parameters()).grad.view(-1)[0] = float("nan")
+
+
+def assert_same(a, b, step):
+    (net_a, greg_a), (net_b, greg_b) = a, b
+    for (k, x), y in zip(net_a.state_dict().items(), net_b.state_dict().values()):
+        assert torch.equal(x, y), f"step {step}: {k}"
+    assert greg_a.phase == greg_b.phase and greg_a.iteration == greg_b.iteration, step
+    assert greg_a.skipped_steps == greg_b.skipped_steps, step
+    assert greg_a.lambdas() == greg_b.lambdas(), step
+    assert all(torch.equal(m, greg_b.masks()[k]) for k, m in greg_a.masks().items()), step
+
+
+def run_both(runs, steps, nan_at=(), step_b=None):
+    """``steps`` steps of both runs on the same batches, compared after each; ``step_b`` replaces
+    the capturable run's ``greg.step`` (a compiled one)."""
+    batches = make_batches()
+    phases = set()
+    for i in range(steps):
+        for j, (model, greg) in enumerate(runs):
+            backward(model, greg, batches[i % len(batches)], nan=i in nan_at)
+            (step_b if j and step_b else greg.step)()
+        assert_same(*runs, i)
+        phases.add(runs[0][1].phase)
+    return phases
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("backend", ["cpp", "eager"])
+@pytest.mark.parametrize("method", ["greg1", "greg2"])
+def test_a_capturable_step_equals_the_host_step_through_every_phase(method, backend, fused):
+    runs = pair(method, backend, fused, opt="sgd-fused" if fused else "sgd")
+    phases = run_both(runs, 30, nan_at=(0, 5, 17))
+    assert phases >= {"grow", "stabilize", "done"} and runs[1][1].skipped_steps == 3
+
+
+@pytest.mark.parametrize("opt", ["sgd-fused", "adam-fused", "adamw", "adamw-fused"])
+def test_inner_optimizers_are_skipped_on_the_device_exactly(opt):
+    """A fused inner optimizer skips through found_inf; any other steps, then is put back."""
+    run_both(pair("greg2", "eager", opt=opt), 16, nan_at=(0, 3, 4))
+
+
+def test_a_coupled_group_plan_steps_like_the_host():
+    runs = pair("greg2", "cpp", net_cls=Residual)
+    assert any(l.coupled for l in runs[0][1].plan.pruned)
+    assert "done" in run_both(runs, 30, nan_at=(2,))
+
+
+@pytest.mark.parametrize("method,fused", [("greg1", True), ("greg2", False)])
+def test_the_step_compiles_into_one_graph_in_every_phase_and_equals_eager(method, fused):
+    """fullgraph and no recompile as the phase changes (its hyper-parameters stay fixed). A
+    compiled fused optimizer cannot take found_inf, so the inner SGD here is foreach."""
+    torch._dynamo.reset()
+    runs = pair(method, "cpp", fused)
+    model, greg = runs[1]
+    batches = make_batches()
+    for phase in range(2):  # explain in a grow step and in a masked step after pruning
+        backward(model, greg, batches[0])
+        explained = torch._dynamo.explain(copy.deepcopy(greg).step)()
+        assert explained.graph_break_count == 0, explained.break_reasons
+        if phase == 0:
+            for _ in range(30):
+                backward(model, greg, batches[0])
+                greg.step()
+            assert greg.done
+    torch._dynamo.reset()
+    runs = pair(method, "cpp", fused)
+    compiled = torch.compile(runs[1][1].step, fullgraph=True, backend="aot_eager")
+    # the first compiled optimizer step adds "capturable" to the param groups (torch's own doing):
+    # one recompile at the second step, none after, whatever the phase
+    run_both(runs, 2, step_b=compiled)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        phases = run_both(runs, 28, nan_at=(3,), step_b=compiled)
+    assert phases >= {"grow", "stabilize", "done"}
+    torch._dynamo.reset()
+
+
+def test_a_compiled_training_step_equals_eager():
+    """forward, backward and opt.step() compiled together (backward in compiled autograd)."""
+    torch._dynamo.reset()
+    runs = pair("greg1", "cpp")
+    batches = make_batches()
+
+    def train_step(model, greg, x, y):
+        greg.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        greg.step()
+        return loss
+
+    compiled = torch.compile(train_step, backend="aot_eager")
+    for i in range(24):
+        x, y = batches[i % len(batches)]
+        train_step(*runs[0], x, y)
+        compiled(*runs[1], x, y)
+    (net_a, greg_a), (net_b, greg_b) = runs
+    assert greg_a.done and greg_b.done
+    for (k, a), b in zip(net_a.state_dict().items(), net_b.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=k)
+    assert all(torch.equal(m, greg_b.masks()[k]) for k, m in greg_a.masks().items())
+    torch._dynamo.reset()
+
+
+def test_a_tensor_learning_rate_is_read_on_the_device():
+    torch.manual_seed(0)
+    runs = []
+    for lr, capturable in ((0.05, False), (torch.tensor(0.05), True)):
+        model = SmallNet()
+        torch.manual_seed(0)
+        model.load_state_dict(runs[0][0].state_dict()) if runs else None
+        inner = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+        plan = gf.plan(model, 0.5, example_inputs=X)
+        runs.append((model, gf.GrowingReg(inner, plan, fused=True, capturable=capturable, backend="cpp", **FAST)))
+    run_both(runs, 4)
+    runs[0][1].param_groups[0]["lr"] = 0.02
+    runs[1][1].param_groups[0]["lr"].fill_(0.02)  # in place: what a captured graph sees
+    run_both(runs, 4)
+
+
+def test_too_many_skipped_steps_raise_where_the_user_checks():
+    (_, host), (model, greg) = pair(max_skipped_in_a_row=3)
+    batch = make_batches()[0]
+    for _ in range(3):
+        backward(model, greg, batch, nan=True)
+        greg.step()  # counted on the device, no raise inside the step
+    assert greg.skipped_steps == 3 and greg.iteration == 0
+    with pytest.raises(RuntimeError, match="3 steps in a row had non-finite gradients"):
+        greg.check()
+    backward(model, greg, batch)
+    greg.step()
+    greg.check()  # a finite step resets the run
+    assert greg.iteration == 1 and greg.skipped_steps == 3
+
+
+@pytest.mark.parametrize("at", [5, 20])
+def test_checkpoints_move_between_host_and_capturable_runs(at):
+    runs = pair("greg2", "cpp", fused=True, opt="sgd-fused")
+    run_both(runs, at)
+    (net_a, greg_a), (net_b, greg_b) = runs
+    saved = []
+    for model, greg in runs:
+        buf = io.BytesIO()
+        torch.save({"model": model.state_dict(), "greg": greg.state_dict()}, buf)
+        buf.seek(0)
+        saved.append(torch.load(buf, weights_only=True))
+    assert saved[0]["greg"]["greg"] == saved[1]["greg"]["greg"]
+    resumed = pair("greg2", "cpp", fused=True, opt="sgd-fused")
+    for (model, greg), ckpt in zip(resumed, reversed(saved)):  # the host run resumes the capturable one
+        model.load_state_dict(ckpt["model"])
+        greg.load_state_dict(ckpt["greg"])
+    assert_same(resumed, runs, at)
+    run_both(resumed, 30 - at)
+
+
+def refused(match, opt=None, **kwargs):
+    model = SmallNet()
+    opt = opt(model.parameters()) if opt else torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=match):
+        gf.GrowingReg(opt, gf.plan(model, 0.5, **{"example_inputs": X, **kwargs.pop("plan", {})}),
+                      capturable=True, **kwargs)
+
+
+def test_what_a_capturable_step_cannot_run_is_refused_with_what_to_change():
+    refused("LBFGS: its step re-evaluates a closure", opt=lambda p: torch.optim.LBFGS(p))
+    refused("no registered op for backend 'triton'", backend="triton")
+    refused("not Adagrad: pass nan_guard=False", opt=lambda p: torch.optim.Adagrad(p))
+    refused("without dampening", opt=lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, dampening=0.5))
+    refused("needs structured layers", plan={"granularity": "weight"})
+    refused("GReg-2 on a global budget", method="greg2", plan={"allocation": "global"})
+    model = SmallNet()  # what the guard refused runs without it
+    gf.GrowingReg(torch.optim.Adagrad(model.parameters()), gf.plan(model, 0.5, example_inputs=X),
+                  capturable=True, nan_guard=False).step()
