@@ -72,6 +72,17 @@ class GrowingReg(torch.optim.Optimizer):
     GReg-2 at its pick (until then it regularizes every unit the budget may cut; a unit left with
     nothing to cut gets λ = 0). The plan's counts follow, and ``state_dict`` carries them.
 
+    ``capturable=True`` keeps the schedule (phases, λ counts, finished flags, selections, skipped
+    counts) in device tensors that advance with tensor ops, so no step reads back to the host:
+    ``torch.compile(opt.step, fullgraph=True)`` and a compiled training step trace with no graph
+    break in any phase, and the step can be captured in a CUDA graph. The nan guard then skips a
+    non-finite step on the device; the "too many skipped in a row" error is raised by
+    :meth:`check` (call it every N steps or per epoch), and ``done``, ``phase``, ``iteration``
+    and ``lambdas()`` each read the device once when asked. Learning rates may be 0-d tensors
+    (update them in place under a CUDA graph). What cannot run that way is refused here with what
+    to change: LBFGS, the triton backend (no registered op yet), a non-capturable inner optimizer
+    on CUDA, GReg-2 on a global budget, unstructured plans.
+
     ``step()`` after ``loss.backward()``: :meth:`apply_penalty` (λ update every ``interval``
     iterations, then ``grad += λ_g * w``; after pruning, zero the removed groups' gradients), the
     inner optimizer's step, then the schedule advances. Phases: ``pick`` (GReg-2 only), ``grow``,
@@ -593,6 +604,8 @@ class GrowingReg(torch.optim.Optimizer):
             return
         if self.capturable:
             sibling = self._others_optimizer
+            if sibling.state is not self.optimizer.state:  # load_state_dict swaps the inner optimizer's dict
+                sibling.state = self.optimizer.state
             for mine, theirs in zip(sibling.param_groups, self.optimizer.param_groups):
                 mine.update((k, v) for k, v in theirs.items() if k != "params")  # an LR scheduler's changes
             self._inner_step(skip, sibling)

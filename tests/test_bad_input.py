@@ -100,7 +100,7 @@ def test_job_counts_steps_with_non_finite_gradients(tmp_path, monkeypatch):
     assert summary["skipped_steps"] >= 3
     model = gf.load(out / "model.pt")
     assert all(torch.isfinite(t).all() for t in model.state_dict().values())  # BatchNorm statistics too
-    assert summary["pruned"]["test_acc"] > 20  # the model still works
+    assert summary["pruned"]["test_acc"] > 15  # the model still works: chance is 10, a NaN-poisoned one sits there
 
 
 def test_out_naming_a_file_is_refused(tmp_path, capsys):
