@@ -356,6 +356,11 @@ def selection(units: Sequence, counts: Mapping[str, int], scores: Mapping[str, t
 # ---- latency ----
 def batch_inputs(example_inputs: tuple, batch_size: int) -> tuple:
     """The example inputs at ``batch_size``: their first sample repeated."""
+    nested = [type(x).__name__ for x in example_inputs if isinstance(x, (list, tuple, dict))]
+    if nested:
+        raise ValueError(f"latency is timed at a batch size by repeating each input tensor's first sample; "
+                         f"these example_inputs hold a {nested[0]}, which cannot be batched that way: use a "
+                         "FLOPs or params target")
     return tuple(x[:1].expand(batch_size, *x.shape[1:]).contiguous() if isinstance(x, torch.Tensor) and x.dim()
                  else x for x in example_inputs)
 
@@ -366,9 +371,10 @@ def check_timeable(model: nn.Module, example_inputs: tuple, batch_size: int) -> 
     if p is not None and p.device.type == "meta":
         raise ValueError("a latency target needs a model with real weights: this one is on the meta device "
                          "(nothing runs there); use a FLOPs target or move it to a device")
+    inputs = batch_inputs(example_inputs, batch_size)
     try:
         with torch.no_grad():
-            model.eval()(*batch_inputs(example_inputs, batch_size))
+            model.eval()(*inputs)
     except Exception as err:
         raise ValueError(f"a latency target needs the model to run on its example inputs at batch {batch_size}, "
                          f"and it does not: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}; "

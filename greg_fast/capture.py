@@ -59,6 +59,28 @@ def _innermost_module(model: nn.Module, seen: list):
             h.remove()
 
 
+def _shapes(example_inputs: tuple):
+    """The example inputs with every tensor written as its shape."""
+    return torch.utils._pytree.tree_map(lambda x: tuple(x.shape) if isinstance(x, torch.Tensor) else x,
+                                        list(example_inputs))
+
+
+def _part_to_plan(model: nn.Module, failed: str) -> str:
+    """A hint naming the child of ``model`` outside the ``failed`` module that holds the most of
+    its layers (a detector's backbone): that part may plan where the whole does not."""
+    def count(m: nn.Module) -> int:
+        return sum(isinstance(x, LAYER_TYPES) for x in m.modules())
+
+    total = count(model)
+    parts = [(count(m), name, m) for name, m in model.named_children()
+             if name != failed.split(".")[0] and count(m)]
+    if not failed or not parts:
+        return ""
+    n, name, m = max(parts, key=lambda p: p[0])
+    return (f", or plan the part of it that holds most of its layers: `model.{name}` ({type(m).__name__}, "
+            f"{n} of its {total} Conv/Linear layers), with example inputs it takes, and compact that part")
+
+
 def export(model: nn.Module, example_inputs: tuple) -> torch.export.ExportedProgram:
     """``model`` as an ATen graph, captured in eval mode (BatchNorm statistics untouched)."""
     was_training = model.training
@@ -68,15 +90,15 @@ def export(model: nn.Module, example_inputs: tuple) -> torch.export.ExportedProg
         with _innermost_module(model, failed):
             return torch.export.export(model, tuple(example_inputs), strict=False)
     except Exception as err:
-        where = "the model's own forward"
+        where, path = "the model's own forward", ""
         if failed and failed[0][1] is not model:
             path, m = failed[0]
             where = f"module '{path}' ({type(m).__name__})"
         raise UntraceableModelError(
             f"torch.export could not capture {where} on the example inputs of shapes "
-            f"{[tuple(x.shape) for x in example_inputs]}: {type(err).__name__}: {str(err).splitlines()[0]}. "
+            f"{_shapes(example_inputs)}: {type(err).__name__}: {str(err).splitlines()[0]}. "
             "greg_fast needs the model's ops to find which channels can be pruned; make that forward "
-            "free of control flow on tensor values.") from err
+            "free of control flow on tensor values" + _part_to_plan(model, path) + ".") from err
     finally:
         model.train(was_training)
 

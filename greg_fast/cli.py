@@ -38,6 +38,16 @@ def _ratio_list(text: str) -> list[float]:
 _REQUIRED = ("model", "data", "method", "finetune_epochs", "lr_ft", "out")
 
 
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, e.g. 1,64; got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"batch sizes must be >= 1, got {text!r}")
+    return values
+
+
 def _add_prune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", choices=list(RECIPES), default=None,
                    help="the paper's settings for a model (see `greg-fast recipes`); explicit flags override them")
@@ -92,6 +102,13 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
     t.add_argument("--weight-decay", type=float, default=5e-4)
     t.add_argument("--batch-size", type=int, default=128)
     t.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    lat = p.add_argument_group("latency in the summary (CPU, dense and pruned timed in alternation)")
+    lat.add_argument("--latency-batch-sizes", type=_int_list, default=[1, 64], metavar="B,B",
+                     help="batch sizes timed (default 1,64)")
+    lat.add_argument("--latency-seconds", type=float, default=20.0, metavar="S",
+                     help="time budget of the whole measurement, split over the batch sizes; each takes at "
+                          "least 5 rounds (default 20)")
+    lat.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
     p.add_argument("--out", help="output folder")
     p.add_argument("--resume", default=None, metavar="DIR", help="continue the run whose --out is DIR")
     p.add_argument("--checkpoint-every", type=int, default=500, metavar="STEPS",
@@ -102,19 +119,32 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars or plan table")
 
 
-def _prune_args(prune: argparse.ArgumentParser, argv, defaults=None) -> argparse.Namespace:
+_RATIO_KINDS = ("ratio", "stage_ratios", "target_flops", "target_params", "target_latency")
+
+
+def _prune_args(prune: argparse.ArgumentParser, argv, defaults=None, resumable=False) -> argparse.Namespace:
     """Parse ``greg-fast prune`` (or ``compare``): a recipe's settings (or ``defaults``, when
     neither --model nor --data is given) become the defaults, so that flags given explicitly
-    override them; then everything a run needs must be there."""
+    override them; then everything a run needs must be there. With ``resumable``, ``--resume DIR``
+    makes the run's stored flags the defaults (and DIR the --out): flags given with it override
+    them, and the resume refuses those that must not change."""
     args = prune.parse_args(argv)
     settings = None
     if args.recipe is not None:
         settings = RECIPES[args.recipe].defaults()
     elif defaults is not None and args.model is None and args.data is None:
         settings = dict(defaults)
+    if resumable and args.resume is not None:
+        from .job import stored_settings
+        try:
+            stored = stored_settings(args.resume)
+        except (FileNotFoundError, ValueError) as err:
+            prune.error(str(err))
+        settings = {**(settings or {}), **stored, "out": args.resume}
     if settings is not None:
         if args.ratio is not None or args.stage_ratios is not None or target_from_args(args) is not None:
-            settings.pop("ratio", None), settings.pop("stage_ratios", None)  # the user's replace the preset's
+            for kind in _RATIO_KINDS:  # the user's replace the preset's (a resume then names the change)
+                settings.pop(kind, None)
         prune.set_defaults(**settings)
         args = prune.parse_args(argv)
     missing = [f"--{k.replace('_', '-')}" for k in _REQUIRED if getattr(args, k) is None]
@@ -201,7 +231,7 @@ def main(argv=None) -> int:
         args = _prune_args(comp, argv[argv.index("compare") + 1:], defaults=compare.DEFAULTS)
         run = compare.run
     else:
-        args = _prune_args(prune, argv[argv.index("prune") + 1:])
+        args = _prune_args(prune, argv[argv.index("prune") + 1:], resumable=True)
     try:
         run(args)
     except (ValueError, TypeError, FileNotFoundError, FileExistsError, RuntimeError) as err:

@@ -3,6 +3,7 @@ masked model (``apply_masks``) computes; the optimizer's state follows its param
 from __future__ import annotations
 
 import copy
+import math
 from typing import Mapping
 
 import torch
@@ -11,7 +12,7 @@ import torch.nn as nn
 from .masks import apply_masks, check_masks
 from . import ops
 from .capture import LAYER_TYPES, NORM_TYPES, unwrap
-from .plan import Plan
+from .plan import Plan, model_arguments
 
 def cuts(masks: Mapping[str, torch.Tensor], plan: Plan) -> dict[tuple[str, str], dict[int, torch.Tensor]]:
     """``{(module name, tensor name): {axis: kept indices}}`` implied by the masks: every member of
@@ -51,8 +52,18 @@ def _gather_torch(tensors, rows, cols) -> list[torch.Tensor]:
     return out
 
 
+def _with_layout(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``t`` laid out in ``like``'s dimension order (a channels_last weight stays channels_last)."""
+    if like.is_contiguous():
+        return t
+    order = sorted(range(like.dim()), key=lambda d: -like.stride(d))  # outermost first, ties as they are
+    inverse = sorted(range(like.dim()), key=order.__getitem__)
+    return t.permute(order).contiguous().permute(inverse)
+
+
 def gather(tensors, rows, cols, *, backend: str = "auto") -> list[torch.Tensor]:
-    """Gather rows and columns of many tensors: in one C++ call on CPU when built, else PyTorch."""
+    """Gather rows and columns of many tensors: in one C++ call on CPU when built, else PyTorch.
+    Each result keeps its source's dtype, device and dimension order (memory format)."""
     if backend not in ("auto", "torch", "cpp"):
         raise ValueError(f"gather backend must be auto, cpp or torch, got {backend!r}")
     missing = ops.unavailable()
@@ -61,7 +72,7 @@ def gather(tensors, rows, cols, *, backend: str = "auto") -> list[torch.Tensor]:
     if backend == "cpp" or (backend == "auto" and missing is None
                             and all(t.device.type == "cpu" and t.is_contiguous() for t in tensors)):
         return ops.gather(tensors, rows, cols)
-    return _gather_torch(tensors, rows, cols)
+    return [_with_layout(t, like) for t, like in zip(_gather_torch(tensors, rows, cols), tensors)]
 
 
 @torch.no_grad()
@@ -80,6 +91,11 @@ def compact(model: nn.Module, masks: Mapping[str, torch.Tensor], plan: Plan,
     compacted copy does not run), it raises, naming the output and the first module that differs,
     and nothing is touched. ``verify=False`` skips that (it needs two copies of the model).
     """
+    from .engine import GrowingReg  # lazy: the engine is not needed to compact
+    if isinstance(optimizer, GrowingReg):
+        raise ValueError("compact() got the GrowingReg wrapper as optimizer: its plan describes the model before "
+                         "compaction, so it cannot step the compacted one. Pass its inner optimizer "
+                         "(optimizer=greg.optimizer, whose state is cut to match) and keep training with that")
     plan.check_model(model)
     plan_cuts = cuts(masks, plan)
     if not plan_cuts:  # nothing removed: the model and the plan stay as they are
@@ -145,18 +161,28 @@ def _masked_and_compacted(model: nn.Module, masks: Mapping[str, torch.Tensor], p
     return masked, small
 
 
-def _inputs(example_inputs) -> tuple:
-    return (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
 
 
 @torch.no_grad()
-def output_change(model: nn.Module, masks: Mapping[str, torch.Tensor], plan: Plan, example_inputs) -> float:
+def output_change(model: nn.Module, masks: Mapping[str, torch.Tensor], plan: Plan, example_inputs, *,
+                  per_output: bool = False) -> float | dict[str, float]:
     """``max |compacted(x) - masked(x)| / max |masked(x)|`` in eval mode, on copies (the model is
-    not touched): rounding for exact plans, the real change for approximate groups."""
+    not touched): rounding for exact plans, the real change for approximate groups. An output that
+    is a structure (a segmentation model's dict, a detection backbone's OrderedDict, tuples) is
+    compared leaf by leaf, each relative to its own scale, and the largest change is returned;
+    ``per_output=True`` returns every tensor leaf's change by path (``"['out']"``), largest first.
+    A leaf that changes shape or, for integer outputs, value counts as ``inf``."""
     masked, small = _masked_and_compacted(model, masks, plan)
-    x = _inputs(example_inputs)
-    a, b = masked(*x), small(*x)
-    return float((a - b).abs().max() / a.abs().max().clamp_min(torch.finfo(a.dtype).tiny))
+    x = model_arguments(example_inputs)
+    with torch.no_grad():
+        a, b = _outputs(masked, x), _outputs(small, x)
+    if [p for p, _ in a] != [p for p, _ in b]:
+        raise RuntimeError(f"the compacted model's outputs are {[p for p, _ in b]}, the masked model's "
+                           f"{[p for p, _ in a]}: compaction changed the output structure")
+    if not a:
+        raise ValueError("the model's output holds no tensor to compare")
+    changes = sorted(((path, _change(t, u)) for (path, t), (_, u) in zip(a, b)), key=_largest_first)
+    return dict(changes) if per_output else changes[0][1]
 
 
 def _outputs(model: nn.Module, x: tuple, record: dict | None = None):
@@ -174,15 +200,27 @@ def _outputs(model: nn.Module, x: tuple, record: dict | None = None):
     return [(torch.utils._pytree.keystr(path) or "the output", t) for path, t in leaves if isinstance(t, torch.Tensor)]
 
 
-def _differs(a: torch.Tensor, b: torch.Tensor, tol: float) -> float | None:
-    """The relative difference of two outputs when it is beyond ``tol`` (or they differ in shape: inf)."""
+def _largest_first(path_change: tuple[str, float]) -> float:
+    change = path_change[1]
+    return float("-inf") if math.isnan(change) else -change  # NaN: the worst change
+
+
+def _change(a: torch.Tensor, b: torch.Tensor) -> float:
+    """The relative difference of two outputs: inf where they differ in shape (or in value, for
+    integer outputs), NaN where either is not finite."""
     if a.shape != b.shape:
         return float("inf")
     if not a.is_floating_point():
-        return None if torch.equal(a, b) else float("inf")
-    scale = a.abs().max().clamp_min(torch.finfo(a.dtype).tiny) if a.numel() else 1.0
-    change = float((a - b).abs().max() / scale) if a.numel() else 0.0
-    return change if not change <= tol else None  # NaN differs too
+        return 0.0 if torch.equal(a, b) else float("inf")
+    if not a.numel():
+        return 0.0
+    return float((a - b).abs().max() / a.abs().max().clamp_min(torch.finfo(a.dtype).tiny))
+
+
+def _differs(a: torch.Tensor, b: torch.Tensor, tol: float) -> float | None:
+    """The relative difference of two outputs when it is beyond ``tol`` (NaN differs too)."""
+    change = _change(a, b)
+    return change if not change <= tol else None
 
 
 @torch.no_grad()
@@ -193,14 +231,15 @@ def compaction_error(model: nn.Module, masks: Mapping[str, torch.Tensor], plan: 
     does not amplify float32 rounding into a false alarm). ``exact=False`` (approximate groups):
     the compacted model need only run and give outputs of the same shapes."""
     masked, small = _masked_and_compacted(model, masks, plan)
-    x = _inputs(example_inputs)
+    x = model_arguments(example_inputs)
     tol = 1e-9
     try:  # a cheap run first: plan()'s trials mostly fail by not running, and then skip the float64 ones
         _outputs(small, x)
     except Exception as err:
         return f"the compacted model does not run on the example inputs: {type(err).__name__}: {str(err).splitlines()[0]}"
     try:
-        x64 = tuple(t.double() if t.is_floating_point() else t for t in x)
+        x64 = torch.utils._pytree.tree_map(
+            lambda t: t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t, x)
         masked.double(), small.double()
         ref = _outputs(masked, x64)
         x = x64

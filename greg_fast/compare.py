@@ -73,7 +73,8 @@ def stretch_lr_schedule(text: str, epochs: int, new_epochs: int) -> str:
 
 
 def _identity(args) -> dict:
-    skip = {"out", "quiet", "resume", "device", "recipe", "method", "penalize", "checkpoint_every"}
+    skip = {"out", "quiet", "resume", "device", "recipe", "method", "penalize", "checkpoint_every",
+            "latency_batch_sizes", "latency_seconds", "no_latency"}  # the jobs measure no latency
     return {k: v for k, v in sorted(vars(args).items()) if k not in skip}
 
 
@@ -122,6 +123,7 @@ class Compare:
         a.method, a.penalize = method.removesuffix(GROUP), "group" if method.endswith(GROUP) else "filters"
         a.allocation = allocation or a.allocation
         a.seed, a.out, a.finetune_epochs, a.quiet = seed, str(out), finetune_epochs, True
+        a.no_latency = True  # the report compares accuracy at equal budgets: no job spends time on latency
         a.lr_ft = lr_ft or a.lr_ft
         a.resume = str(out) if _checkpoints(out) else None  # a killed job continues
         if dense is not None:

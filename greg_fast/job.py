@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,6 +67,19 @@ def _identity(args) -> dict:
     return {k: getattr(args, k) for k in _RUN_IDENTITY}
 
 
+# What `--resume DIR` alone reads back besides the identity: flags that may change on a resume
+# but that the run needs (--device, --quiet and --out come from the resuming command).
+_STORED = (*_RUN_IDENTITY, "recipe", "data_dir", "checkpoint_every", "max_skipped_steps",
+           "latency_batch_sizes", "latency_seconds", "no_latency")
+
+
+def stored_settings(out) -> dict:
+    """The flags the run in ``out`` was started with, from its newest checkpoint (runs from before
+    settings were stored give their identity)."""
+    ckpt = _load_latest(Path(out), "cpu", report=False)  # the run reports it
+    return dict(ckpt.get("settings") or ckpt["identity"])
+
+
 def _max_regularization_iterations(args) -> int:
     """Steps until ``done`` if only the ceiling stops growth (the magnitude ratio can stop it earlier)."""
     if args.method == "l1":
@@ -80,8 +94,9 @@ def _checkpoints(out: Path) -> list[Path]:
     return sorted((out / "checkpoints").glob("ckpt-*.pt"))
 
 
-def _load_latest(out: Path, device) -> dict:
-    """The newest checkpoint that loads completely (a torn or corrupt file falls back to the one before)."""
+def _load_latest(out: Path, device, report: bool = True) -> dict:
+    """The newest checkpoint that loads completely (a torn or corrupt file falls back to the one
+    before, said on stderr with ``report``)."""
     paths = _checkpoints(out)
     if not paths:
         raise FileNotFoundError(f"--resume {out}: no checkpoints/ckpt-*.pt there")
@@ -94,7 +109,8 @@ def _load_latest(out: Path, device) -> dict:
             errors.append(f"{path.name}: not a greg-fast checkpoint")
         except Exception as err:  # truncated, corrupt, unreadable
             errors.append(f"{path.name}: {type(err).__name__}: {err}")
-        print(f"greg-fast: skipping unusable checkpoint {errors[-1]}", file=sys.stderr)
+        if report:
+            print(f"greg-fast: skipping unusable checkpoint {errors[-1]}", file=sys.stderr)
     raise ValueError(f"--resume {out}: no usable checkpoint ({'; '.join(errors)})")
 
 
@@ -165,7 +181,8 @@ def check_args(args) -> None:
                              ("--max-skipped-steps", args.max_skipped_steps, 1)):
         if value < low:
             raise ValueError(f"{flag} must be >= {low}, got {value}")
-    for flag, value in (("--lr-reg", args.lr_reg), ("--lr-pretrain", args.lr_pretrain)):
+    for flag, value in (("--lr-reg", args.lr_reg), ("--lr-pretrain", args.lr_pretrain),
+                        ("--latency-seconds", args.latency_seconds)):
         if not (math.isfinite(value) and value > 0):
             raise ValueError(f"{flag} must be a finite number > 0, got {value}")
     if not 0 <= args.momentum < 1:
@@ -217,6 +234,13 @@ class _Run:
         torch.manual_seed(args.seed)
         self.model = models.create(args.model, self.data.num_classes, in_channels=self.data.in_channels).to(self.device)
         self.example = (self.data.train[0][0].unsqueeze(0).to(self.device),)
+        collapsed = models.collapsed_convs(self.model, self.example)
+        if collapsed and self.main_rank:
+            size = "x".join(map(str, self.example[0].shape[2:]))
+            warnings.warn(f"--model {args.model} shrinks the {size} images of --data {args.data} to 1x1 before {len(collapsed)} "
+                          f"of its convolutions with kernels over 1x1 (from `{collapsed[0]}` on): they see mostly "
+                          "padding, and accuracy may stay near chance. Use a model made for this image size "
+                          "(the CIFAR ResNets for 32x32 or smaller) or larger images", stacklevel=2)
         self.structured = args.granularity != "weight"
         self.state = RunState()
         self.checkpoint = _load_latest(self.out, self.device) if args.resume is not None else None
@@ -292,7 +316,8 @@ class _Run:
         state.saves += 1
         if not self.main_rank:
             return
-        save_atomic({"identity": _identity(self.args), "state": state.__dict__, "model": self.model.state_dict(),
+        save_atomic({"identity": _identity(self.args), "settings": {k: getattr(self.args, k) for k in _STORED},
+                     "state": state.__dict__, "model": self.model.state_dict(),
                      "optimizer": optimizer.state_dict() if optimizer is not None else None,
                      "rng": torch.get_rng_state()}, self.out / "checkpoints" / f"ckpt-{state.saves:07d}.pt")
         for old in _checkpoints(self.out)[:-2]:
@@ -413,12 +438,17 @@ class _Run:
         if not self.main_rank:
             return _summary(args, state, self.plan.cost(), self.structured, n_pruned, latency=None)
         dense_arch = models.create(args.model, self.data.num_classes, in_channels=self.data.in_channels)  # widths only
-        latency = compare_latency(dense_arch, self.model, self.example)
-        summary = _summary(args, state, self.plan.cost(), self.structured, n_pruned, latency)
+        start = time.perf_counter()  # the measurements count in the wall time
+        latency = None if args.no_latency else compare_latency(
+            dense_arch, self.model, self.example, args.latency_batch_sizes, args.latency_seconds)
         budget = self.plan.budget
-        if budget is not None:  # a latency target is measured where it was planned: on the run's device
+        timed = None
+        if budget is not None and budget.target.kind == "latency":  # measured where it was planned: the run's device
             timed = measure_speedup(dense_arch.to(self.device).eval(), self.model.eval(), batch_inputs(
-                self.example, budget.target.batch_size), seconds=2.0) if budget.target.kind == "latency" else None
+                self.example, budget.target.batch_size), seconds=2.0)
+        state.seconds["latency"] = time.perf_counter() - start
+        summary = _summary(args, state, self.plan.cost(), self.structured, n_pruned, latency)
+        if budget is not None:
             summary["target"] = _target_summary(budget, summary, timed)
         summary["steps_per_epoch"] = self.steps_per_epoch
         if args.recipe is not None:  # the paper's figures beside this run's
@@ -506,13 +536,13 @@ def model_cost(model, example) -> dict:
     return {"params": sum(p.numel() for p in model.parameters()), "flops": count_flops(model, example)[1]}
 
 
-def compare_latency(dense, pruned, example, batches=(1, 64), rounds=31) -> dict:
+def compare_latency(dense, pruned, example, batches=(1, 64), seconds=20.0, rounds=None) -> dict:
     """CPU inference latency of the dense and the pruned model (:func:`greg_fast.budget.measure_speedup`:
-    timed in alternation), per batch size."""
+    timed in alternation), per batch size, in about ``seconds`` in all (or ``rounds`` rounds each)."""
     dense, pruned = copy.deepcopy(dense).cpu().eval(), copy.deepcopy(pruned).cpu().eval()
     x = example[0].cpu()
-    return {f"batch{b}": {k: v for k, v in measure_speedup(dense, pruned, (x.expand(b, *x.shape[1:]).contiguous(),),
-                                                           rounds=rounds, warmup=2).items() if k != "rounds"}
+    return {f"batch{b}": measure_speedup(dense, pruned, (x.expand(b, *x.shape[1:]).contiguous(),),
+                                         seconds=seconds / len(batches), rounds=rounds, warmup=2)
             for b in batches}
 
 
@@ -522,8 +552,9 @@ def _summary(args, state: RunState, cost: dict, structured: bool, n_pruned: int,
     # structured: measured on the compacted model; unstructured: the planned count of kept weights
     params = final["params"] if structured else cost["params_after"]
     flops = final["flops"] if structured else cost["flops_after"]
-    lat = {f"latency_ms_batch{b}": {k: latency[f"batch{b}"][f"{k}_ms"] for k in ("dense", "pruned")}
-           for b in (1, 64)} if latency else {}
+    latency = latency or {}
+    lat = {f"latency_ms_{b}": {k: m[f"{k}_ms"] for k in ("dense", "pruned")} for b, m in latency.items()}
+    largest = max(latency, key=lambda b: int(b.removeprefix("batch")), default=None)
     return {
         "model": args.model, "data": args.data, "method": args.method, "granularity": args.granularity,
         "coupled": _coupled(args), "penalize": args.penalize, "ratio": args.ratio, "stage_ratios": args.stage_ratios,
@@ -535,8 +566,8 @@ def _summary(args, state: RunState, cost: dict, structured: bool, n_pruned: int,
         "flops_reduction": dense["flops"] / max(flops, 1),
         "params_reduction": dense["params"] / max(params, 1),
         # median and 10th-90th percentile of per-round ratios, dense and pruned timed in alternation
-        "speedup_batch64": latency["batch64"]["speedup"] if latency else None,
-        "speedup_batch64_p10_p90": latency["batch64"]["speedup_p10_p90"] if latency else None,
+        "speedup": {b: {k: m[k] for k in ("speedup", "speedup_p10_p90", "rounds")} for b, m in latency.items()},
+        "speedup_largest_batch": largest,
         "regularization_iterations": r["regularization"]["iterations"],
         "skipped_steps": state.skipped_steps,
         "layers_pruned": n_pruned, "output_change": r.get("output_change"),
@@ -567,7 +598,6 @@ def _target_summary(budget, summary: dict, timed: dict | None) -> dict:
 
 
 def format_table(s: dict) -> str:
-    lo, hi = s["speedup_batch64_p10_p90"]
     unit = ("groups" + (", penalize group" if s.get("penalize") == "group" else "")) if s.get("coupled") \
         else s["granularity"]
     t = s.get("target")
@@ -580,12 +610,19 @@ def format_table(s: dict) -> str:
          f"{s['pruned']['test_acc']:.2f} (before fine-tune {s['pruned']['test_acc_before_finetune']:.2f})"),
         ("parameters", f"{s['dense']['params']:,}", f"{s['pruned']['params']:,} ({s['params_reduction']:.2f}x fewer)"),
         ("FLOPs", f"{s['dense']['flops']:,}", f"{s['pruned']['flops']:,} ({s['flops_reduction']:.2f}x fewer)"),
-        ("CPU latency b1 (ms)", f"{s['dense']['latency_ms_batch1']:.2f}", f"{s['pruned']['latency_ms_batch1']:.2f}"),
-        ("CPU latency b64 (ms)", f"{s['dense']['latency_ms_batch64']:.2f}",
-         f"{s['pruned']['latency_ms_batch64']:.2f} " + (
-             f"({s['speedup_batch64']:.2f}x faster, {lo:.2f}-{hi:.2f} over rounds)" if s["pruned"]["compacted"]
-             else "(masks keep the dense kernels: no speed-up without a sparse runtime)")),
     ]
+    for b, m in s["speedup"].items():
+        note = ""
+        if b == s["speedup_largest_batch"]:
+            lo, hi = m["speedup_p10_p90"]
+            note = (f" ({m['speedup']:.2f}x faster, {lo:.2f}-{hi:.2f} over {m['rounds']} rounds)"
+                    if s["pruned"]["compacted"] else " (masks keep the dense kernels: no speed-up without a sparse runtime)")
+        rows.append((f"CPU latency b{b.removeprefix('batch')} (ms)", f"{s['dense']['latency_ms_' + b]:.2f}",
+                     f"{s['pruned']['latency_ms_' + b]:.2f}{note}"))
+    if not s["speedup"]:
+        rows.append(("CPU latency", "not measured (--no-latency)", ""))
+    if s.get("output_change") is not None:  # --approximate: the compacted model differs from the masked one
+        rows.append(("output change", "", f"{s['output_change']:.3g} (max |compacted - masked| / max |masked|)"))
     if t is not None:
         key = "latency_speedup" if t["kind"] == "latency" else f"{t['kind']}_kept"
         spread = lambda d: (f" ({d[key + '_p10_p90'][0]:.2f}-{d[key + '_p10_p90'][1]:.2f})"
@@ -596,5 +633,5 @@ def format_table(s: dict) -> str:
     w = s["wall_time_s"]
     rows.append(("wall time (s)", f"pretrain {w.get('pretrain', 0):.1f}",
                  f"regularize {w.get('regularize', 0):.1f} ({s['regularization_iterations']} it), "
-                 f"fine-tune {w.get('finetune', 0):.1f}, total {w['total']:.1f}"))
+                 f"fine-tune {w.get('finetune', 0):.1f}, latency {w.get('latency', 0):.1f}, total {w['total']:.1f}"))
     return table.format_table(rows)

@@ -135,3 +135,23 @@ def _replace_stem(model: nn.Module, in_channels: int) -> None:
                     bias=stem.bias is not None)
     owner = model.get_submodule(parent_name.rpartition(".")[0]) if "." in parent_name else model
     setattr(owner, parent_name.rpartition(".")[2], new)
+
+
+@torch.no_grad()
+def collapsed_convs(model: nn.Module, example: tuple) -> list[str]:
+    """The convolutions with a kernel larger than 1 whose input ``example`` shrinks to a single
+    pixel before them: the model was made for larger images than these (an ImageNet network on 8x8
+    digits), so those kernels see mostly padding."""
+    seen, handles = [], []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.conv._ConvNd) and any(k > 1 for k in m.kernel_size):
+            handles.append(m.register_forward_hook(
+                lambda m, args, out, name=name: seen.append(name) if all(s == 1 for s in args[0].shape[2:]) else None))
+    was_training = model.training
+    try:
+        model.eval()(*example)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return list(dict.fromkeys(seen))

@@ -367,6 +367,22 @@ def _default_inputs(model: nn.Module) -> tuple:
     return (torch.zeros(1, *size, device=p.device, dtype=p.dtype),)
 
 
+def model_arguments(example_inputs) -> tuple:
+    """``example_inputs`` as the tuple of the model's arguments: one tensor, or a tuple whose
+    entries are tensors or lists, tuples and dicts of them (a detector's list of images)."""
+    args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else example_inputs
+    if not isinstance(args, (tuple, list)):
+        raise TypeError("example_inputs must be a tensor or a tuple of the model's arguments (tensors, or "
+                        f"lists/tuples/dicts of tensors), got {type(example_inputs).__name__}")
+    leaves = torch.utils._pytree.tree_leaves(tuple(args))
+    odd = next((x for x in leaves if not isinstance(x, (torch.Tensor, int, float, bool, str, type(None)))), None)
+    if odd is not None or not any(isinstance(x, torch.Tensor) for x in leaves):
+        raise TypeError("example_inputs must be a tensor or a tuple of the model's arguments (tensors, or "
+                        "lists/tuples/dicts of tensors), got "
+                        + (f"a {type(odd).__name__} among them" if odd is not None else "no tensor"))
+    return tuple(args)
+
+
 def count_flops(model: nn.Module, example_inputs: tuple) -> tuple[dict[str, int], int]:
     """FLOPs of one eval-mode forward (``torch.utils.flop_counter``): per module name, and in all."""
     was_training = model.training
@@ -464,13 +480,7 @@ def plan(model: nn.Module, ratio: float | None = None, *, granularity: str = "fi
         skip = (skip,)
     if example_inputs is None:
         example_inputs = _default_inputs(model)
-    elif isinstance(example_inputs, torch.Tensor):
-        example_inputs = (example_inputs,)
-    if not isinstance(example_inputs, (tuple, list)) or not all(
-            isinstance(x, torch.Tensor) for x in example_inputs):
-        raise TypeError("example_inputs must be a tensor or a tuple of tensors (the model's arguments), "
-                        f"got {type(example_inputs).__name__}")
-    example_inputs = tuple(example_inputs)
+    example_inputs = model_arguments(example_inputs)
 
     modules = dict(model.named_modules())
     all_names = [n for n, m in modules.items() if isinstance(m, LAYER_TYPES)]

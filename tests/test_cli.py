@@ -10,6 +10,7 @@ import torch
 import greg_fast as gf
 import greg_fast.data
 import greg_fast.sparse
+from greg_fast import models
 from greg_fast.cli import main
 
 TINY = ["--model", "resnet20", "--data", "digits", "--granularity", "filter", "--ratio", "0.5",
@@ -52,6 +53,9 @@ def test_prune_end_to_end_on_digits(tmp_path, method, capsys):
     assert abs(acc - s["pruned"]["test_acc"]) < 1e-4
     for key in ("latency_ms_batch1", "latency_ms_batch64"):
         assert s["dense"][key] > 0 and s["pruned"][key] > 0
+    assert s["speedup_largest_batch"] == "batch64" and s["speedup"]["batch64"]["rounds"] >= 5
+    wall = s["wall_time_s"]  # the latency measurement counts in the wall time
+    assert wall["latency"] > 0 and abs(wall["total"] - sum(v for k, v in wall.items() if k != "total")) < 0.05
     assert "test accuracy (%)" in capsys.readouterr().out
     trace = torch.load(out / "regularization.pt", weights_only=True)
     if method != "l1":
@@ -99,8 +103,8 @@ def test_resume_skips_a_corrupt_latest_checkpoint(tmp_path, capsys):
     assert proc.returncode == -signal.SIGKILL
     newest = sorted((out / "checkpoints").glob("ckpt-*.pt"))[-1]
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # torn write
-    assert main([*args, "--out", str(out), "--resume", str(out)]) == 0
-    assert "skipping unusable checkpoint" in capsys.readouterr().err
+    assert main(["prune", "--resume", str(out), "--quiet"]) == 0  # the folder alone: its settings are stored
+    assert capsys.readouterr().err.count("skipping unusable checkpoint") == 1
     reference = tmp_path / "reference"
     assert main([*args, "--out", str(reference)]) == 0
     same_result(reference, out)
@@ -113,6 +117,12 @@ def test_cli_errors_are_clear(tmp_path, capsys):
     args = ["prune", "--method", "l1", *TINY, "--out", str(out), "--resume", str(out)]
     assert main([a if a != "0.25" else "0.5" for a in args]) == 2
     assert "other settings: delta=0.25 (now 0.5)" in capsys.readouterr().err
+    assert main(["prune", "--resume", str(out), "--ratio", "0.3"]) == 2  # given with it: must match
+    assert "other settings: ratio=0.5 (now 0.3)" in capsys.readouterr().err
+    assert main(["prune", "--resume", str(out), "--checkpoint-every", "7"]) == 0  # may change
+    with pytest.raises(SystemExit):
+        main(["prune", "--resume", str(tmp_path / "nothing")])
+    assert "no checkpoints/ckpt-*.pt there" in capsys.readouterr().err
     assert main(["prune", "--method", "greg1", *TINY, "--data", "cifar10", "--data-dir", str(tmp_path),
                  "--out", str(tmp_path / "c")]) == 2
     assert "cifar-10-batches-py" in capsys.readouterr().err
@@ -183,6 +193,7 @@ def test_a_run_from_before_coupled_groups_resumes_with_no_coupled(tmp_path, caps
         ckpt = torch.load(path, weights_only=True)
         for key in ("coupled", "approximate", "penalize"):
             del ckpt["identity"][key]
+        del ckpt["settings"]
         torch.save(ckpt, path)
     plain = [a for a in args if a != "--no-coupled"]
     assert main([*plain, "--out", str(out), "--resume", str(out)]) == 2
@@ -257,3 +268,31 @@ def test_bad_budget_flags_fail_before_any_work(tmp_path, capsys, flags, message)
     assert code == 2
     assert message in capsys.readouterr().err
     assert not (out / "checkpoints").exists() or not list((out / "checkpoints").glob("*.pt"))
+
+
+def test_a_model_that_shrinks_the_images_to_one_pixel_is_warned_about(tmp_path):
+    args = [*TINY, "--out", str(tmp_path / "r50")]
+    args[args.index("resnet20")] = "resnet18"
+    with pytest.warns(UserWarning, match=r"shrinks the 8x8 images of --data digits to 1x1 before 11 of its "
+                                         r"convolutions with kernels over 1x1 \(from `layer2.0.conv2` on\)"):
+        assert main(["prune", "--method", "greg1", *args]) == 0
+    assert not models.collapsed_convs(models.create("resnet20"), (torch.zeros(1, 3, 8, 8),))  # made for small images
+
+
+def test_latency_can_be_skipped_or_taken_at_chosen_batch_sizes(tmp_path, capsys):
+    out = tmp_path / "none"
+    assert main(["prune", "--method", "l1", *TINY, "--out", str(out), "--no-latency"]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["speedup"] == {} and not any(k.startswith("latency_ms") for k in s["pruned"])
+    assert "not measured (--no-latency)" in capsys.readouterr().out
+    out = tmp_path / "some"
+    assert main(["prune", "--method", "l1", *TINY, "--out", str(out), "--latency-batch-sizes", "2,8",
+                 "--latency-seconds", "0.5"]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert list(s["speedup"]) == ["batch2", "batch8"] and s["speedup_largest_batch"] == "batch8"
+    assert "CPU latency b8 (ms)" in capsys.readouterr().out
+    for bad in ("0", "1,x"):
+        with pytest.raises(SystemExit):
+            main(["prune", "--method", "l1", *TINY, "--out", str(tmp_path / "bad"), "--latency-batch-sizes", bad])
+    assert main(["prune", "--method", "l1", *TINY, "--out", str(tmp_path / "bad"), "--latency-seconds", "0"]) == 2
+    assert "--latency-seconds must be a finite number > 0" in capsys.readouterr().err

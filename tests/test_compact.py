@@ -182,3 +182,37 @@ def test_compacted_model_exports():
     _, small, _ = masked_and_compacted("resnet20", 0.5)
     exported = torch.export.export(small, (CIFAR,))
     torch.testing.assert_close(exported.module()(CIFAR), small(CIFAR))
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_compaction_keeps_each_tensors_layout_dtype_and_requires_grad(backend):
+    net = models.create("resnet20").to(torch.float64, memory_format=torch.channels_last)
+    net.layer1[0].conv1.weight.requires_grad_(False)  # frozen: its group is not planned, its columns are cut
+    plan = gf.plan(net, 0.5, example_inputs=CIFAR[:1].double())
+    opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
+    for p in net.parameters():
+        if p.requires_grad:
+            opt.state[p]["momentum_buffer"] = torch.randn_like(p)  # channels_last like its weight
+    assert "layer1.0.conv1" in plan.excluded
+    before = {k: (p.dtype, p.requires_grad, p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last))
+              for k, p in net.named_parameters()}
+    assert sum(cl for _, _, cl in before.values()) == 19
+    gf.compact(net, random_masks(plan), plan, optimizer=opt, backend=backend, verify=False)
+    after = {k: (p.dtype, p.requires_grad, p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last))
+             for k, p in net.named_parameters()}
+    assert after == before
+    assert all(s["momentum_buffer"].stride() == p.stride() for p, s in opt.state.items())
+
+
+def test_compaction_given_the_growingreg_wrapper_refuses_with_the_fix():
+    net = SmallNet()
+    x6 = torch.zeros(1, 3, 6, 6)
+    plan = gf.plan(net, 0.5, example_inputs=x6)
+    greg = gf.GrowingReg(torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9), plan)
+    train_steps(net, greg, make_batches(), 2)
+    before = copy.deepcopy(net.state_dict())
+    with pytest.raises(ValueError, match=r"Pass its inner optimizer \(optimizer=greg.optimizer"):
+        gf.compact(net, random_masks(plan), plan, optimizer=greg)
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in before.items())  # untouched
+    gf.compact(net, random_masks(plan), plan, optimizer=greg.optimizer)  # the fix works
+    train_steps(net, greg.optimizer, make_batches(), 1)

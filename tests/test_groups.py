@@ -439,3 +439,30 @@ def test_layernorm_over_channels_is_cut_only_by_approximate_plans(tmp_path):
     gf.save(small, tmp_path / "m.pt")
     loaded = gf.load(tmp_path / "m.pt", model=NormedStream()).eval()
     assert_same_outputs(small, loaded, x)
+
+
+class TwoHeads(nn.Module):
+    """A dict output (as torchvision's segmentation models give): one leaf from the LayerNorm
+    stream, which an approximate cut changes, one from a plain conv branch, which it does not."""
+
+    def __init__(self):
+        super().__init__()
+        self.stream = NormedStream()
+        self.conv, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.aux = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        return {"out": self.stream(x), "aux": (self.aux(F.relu(self.bn(self.conv(x)))), x.shape[-1])}
+
+
+def test_output_change_compares_every_tensor_of_a_structured_output():
+    net = TwoHeads().eval()
+    x = torch.randn(2, 3, 6, 6)
+    approx = gf.plan(net, 0.5, example_inputs=x[:1], approximate=True)
+    masks = random_group_masks(approx, 0.5)
+    by_leaf = gf.output_change(net, masks, approx, x, per_output=True)
+    assert list(by_leaf) == ["['out']", "['aux'][0]"]  # tensors only, largest change first
+    assert by_leaf["['out']"] > 1e-3 and by_leaf["['aux'][0]"] < 1e-6
+    assert gf.output_change(net, masks, approx, x) == by_leaf["['out']"]
+    exact = gf.plan(net, 0.5, example_inputs=x[:1])
+    assert gf.output_change(net, random_group_masks(exact, 0.5), exact, x) < 1e-6

@@ -324,3 +324,29 @@ def test_layers_whose_consumers_merge_later_are_prunable_and_exact(name, kwargs,
     model = getattr(torchvision.models, name)(**kwargs)
     plan = check_exact(model, torch.zeros(1, 3, 64, 64))
     assert set(newly_prunable) <= {l.name for l in plan.pruned}
+
+
+def test_a_detector_takes_nested_inputs_and_points_to_its_backbone():
+    """A torchvision detector takes a list of images and computes proposals with data-dependent
+    shapes that torch.export cannot capture: the error says so and names the part that plans; the
+    backbone (an OrderedDict of feature maps) plans and compacts exactly."""
+    import torchvision
+    torch.manual_seed(0)
+    det = torchvision.models.detection.fasterrcnn_mobilenet_v3_large_320_fpn(
+        weights=None, weights_backbone=None, num_classes=3).eval()
+    with pytest.raises(gf.UntraceableModelError, match=r"module 'rpn' .* shapes \[\[\(3, 96, 96\)\]\].* plan the "
+                                                       r"part .*`model.backbone` \(BackboneWithFPN, 66 of its 73"):
+        gf.plan(det, 0.5, example_inputs=([torch.rand(3, 96, 96)],))
+    with pytest.raises(TypeError, match="got a set among them"):
+        gf.plan(det, 0.5, example_inputs=({1, 2},))
+    x = torch.rand(2, 3, 96, 96)
+    backbone = det.backbone
+    randomize(backbone)
+    plan = gf.plan(backbone, 0.5, example_inputs=x[:1])
+    masks = random_masks(plan)
+    changes = gf.output_change(backbone, masks, plan, x, per_output=True)
+    assert sorted(changes) == ["['0']", "['1']", "['pool']"] and max(changes.values()) < 1e-5
+    before = sum(p.numel() for p in backbone.parameters())
+    gf.compact(backbone, masks, plan)  # verified against the masked model on the example inputs
+    assert sum(p.numel() for p in backbone.parameters()) < 0.8 * before
+    det(torch.rand(1, 3, 96, 96).unbind(0))  # the detector runs with its compacted backbone
