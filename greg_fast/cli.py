@@ -17,6 +17,7 @@ from . import bench
 from .budget import ALLOCATIONS, DEFAULT_MAX_RATIO, target_from_args
 from .plan import PENALIZE
 from .recipes import RECIPES, table as recipes_table
+from .train import resolve_device
 from .plan import GRANULARITIES
 
 # The demo: digits, a CIFAR ResNet, GReg-1 at 0.5 on the prunable layers, a schedule shortened from
@@ -150,10 +151,12 @@ def _prune_args(prune: argparse.ArgumentParser, argv, defaults=None, resumable=F
     missing = [f"--{k.replace('_', '-')}" for k in _REQUIRED if getattr(args, k) is None]
     if args.ratio is None and args.stage_ratios is None and not target_from_args(args) is not None:
         missing.append("--ratio, --stage-ratios or a --target-flops/--target-params/--target-latency")
-    if missing:
-        prune.error(f"missing {', '.join(missing)} (or a --recipe that sets them)")
     if args.checkpoint is None and args.pretrain_epochs <= 0:
-        prune.error("give --pretrain-epochs N (> 0) or --checkpoint FILE for the dense model")
+        missing.append("--pretrain-epochs N (> 0) or --checkpoint FILE for the dense model")
+    if missing and args.recipe is not None:
+        prune.error(f"--recipe {args.recipe} sets the paper's settings; still give {'; '.join(missing)}")
+    if missing:
+        prune.error(f"missing {'; '.join(missing)} (or a --recipe that sets some of them: greg-fast recipes)")
     return args
 
 
@@ -217,7 +220,10 @@ def main(argv=None) -> int:
         unknown = [m for m in args.models.split(",") if bench.zoo_name(m) not in models.names()]
         if unknown:
             parser.error(f"bench --models: unknown model(s) {', '.join(unknown)}; known: {', '.join(models.names())}")
-        device = torch.device(args.device)
+        try:
+            device = resolve_device(args.device)
+        except ValueError as err:
+            parser.error(str(err))
         records = bench.run_set(device, args.models.split(","), progress=lambda s: print("timing", s, file=sys.stderr))
         print(bench.table(records))
         print(f"wrote {bench.write_results(records, Path(args.out), device)}")

@@ -220,8 +220,13 @@ def _record(summary: dict, seed: int, method: str, protocol: str, pretrain_s: fl
                         "finetune": wall.get("finetune", 0.0)}, **extra}
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+def _mean_std(values: list[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (None for one value: one seed has no spread)."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
+
+
+def _spread(mean: float, std: float | None) -> str:
+    return f"{mean:.2f}" if std is None else f"{mean:.2f} ± {std:.2f}"
 
 
 def aggregate(records: list[dict], methods: list[str]) -> list[dict]:
@@ -246,13 +251,14 @@ def table(rows: list[dict], dense_acc: list[float], pretrain_s: list[float]) -> 
     head = ("protocol", "method", "test acc %", "right after pruning %", "params", "FLOPs", "FLOPs x fewer",
             "regularize s", "fine-tune s")
     body = [(r["protocol"] + (f" (+{r['extra_finetune_epochs']} ft epochs)" if r["extra_finetune_epochs"] else ""),
-             r["method"], f"{r['test_acc']:.2f} ± {r['test_acc_std']:.2f}",
-             f"{r['test_acc_after_pruning']:.2f} ± {r['test_acc_after_pruning_std']:.2f}",
+             r["method"], _spread(r["test_acc"], r["test_acc_std"]),
+             _spread(r["test_acc_after_pruning"], r["test_acc_after_pruning_std"]),
              f"{r['params'] / 1e3:.1f}k", f"{r['flops'] / 1e6:.2f}M", f"{r['flops_reduction']:.2f}",
              f"{r['regularize_s']:.1f}", f"{r['finetune_s']:.1f}") for r in rows]
-    mean, std = _mean_std(dense_acc)
-    return (f"{format_table([head, *body])}\ndense model {mean:.2f} ± {std:.2f}% (pretraining "
-            f"{statistics.fmean(pretrain_s):.1f} s per seed); test accuracy mean ± std over {len(dense_acc)} seeds")
+    over = (f"test accuracy mean ± std over {len(dense_acc)} seeds" if len(dense_acc) > 1
+            else "one seed, so no spread (--seeds N > 1 gives the standard deviation)")
+    return (f"{format_table([head, *body])}\ndense model {_spread(*_mean_std(dense_acc))}% (pretraining "
+            f"{statistics.fmean(pretrain_s):.1f} s per seed); {over}")
 
 
 def run(args) -> dict:

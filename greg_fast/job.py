@@ -35,7 +35,7 @@ from .hyper import Hyper
 from .recipes import RECIPES
 from .budget import batch_inputs, measure_speedup, parse_target, target_from_args
 from .plan import count_flops, plan as make_plan, stage_ratios
-from .train import epoch_metrics, evaluate, lr_at, n_batches, parse_lr_schedule, train_epoch
+from .train import epoch_metrics, evaluate, lr_at, n_batches, parse_lr_schedule, resolve_device, train_epoch
 
 # Arguments that must agree between a run and its resume.
 _HYPER = tuple(f.name for f in dataclasses.fields(Hyper))
@@ -190,6 +190,7 @@ def check_args(args) -> None:
     if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
         raise ValueError(f"--weight-decay must be a finite number >= 0, got {args.weight_decay}")
     parse_lr_schedule(args.lr_ft)
+    resolve_device(args.device)
     if args.checkpoint is not None and not Path(args.checkpoint).is_file():
         raise FileNotFoundError(f"--checkpoint {args.checkpoint}: no such file")
     Hyper.from_settings(**_greg_kwargs(args))
@@ -228,8 +229,7 @@ class _Run:
                                   "it, or choose another --out")
         self.lr_ft = parse_lr_schedule(args.lr_ft)
         self.data = datasets.load(args.data, args.data_dir)
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.device, rank = _init_distributed(device)
+        self.device, rank = _init_distributed(resolve_device(args.device))
         self.main_rank = rank == 0
         torch.manual_seed(args.seed)
         self.model = models.create(args.model, self.data.num_classes, in_channels=self.data.in_channels).to(self.device)

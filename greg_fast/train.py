@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 from typing import Callable, Iterator
 
 import torch
@@ -60,8 +61,32 @@ def grads_finite(optimizer: torch.optim.Optimizer) -> bool:
     return ok is None or bool(ok)
 
 
+def resolve_device(name: str | None, flag: str = "--device") -> torch.device:
+    """``name`` as a torch.device (None: cuda if available, else cpu), refusing one this machine
+    does not have with the devices it does have (torch's own error is a raw driver message)."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"{flag} {name}: not a device name ({err}); try cpu or cuda") from None
+    cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device.type == "cpu" or device.type == "cuda" and (device.index or 0) < cuda:
+        return device
+    what = "no CUDA device is available" if device.type == "cuda" and cuda == 0 else f"no device {device}"
+    have = ", ".join(["cpu", *(f"cuda:{i}" for i in range(cuda))])
+    raise ValueError(f"{flag} {name}: {what} on this machine; available: {have}")
+
+
+def loader_workers() -> int:
+    """DataLoader worker processes: up to 4, leaving one of the CPUs this process may use to the
+    training loop (more workers than CPUs only slows both, and the DataLoader warns about it)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(0, min(4, cpus - 1))
+
+
 def batches(dataset, batch_size: int, *, shuffle: bool, generator: torch.Generator | None = None,
-            workers: int = 4) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            workers: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     if isinstance(dataset, torch.utils.data.TensorDataset):  # in memory: slice, no per-item collate
         x, y = dataset.tensors
         order = torch.randperm(len(y), generator=generator) if shuffle else torch.arange(len(y))
@@ -70,7 +95,8 @@ def batches(dataset, batch_size: int, *, shuffle: bool, generator: torch.Generat
             yield x[idx], y[idx]
     else:
         yield from torch.utils.data.DataLoader(dataset, batch_size, shuffle=shuffle, generator=generator,
-                                               num_workers=workers, pin_memory=torch.cuda.is_available())
+                                               num_workers=loader_workers() if workers is None else workers,
+                                               pin_memory=torch.cuda.is_available())
 
 
 def n_batches(dataset, batch_size: int) -> int:

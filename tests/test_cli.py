@@ -296,3 +296,34 @@ def test_latency_can_be_skipped_or_taken_at_chosen_batch_sizes(tmp_path, capsys)
             main(["prune", "--method", "l1", *TINY, "--out", str(tmp_path / "bad"), "--latency-batch-sizes", bad])
     assert main(["prune", "--method", "l1", *TINY, "--out", str(tmp_path / "bad"), "--latency-seconds", "0"]) == 2
     assert "--latency-seconds must be a finite number > 0" in capsys.readouterr().err
+
+
+def test_a_device_this_machine_lacks_is_named_with_the_ones_it_has(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for command in (["prune", "--method", "l1", *TINY, "--out", str(tmp_path / "r")], ["bench"]):
+        try:
+            code = main([*command, "--device", "cuda"])
+        except SystemExit as exit:  # bench's argparse error
+            code = exit.code
+        assert code == 2
+        assert "--device cuda: no CUDA device is available on this machine; available: cpu" in capsys.readouterr().err
+    assert main(["prune", "--method", "l1", *TINY, "--out", str(tmp_path / "r"), "--device", "gpu"]) == 2
+    assert "--device gpu: not a device name" in capsys.readouterr().err
+    assert not (tmp_path / "r" / "checkpoints").exists()
+
+
+class _GroupNormNet(torch.nn.Sequential):  # one channel group that only an approximate plan cuts
+    def __init__(self, num_classes, in_channels=3):
+        super().__init__(torch.nn.Conv2d(in_channels, 16, 3, padding=1), torch.nn.GroupNorm(2, 16), torch.nn.ReLU(),
+                         torch.nn.Conv2d(16, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                         torch.nn.Flatten(), torch.nn.Linear(16, num_classes))
+
+
+def test_approximate_prints_the_measured_output_change_in_the_final_table(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(models, "create", lambda name, num_classes, in_channels=3, **kw: _GroupNormNet(num_classes, in_channels))
+    out = tmp_path / "approx"
+    assert main(["prune", "--method", "l1", *TINY, "--out", str(out), "--approximate", "--no-latency"]) == 0
+    change = json.loads((out / "summary.json").read_text())["output_change"]
+    assert change > 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("output change"))
+    assert f"{change:.3g} (max |compacted - masked| / max |masked|)" in row

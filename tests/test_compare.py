@@ -116,3 +116,16 @@ def test_compare_runs_every_method_under_each_allocation_at_the_same_budget(tmp_
     assert uniform["target"]["allocation"] == "uniform"
     assert main(["compare", *TINY, "--allocations", "uniform,global", "--out", str(tmp_path / "x")]) == 2
     assert "needs --target-flops" in capsys.readouterr().err
+
+
+def test_one_seed_prints_no_spread():
+    def record(protocol, method, acc):
+        return {"protocol": protocol, "method": method, "test_acc": acc, "test_acc_after_pruning": acc - 5,
+                "params": 1e4, "flops": 1e6, "flops_reduction": 2.0, "seconds": {"regularize": 1, "finetune": 2}}
+    methods = ["l1", "greg1"]
+    one = compare.table(compare.aggregate([record(p, m, 80) for p in compare.PROTOCOLS for m in methods], methods),
+                        [90.0], [3.0])
+    assert "±" not in one and "80.00" in one and "dense model 90.00%" in one and "one seed, so no spread" in one
+    rows = compare.aggregate([record(p, m, a) for p in compare.PROTOCOLS for m in methods for a in (80, 82)], methods)
+    two = compare.table(rows, [90.0, 91.0], [3.0, 3.0])
+    assert "81.00 ± 1.41" in two and "over 2 seeds" in two and rows[0]["test_acc_std"] > 0

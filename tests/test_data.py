@@ -74,3 +74,22 @@ def test_imagefolder_needs_train_and_val(tmp_path):
     (tmp_path / "train" / "a").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match="val"):
         data.load("imagefolder", tmp_path)
+
+
+class _Squares(torch.utils.data.Dataset):  # not a TensorDataset: read through a DataLoader
+    def __len__(self):
+        return 6
+
+    def __getitem__(self, i):
+        return torch.full((1, 2, 2), float(i)), i
+
+
+def test_the_loader_takes_its_workers_from_the_cpus_this_process_may_use(monkeypatch, recwarn):
+    from greg_fast.train import batches, loader_workers
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert loader_workers() == 1  # one CPU left to the training loop
+    got = [y.tolist() for _, y in batches(_Squares(), 4, shuffle=False)]
+    assert got == [[0, 1, 2, 3], [4, 5]]
+    assert not [w for w in recwarn if "worker" in str(w.message)]  # the DataLoader's "4 workers on 2 CPUs"
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0}, raising=False)
+    assert loader_workers() == 0  # one CPU: load in the training process

@@ -42,7 +42,16 @@ def test_a_run_without_a_recipe_names_what_is_missing(capsys):
     with pytest.raises(SystemExit):
         main(["prune", "--method", "greg1", "--pretrain-epochs", "1"])
     err = capsys.readouterr().err
-    assert "missing --model, --data, --finetune-epochs, --lr-ft, --out, --ratio, --stage-ratios or a --target-flops/--target-params/--target-latency" in err
+    assert ("missing --model; --data; --finetune-epochs; --lr-ft; --out; --ratio, --stage-ratios or a "
+            "--target-flops/--target-params/--target-latency (or a --recipe") in err
+
+
+def test_a_recipe_without_the_flags_it_does_not_set_lists_all_of_them_at_once(capsys):
+    with pytest.raises(SystemExit):
+        main(["prune", "--recipe", "resnet56-cifar10"])
+    err = capsys.readouterr().err
+    assert ("--recipe resnet56-cifar10 sets the paper's settings; still give --method; --out; "
+            "--pretrain-epochs N (> 0) or --checkpoint FILE") in err
 
 
 def test_a_recipe_sets_the_published_schedule(tmp_path, monkeypatch):
