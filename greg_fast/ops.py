@@ -28,6 +28,19 @@ def _load_extension() -> str | None:
 _IMPORT_ERROR = _load_extension()  # a missing build must never break `import greg_fast`
 
 
+def _register_fakes() -> None:
+    """Fake (meta) kernels for the step ops, so that torch.compile traces them without running them:
+    each only writes into tensors it is given, so each returns nothing."""
+    def writes_in_place(*args, **kwargs) -> None:
+        return None
+    for name in ("scores_", "penalty_", "fused_sgd_"):
+        torch.library.register_fake(f"greg_fast::{name}", writes_in_place)
+
+
+if _IMPORT_ERROR is None:
+    _register_fakes()
+
+
 def unavailable() -> str | None:
     """Why the C++ ops cannot run (None: they can)."""
     return _IMPORT_ERROR

@@ -246,3 +246,30 @@ def test_what_a_capturable_step_cannot_run_is_refused_with_what_to_change():
     model = SmallNet()  # what the guard refused runs without it
     gf.GrowingReg(torch.optim.Adagrad(model.parameters()), gf.plan(model, 0.5, example_inputs=X),
                   capturable=True, nan_guard=False).step()
+
+
+@pytest.mark.skipif(gf.ops.unavailable() is not None, reason="the C++ extension is not built")
+def test_the_cpp_step_ops_have_fake_kernels_that_pass_torchs_op_checks():
+    # opcheck runs each op under FakeTensorMode and through AOT dispatch: without a fake kernel it
+    # would run the real one on fake tensors, or fail
+    from conftest import fake_layer
+    layers = [fake_layer(s, "filter", torch.float32, torch.device("cpu")) for s in ((7, 3, 3, 3), (5, 7))]
+    weights = [l.weight.detach().clone() for l in layers]
+    grads = [l.weight.grad.clone() for l in layers]
+    kept = [torch.rand(l.n_groups) < 0.5 for l in layers]
+    lam = torch.full((2,), 0.1)
+    views = gf.ops.flat_views([l.view for l in layers])
+    scores = torch.empty(sum(l.n_groups for l in layers))
+    hyper = gf.ops.sgd_hyper([0.1, 0.1], [0.9, 0.9], [1e-4, 1e-4])
+    no, yes = torch.tensor(False), torch.tensor(True)
+    ops = torch.ops.greg_fast
+    for op, args in [
+        (ops.scores_.default, (weights, views, scores)),
+        (ops.penalty_.default, (weights, grads, kept, lam, lam, views, yes, scores, [])),
+        (ops.fused_sgd_.default, (weights, grads, [torch.zeros_like(w) for w in weights], kept, lam, lam, hyper,
+                                  views, no, no, scores)),
+    ]:
+        torch.library.opcheck(op, args)
+    from torch._library import simple_registry
+    for name in ("scores_", "penalty_", "fused_sgd_"):
+        assert simple_registry.singleton.find(f"greg_fast::{name}").fake_impl.kernel is not None, name
