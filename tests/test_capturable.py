@@ -250,8 +250,8 @@ def test_what_a_capturable_step_cannot_run_is_refused_with_what_to_change():
 
 @pytest.mark.skipif(gf.ops.unavailable() is not None, reason="the C++ extension is not built")
 def test_the_cpp_step_ops_have_fake_kernels_that_pass_torchs_op_checks():
-    # opcheck runs each op under FakeTensorMode and through AOT dispatch: without a fake kernel it
-    # would run the real one on fake tensors, or fail
+    # opcheck checks each op's schema and its fake and AOT dispatch; it passes even without a fake
+    # kernel (FakeTensor then runs the real op), so the registry check below is what fails then
     from conftest import fake_layer
     layers = [fake_layer(s, "filter", torch.float32, torch.device("cpu")) for s in ((7, 3, 3, 3), (5, 7))]
     weights = [l.weight.detach().clone() for l in layers]
