@@ -35,17 +35,25 @@ def test_kernel_time(name, workload, device, records):
     records.append(rec)
 
 
-def test_host_time(workload, device, records, monkeypatch):
-    """The triton step's host code alone (work list, address tables, checks), its kernel launches
-    stubbed out: with the kernel time, what bounds the step."""
-    if device.type != "cuda":
-        pytest.skip("GPU only")
+@pytest.mark.parametrize("state_reads", ["C++", "Python"])
+def test_host_time(benchmark, state_reads, workload, device, records, monkeypatch):
+    """The triton step's host code alone (λ and mask lists, the check that the cached launches
+    still hold, the call), its kernel launches stubbed out: with the kernel time, what bounds the
+    step. On the CPU it runs under TRITON_INTERPRET=1 (the stub means the interpreter never runs).
+    ``Python``: the launches' state read tensor by tensor in Python (the fallback without the C++
+    extension, and how every step read it before ops.launch_state): the same run's baseline."""
     reason = bench.unavailable("triton", device, workload)
     if reason:
         pytest.skip(reason)
+    from greg_fast import ops
     from greg_fast.kernels import greg_step
-    fn = bench.provider("triton", workload)
     monkeypatch.setattr(greg_step, "launch", lambda *args, **kwargs: None)
-    rec = bench.record(workload, "triton", bench.time_call(fn, device))
-    rec["provider"] += bench.HOST
+    fn = bench.provider("triton", workload)
+    if state_reads == "Python":
+        monkeypatch.setattr(ops, "_C", None)
+    calls = 200  # per round: a step's host code takes tens of µs, a round a few ms
+    benchmark.pedantic(bench.repeated(fn, calls, device), rounds=30, warmup_rounds=3, iterations=1)
+    rec = bench.record(workload, "triton", benchmark.stats.stats.median / calls)
+    rec["provider"] += bench.HOST + ("" if state_reads == "C++" else ", state read in Python")
+    benchmark.extra_info.update(rec)
     records.append(rec)

@@ -15,6 +15,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <string>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -554,7 +555,71 @@ TORCH_LIBRARY_IMPL(greg_fast, CPU, m) {
 
 }  // namespace greg_fast
 
-// Importing greg_fast._C registers the ops above (torch.ops.greg_fast.*).
+// Importing greg_fast._C registers the ops above (torch.ops.greg_fast.*), and adds one host
+// helper that is not an op (a dispatched call costs more than the work it would save).
 #include <Python.h>
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+#include <torch/csrc/Exceptions.h>
+#include <torch/csrc/autograd/python_variable.h>
+
+namespace {
+
+void put_tensor(std::vector<int64_t>& out, const at::Tensor& t) {
+  if (!t.defined()) {
+    out.push_back(-1);
+    return;
+  }
+  out.push_back(reinterpret_cast<int64_t>(t.data_ptr()));
+  out.push_back(static_cast<int64_t>(t.scalar_type()));
+  out.push_back(t.dim());
+  for (int64_t stride : t.strides()) out.push_back(stride);
+}
+
+void put_object(std::vector<int64_t>& out, PyObject* obj) {
+  if (obj == Py_None) {
+    out.push_back(-1);
+  } else if (THPVariable_Check(obj)) {
+    put_tensor(out, THPVariable_Unpack(obj));
+  } else {
+    throw torch::TypeError(std::string("launch_state takes tensors or None, got ") + Py_TYPE(obj)->tp_name);
+  }
+}
+
+// launch_state(dicts, names, tensors) -> bytes: the address, dtype and strides of each
+// dicts[i][names[i]] (a module's parameter) and of its .grad, then of each of `tensors` (None
+// allowed). Raw values, not a hash: equal bytes mean an equal state. A Triton launch bakes these
+// addresses into its tables; this reads them for a whole model in one call, every step.
+PyObject* launch_state(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (nargs != 3 || !PyList_Check(args[0]) || !PyList_Check(args[1]) || !PyList_Check(args[2]) ||
+      PyList_GET_SIZE(args[0]) != PyList_GET_SIZE(args[1])) {
+    throw torch::TypeError("launch_state(dicts, names, tensors): three lists, dicts and names of one length");
+  }
+  std::vector<int64_t> out;
+  out.reserve(8 * (2 * PyList_GET_SIZE(args[0]) + PyList_GET_SIZE(args[2])));
+  for (Py_ssize_t i = 0; i < PyList_GET_SIZE(args[0]); ++i) {
+    PyObject* param = PyDict_GetItemWithError(PyList_GET_ITEM(args[0], i), PyList_GET_ITEM(args[1], i));
+    if (param == nullptr) {
+      if (PyErr_Occurred()) return nullptr;
+      out.push_back(-2);  // no such parameter (any more): the state differs from any launch's
+      continue;
+    }
+    put_object(out, param);
+    if (param != Py_None) put_tensor(out, THPVariable_Unpack(param).grad());
+  }
+  for (Py_ssize_t i = 0; i < PyList_GET_SIZE(args[2]); ++i) put_object(out, PyList_GET_ITEM(args[2], i));
+  return PyBytes_FromStringAndSize(reinterpret_cast<const char*>(out.data()),
+                                   static_cast<Py_ssize_t>(out.size() * sizeof(int64_t)));
+  END_HANDLE_TH_ERRORS
+}
+
+PyMethodDef methods[] = {
+    {"launch_state", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(launch_state)), METH_FASTCALL,
+     "launch_state(dicts, names, tensors) -> bytes: addresses, dtypes and strides of parameters, their grads "
+     "and tensors"},
+    {nullptr, nullptr, 0, nullptr}};
+
+struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
+
+}  // namespace
+
 PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&module); }

@@ -80,8 +80,9 @@ class GrowingReg(torch.optim.Optimizer):
     :meth:`check` (call it every N steps or per epoch), and ``done``, ``phase``, ``iteration``
     and ``lambdas()`` each read the device once when asked. Learning rates may be 0-d tensors
     (update them in place under a CUDA graph). What cannot run that way is refused here with what
-    to change: LBFGS, the triton backend (no registered op yet), a non-capturable inner optimizer
-    on CUDA, GReg-2 on a global budget, unstructured plans.
+    to change: LBFGS, a non-capturable inner optimizer on CUDA, GReg-2 on a global budget,
+    unstructured plans. Every backend's step is a registered op (``torch.ops.greg_fast``) or
+    plain PyTorch.
 
     ``step()`` after ``loss.backward()``: :meth:`apply_penalty` (λ update every ``interval``
     iterations, then ``grad += λ_g * w``; after pruning, zero the removed groups' gradients), the
@@ -294,9 +295,6 @@ class GrowingReg(torch.optim.Optimizer):
         if _needs_closure(opt):
             raise ValueError(f"capturable=True cannot wrap {type(opt).__name__}: its step re-evaluates a closure "
                              "on the host; use capturable=False")
-        if self._backend_name == "triton":
-            raise ValueError("capturable=True has no registered op for backend 'triton' yet (its launch is "
-                             "Python): use backend='eager' on CUDA, or capturable=False")
         if self.nan_guard and not isinstance(opt, (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)):
             raise ValueError(f"capturable=True with nan_guard=True skips a non-finite step on the device, which "
                              f"needs an inner optimizer whose fresh state is zeros (SGD, Adam, AdamW), not "
@@ -323,6 +321,8 @@ class GrowingReg(torch.optim.Optimizer):
         self._grad_members = [[l.granularity != "weight" and id(t) not in penalized for t, _ in pairs]
                               for l, pairs in zip(self.layers, members)]
         self._all_finite = torch.ones((), dtype=torch.bool, device=self.device)
+        if hasattr(self.backend, "capture"):  # what the backend's op needs registered before a compile
+            self.backend.capture(self.slices, self._backend_memo)
         if self.nan_guard:  # fused SGD skipped on its first step leaves its new momentum buffer unset (torch
             for group in self.optimizer.param_groups:  # 2.14): start from zeros, exact (0 * m + d = d)
                 if isinstance(self.optimizer, torch.optim.SGD) and group["momentum"] != 0:

@@ -26,6 +26,7 @@ def _load_extension() -> str | None:
 
 
 _IMPORT_ERROR = _load_extension()  # a missing build must never break `import greg_fast`
+_C = importlib.import_module("greg_fast._C") if _IMPORT_ERROR is None else None
 
 
 def _register_fakes() -> None:
@@ -46,6 +47,23 @@ def unavailable() -> str | None:
     return _IMPORT_ERROR
 
 
+def launch_state(dicts: list, names: list, tensors: list):
+    """What a kernel launch bakes in, read every step to see whether a cached launch still holds:
+    the address, dtype and strides of each ``dicts[i][names[i]]`` (a module's parameter, looked up
+    now, so a replaced parameter counts) and of its ``.grad``, then of each of ``tensors`` (None
+    allowed). Equal results mean an equal state. One C++ call for a whole model when the extension
+    is built (about 5 µs for ResNet-50's 33 regularized layers on the development CPU)."""
+    if _C is not None:
+        return _C.launch_state(dicts, names, tensors)
+    params = [d.get(n) for d, n in zip(dicts, names)]
+    return (tuple((_tensor_state(p), None if p is None else _tensor_state(p.grad)) for p in params),
+            tuple(map(_tensor_state, tensors)))
+
+
+def _tensor_state(t: torch.Tensor | None):
+    return None if t is None else (t.data_ptr(), t.dtype, t.stride())
+
+
 def flat_views(views: Sequence[tuple[int, int, int]]) -> list[int]:
     return [v for view in views for v in view]
 
@@ -55,26 +73,26 @@ def scores_(weights: Sequence[torch.Tensor], views, out: torch.Tensor) -> None:
     torch.ops.greg_fast.scores_(list(weights), flat_views(views), out)
 
 
-_FLAGS = {}  # the constant flag tensors of host-decided steps, made once
+_FLAGS = {}  # the constant flag tensors of host-decided steps, made once per device
 
 
-def flag(value) -> torch.Tensor:
-    """A 0-d CPU bool tensor: ``value`` as is when it is one (a capturable schedule's flag, read by
-    the op itself, never on the host), else a cached constant."""
+def flag(value, device: torch.device | str = "cpu") -> torch.Tensor:
+    """A 0-d bool tensor: ``value`` as is when it is one (a capturable schedule's flag, read by
+    the op itself, never on the host), else a cached constant on ``device``."""
     if isinstance(value, torch.Tensor):
         return value
-    value = bool(value)
-    if value not in _FLAGS:
-        _FLAGS[value] = torch.tensor(value)
-    return _FLAGS[value]
+    key = (bool(value), str(device))
+    if key not in _FLAGS:
+        _FLAGS[key] = torch.tensor(key[0], device=device)
+    return _FLAGS[key]
 
 
-def sgd_hyper(lr, momentum, weight_decay) -> torch.Tensor:
-    """fp32 ``[n_layers, 3]`` (lr, momentum, weight decay), from floats or 0-d tensors (a tensor
-    learning rate changes without a recompile)."""
+def sgd_hyper(lr, momentum, weight_decay, device: torch.device | str = "cpu") -> torch.Tensor:
+    """fp32 ``[n_layers, 3]`` (lr, momentum, weight decay) on ``device``, from floats or 0-d
+    tensors (a tensor learning rate changes without a recompile)."""
     if not any(isinstance(v, torch.Tensor) for v in (*lr, *momentum, *weight_decay)):
-        return torch.tensor(list(zip(lr, momentum, weight_decay)), dtype=torch.float32).view(-1, 3)
-    cols = [torch.stack([torch.as_tensor(v, dtype=torch.float32).reshape(()) for v in col])
+        return torch.tensor(list(zip(lr, momentum, weight_decay)), dtype=torch.float32, device=device).view(-1, 3)
+    cols = [torch.stack([torch.as_tensor(v, dtype=torch.float32, device=device).reshape(()) for v in col])
             for col in (lr, momentum, weight_decay)]
     return torch.stack(cols, 1)
 

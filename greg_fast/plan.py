@@ -4,7 +4,7 @@ from __future__ import annotations
 import fnmatch
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Sequence
+from typing import Callable, ClassVar, Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -63,6 +63,7 @@ class LayerPlan:
         return self.module._parameters["weight"].grad
 
     param = weight  # the parameter a backend's slice belongs to (a layer is its own slice)
+    tensor: ClassVar[str] = "weight"  # its name in the module, as a Slice names its parameter
 
     def part(self, t: torch.Tensor | None) -> torch.Tensor | None:
         """A tensor shaped like the parameter (its momentum buffer), as this slice sees it: whole."""

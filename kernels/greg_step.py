@@ -24,6 +24,9 @@ CROSS (penalties of a coupled group with penalize="group") takes a parameter's r
 column slices in one launch, although they share entries: a grid has no barrier, so a shared entry
 belongs to the row's program, which adds the column's λ after the row's (the order of eager's two
 passes) and keeps it only if both are kept; a column program skips the rows a row slice owns.
+A capturable step decides on the device: MASK_FROM_FLAG reads whether to mask from memory (unset:
+every group counts as kept by the masked writes), and SKIP_FLAG makes MODE_SGD write nothing when
+its flag is set (a non-finite step), so one launch, or one captured graph, serves every step.
 """
 import triton
 import triton.language as tl
@@ -32,6 +35,11 @@ import triton.language as tl
 MODE_SCORES = tl.constexpr(0)   # read w, sum |w| per group
 MODE_PENALTY = tl.constexpr(1)  # grad += λ_g w (after pruning: zero the removed groups)
 MODE_SGD = tl.constexpr(2)      # penalty, weight decay, momentum and the SGD update of w
+# Whether a step zeroes the removed groups (MASK): decided on the host, or read from a flag in
+# memory (a capturable schedule decides on the device, and a captured graph replays one launch).
+MASK_OFF = tl.constexpr(0)
+MASK_ON = tl.constexpr(1)
+MASK_FROM_FLAG = tl.constexpr(2)
 
 
 @triton.jit
@@ -56,9 +64,11 @@ def _greg_step_kernel(
     lam_kept_ptr, lam_sel_ptr,       # fp32 [L]
     hyper_ptr,                       # fp32 [L, 3]: lr, momentum, weight decay (MODE_SGD)
     work_ptr,                        # int64 [programs, 4]: layer, g0, a0, b0
+    mask_flag_ptr, skip_flag_ptr,    # bool [1] (MASK_FROM_FLAG; SKIP_FLAG: MODE_SGD writes nothing when set)
     ELEM: tl.constexpr, MODE: tl.constexpr, MASK: tl.constexpr, SCORES: tl.constexpr, PACKED: tl.constexpr,
     HAS_MOMENTUM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_B: tl.constexpr, A_STEP: tl.constexpr,
     B_STEP: tl.constexpr, VEC: tl.constexpr, UNIT_B: tl.constexpr, STRIDED: tl.constexpr, CROSS: tl.constexpr,
+    SKIP_FLAG: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     layer = tl.load(work_ptr + pid * 4)
@@ -88,6 +98,9 @@ def _greg_step_kernel(
             kept_ptr = tl.load(kept_table + layer).to(tl.pointer_type(tl.int8))
             kept = tl.load(kept_ptr + offs_g, mask=g_in, other=1) != 0
         lam = tl.where(kept, tl.load(lam_kept_ptr + layer), tl.load(lam_sel_ptr + layer))
+        if MASK == MASK_FROM_FLAG:  # flag not set: every group counts as kept by the masked writes below
+            unmasked = tl.load(mask_flag_ptr) == 0
+            kept = kept | unmasked
         if CROSS:  # MODE_PENALTY over a parameter's rows and columns in one launch
             x_address = tl.load(xlam_table + layer)
             has_x = x_address != 0
@@ -102,6 +115,9 @@ def _greg_step_kernel(
             wd = tl.load(hyper_ptr + layer * 3 + 2)
             if HAS_MOMENTUM:
                 m_ptr = _aligned(tl.load(m_table + layer), ELEM, VEC)
+    writes = True
+    if SKIP_FLAG:
+        writes = tl.load(skip_flag_ptr) == 0
     acc = tl.zeros([BLOCK_G], dtype=tl.float32)
     if A_STEP == 0:
         a_end = A
@@ -135,10 +151,13 @@ def _greg_step_kernel(
                     if CROSS:
                         b_in = (offs_b < B) & has_x
                         xlam = tl.load(xlam_ptr + offs_b, mask=b_in, other=0.0)
-                        keep = keep & (tl.load(xkeep_ptr + offs_b, mask=b_in, other=1) != 0)[None, :]
+                        xkeep = tl.load(xkeep_ptr + offs_b, mask=b_in, other=1) != 0
+                        if MASK == MASK_FROM_FLAG:
+                            xkeep = xkeep | unmasked
+                        keep = keep & xkeep[None, :]
                         mine = inside & free
                         touched = (touched | (inside & (xlam != 0.0)[None, :])) & free
-                    if MASK:
+                    if MASK != MASK_OFF:
                         touched = touched | (mine & ~keep)
                 w = tl.load(w_ptr + idx, mask=inside if SCORES else touched, other=0.0).to(tl.float32)
             else:
@@ -150,7 +169,7 @@ def _greg_step_kernel(
                 g = g + w * lam[:, None]
                 if CROSS:  # after the row's λ, as eager adds the rows' pass before the columns'
                     g = g + w * xlam[None, :]
-                if MASK:
+                if MASK != MASK_OFF:
                     if UNIT_B:  # rewrite every weight: a per-lane mask would stop 128-bit stores
                         g = tl.where(kept[:, None], g, 0.0)
                         tl.store(w_ptr + idx, tl.where(kept[:, None], w, 0.0).to(ELEM), mask=inside)
@@ -159,34 +178,38 @@ def _greg_step_kernel(
                         tl.store(w_ptr + idx, tl.zeros_like(w).to(ELEM), mask=mine & ~keep)
                 tl.store(g_ptr + idx, g.to(ELEM), mask=touched)
             elif MODE == MODE_SGD:
+                written = inside
+                if SKIP_FLAG:
+                    written = inside & writes
                 g = tl.load(g_ptr + idx, mask=inside, other=0.0).to(tl.float32)
                 d = g + w * lam[:, None]
                 d = d + w * wd
                 if HAS_MOMENTUM:
                     m = tl.load(m_ptr + idx, mask=inside, other=0.0).to(tl.float32)
                     m = (m * mu + d).to(ELEM).to(tl.float32)
-                    if MASK:
+                    if MASK != MASK_OFF:
                         m = tl.where(kept[:, None], m, 0.0)
-                    tl.store(m_ptr + idx, m.to(ELEM), mask=inside)
+                    tl.store(m_ptr + idx, m.to(ELEM), mask=written)
                     d = m
                 w = w - lr * d
-                if MASK:
+                if MASK != MASK_OFF:
                     w = tl.where(kept[:, None], w, 0.0)
-                tl.store(w_ptr + idx, w.to(ELEM), mask=inside)
+                tl.store(w_ptr + idx, w.to(ELEM), mask=written)
     if SCORES:
         off = tl.load(score_off_ptr + layer)
         tl.atomic_add(scores_ptr + off + offs_g, acc, mask=g_in)
 
 
 def launch(scores, w_table, g_table, m_table, kept_table, xlam_table, xkeep_table, own_table, dims, score_off,
-           lam_kept, lam_sel, hyper, work, *, elem, mode, mask, want_scores, packed, has_momentum, tiling, vec,
-           unit_b, strided, cross=False, num_warps=4):
+           lam_kept, lam_sel, hyper, work, mask_flag, skip_flag, *, elem, mode, mask, want_scores, packed,
+           has_momentum, tiling, vec, unit_b, strided, cross=False, skip=False, num_warps=4):
     """One launch over the whole work list (``work``: int64 [programs, 4]; ``tiling``: BLOCK_G,
-    BLOCK_B, A_STEP, B_STEP)."""
+    BLOCK_B, A_STEP, B_STEP; ``mask``: MASK_OFF, MASK_ON or MASK_FROM_FLAG, read from ``mask_flag``;
+    ``skip``: read ``skip_flag``)."""
     block_g, block_b, a_step, b_step = tiling
     _greg_step_kernel[(work.shape[0],)](
         scores, w_table, g_table, m_table, kept_table, xlam_table, xkeep_table, own_table, dims, score_off, lam_kept,
-        lam_sel, hyper, work, ELEM=elem,
+        lam_sel, hyper, work, mask_flag, skip_flag, ELEM=elem,
         MODE=mode, MASK=mask, SCORES=want_scores, PACKED=packed, HAS_MOMENTUM=has_momentum, BLOCK_G=block_g,
         BLOCK_B=block_b, A_STEP=a_step, B_STEP=b_step, VEC=vec, UNIT_B=unit_b, STRIDED=strided, CROSS=cross,
-        num_warps=num_warps)
+        SKIP_FLAG=skip, num_warps=num_warps)

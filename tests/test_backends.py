@@ -90,6 +90,42 @@ def test_kernel_matches_eager_on_random_shapes(backend, granularity, dtype, op, 
             torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("granularity", gf.GRANULARITIES)
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("layout,dtype", [("odd", torch.float32), ("aligned", torch.bfloat16)])
+def test_mask_and_skip_flags_read_on_the_device_match_eager(backend, granularity, fused, layout, dtype):
+    """A capturable step's mask and skip are 0-d tensors the kernel reads (triton: through its
+    registered op), never the host: every combination of their values against eager's."""
+    device = DEVICE[backend]
+    module = {"cpp": cpp, "triton": triton_backend}[backend]
+    for mask_on, skip_on in ((False, False), (True, False), (False, True), (True, True)):
+        mask, skip = torch.tensor(mask_on, device=device), torch.tensor(skip_on, device=device)
+        layers = [fake_layer(s, granularity, dtype, device, sp) for s, sp in SHAPES[layout][granularity]]
+        kept = [torch.rand(l.n_groups, device=device) < 0.6 for l in layers]
+        if granularity == "weight":
+            kept = [gf.masks.pack_bits(k) for k in kept]
+        lam = (torch.rand(len(layers), device=device) * 0.1, torch.rand(len(layers), device=device))
+        ref = clone_layers(layers)
+        bufs, ref_bufs, sgd = [None] * len(layers), [None] * len(layers), (None, None)
+        if fused:
+            bufs = [torch.randn_like(l.weight) for l in layers]
+            ref_bufs = [b.clone() for b in bufs]
+            hyper = ([0.1] * len(layers), [0.9] * len(layers), [1e-3] * len(layers))
+            sgd = (SGDArgs(bufs, *hyper, skip=skip), SGDArgs(ref_bufs, *hyper, skip=skip))
+        got = module.step(StepBatch(layers, kept, *lam, sgd[0]), want_scores=True, mask=mask)
+        want = eager.step(StepBatch(ref, kept, *lam, sgd[1]), want_scores=True, mask=mask)
+        case = f"mask={mask_on} skip={skip_on}"
+        for l, r, b, rb in zip(layers, ref, bufs, ref_bufs):
+            torch.testing.assert_close(l.weight.detach(), r.weight.detach(), **TOL[dtype], msg=case)
+            torch.testing.assert_close(l.weight.grad, r.weight.grad, **TOL[dtype], msg=case)
+            if b is not None:
+                torch.testing.assert_close(b, rb, **TOL[dtype], msg=case)
+        # the schedule uses no scores of a skipped step, nor of a masked one (it is done)
+        for g, w in zip(got if not (mask_on or skip_on) else (), want):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6, msg=case)
+
+
 def test_triton_work_list_splits_long_rows_except_when_scores_are_summed():
     views, cpu = ((1, 20, 5000, 100000), (1, 7, 9, 63)), torch.device("cpu")  # A, G, B, stride of A
     _, _, work, (block_g, block_b, _, b_step), _, _ = triton_backend._static(views, "filter", cpu, False)
@@ -276,6 +312,40 @@ def test_triton_rebuilds_its_launches_when_tensors_move_or_change_layout(fused):
         nets[backend] = net
     for a, b in zip(nets["eager"].parameters(), nets["triton"].parameters()):
         torch.testing.assert_close(b.detach().cpu(), a.detach().cpu(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("reader", ["C++", "Python"])
+def test_launch_state_changes_exactly_when_what_a_launch_bakes_in_changes(reader, monkeypatch):
+    """The check every cached triton launch passes each step: a moved, re-laid-out or replaced
+    parameter, a new or missing gradient, a replaced mask must each change it; nothing else may."""
+    if reader == "Python":
+        monkeypatch.setattr(ops, "_C", None)
+    elif ops._C is None:
+        pytest.skip("the C++ extension is not built")
+    conv = nn.Conv2d(3, 4, 3)
+    conv.weight.grad = torch.randn_like(conv.weight)
+    kept = [torch.ones(4, dtype=torch.bool), None]
+    state = lambda: ops.launch_state([conv._parameters], ["weight"], kept)  # noqa: E731
+    before = state()
+    assert state() == before  # nothing changed
+    conv.weight.grad.add_(1.0)  # in place: the same addresses
+    conv.weight.data.mul_(2.0)
+    assert state() == before
+    changes = [
+        lambda: setattr(conv.weight, "grad", conv.weight.grad.clone()),  # a new gradient
+        lambda: setattr(conv.weight, "grad", None),
+        lambda: setattr(conv.weight, "grad", torch.randn_like(conv.weight)),
+        lambda: setattr(conv.weight, "data", conv.weight.data.clone()),  # the parameter moved
+        lambda: setattr(conv.weight, "data", conv.weight.data.contiguous(memory_format=torch.channels_last)),
+        lambda: setattr(conv.weight, "data", conv.weight.data.transpose(0, 1)),  # same address, new strides
+        lambda: setattr(conv, "weight", nn.Parameter(conv.weight.detach().clone())),  # replaced
+        lambda: kept.__setitem__(0, kept[0].clone()),  # a new mask
+        lambda: setattr(conv.weight, "data", conv.weight.data.to(torch.float16)),  # another dtype
+    ]
+    for i, change in enumerate(changes):
+        last = state()
+        change()
+        assert state() != last, i
 
 
 def test_auto_env_and_forced_backends(monkeypatch):

@@ -104,18 +104,29 @@ def test_inner_optimizers_are_skipped_on_the_device_exactly(opt):
     run_both(pair("greg2", "eager", opt=opt), 16, nan_at=(0, 3, 4))
 
 
-def test_a_coupled_group_plan_steps_like_the_host():
-    runs = pair("greg2", "cpp", net_cls=Residual)
+@pytest.mark.parametrize("method,fused", [("greg1", True), ("greg2", False)])
+def test_the_triton_op_steps_like_the_host_launch_through_every_phase(method, fused):
+    """The registered op reads the mask and skip flags on the device; the host launch is told them."""
+    runs = pair(method, "triton", fused, opt="sgd-fused" if fused else "sgd")
+    phases = run_both(runs, 30, nan_at=(0, 5, 17))
+    assert phases >= {"grow", "stabilize", "done"} and runs[1][1].skipped_steps == 3
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_a_coupled_group_plan_steps_like_the_host(backend):
+    runs = pair("greg2", backend, net_cls=Residual)
     assert any(l.coupled for l in runs[0][1].plan.pruned)
     assert "done" in run_both(runs, 30, nan_at=(2,))
 
 
-@pytest.mark.parametrize("method,fused", [("greg1", True), ("greg2", False)])
-def test_the_step_compiles_into_one_graph_in_every_phase_and_equals_eager(method, fused):
+@pytest.mark.parametrize("backend,method,fused,net_cls", [
+    ("cpp", "greg1", True, SmallNet), ("cpp", "greg2", False, SmallNet),
+    ("triton", "greg1", True, SmallNet), ("triton", "greg2", False, Residual)])
+def test_the_step_compiles_into_one_graph_in_every_phase_and_equals_eager(backend, method, fused, net_cls):
     """fullgraph and no recompile as the phase changes (its hyper-parameters stay fixed). A
     compiled fused optimizer cannot take found_inf, so the inner SGD here is foreach."""
     torch._dynamo.reset()
-    runs = pair(method, "cpp", fused)
+    runs = pair(method, backend, fused, net_cls=net_cls)
     model, greg = runs[1]
     batches = make_batches()
     for phase in range(2):  # explain in a grow step and in a masked step after pruning
@@ -128,7 +139,7 @@ def test_the_step_compiles_into_one_graph_in_every_phase_and_equals_eager(method
                 greg.step()
             assert greg.done
     torch._dynamo.reset()
-    runs = pair(method, "cpp", fused)
+    runs = pair(method, backend, fused, net_cls=net_cls)
     compiled = torch.compile(runs[1][1].step, fullgraph=True, backend="aot_eager")
     # the first compiled optimizer step adds "capturable" to the param groups (torch's own doing):
     # one recompile at the second step, none after, whatever the phase
@@ -139,10 +150,11 @@ def test_the_step_compiles_into_one_graph_in_every_phase_and_equals_eager(method
     torch._dynamo.reset()
 
 
-def test_a_compiled_training_step_equals_eager():
-    """forward, backward and opt.step() compiled together (backward in compiled autograd)."""
+@pytest.mark.parametrize("backend,fused", [("cpp", False), ("triton", True)])
+def test_a_compiled_training_step_equals_eager(backend, fused):
+    """forward, backward and opt.step() compiled together."""
     torch._dynamo.reset()
-    runs = pair("greg1", "cpp")
+    runs = pair("greg1", backend, fused)
     batches = make_batches()
 
     def train_step(model, greg, x, y):
@@ -238,7 +250,6 @@ def refused(match, opt=None, **kwargs):
 
 def test_what_a_capturable_step_cannot_run_is_refused_with_what_to_change():
     refused("LBFGS: its step re-evaluates a closure", opt=lambda p: torch.optim.LBFGS(p))
-    refused("no registered op for backend 'triton'", backend="triton")
     refused("not Adagrad: pass nan_guard=False", opt=lambda p: torch.optim.Adagrad(p))
     refused("without dampening", opt=lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, dampening=0.5))
     refused("needs structured layers", plan={"granularity": "weight"})

@@ -21,6 +21,7 @@ from greg_fast.kernels import greg_step
 
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 FLOAT_ARGS = {"scores_ptr", "lam_kept_ptr", "lam_sel_ptr", "hyper_ptr"}
+BOOL_ARGS = {"mask_flag_ptr", "skip_flag_ptr"}
 
 
 def compile_one(spec: dict, arch: int) -> dict:
@@ -29,7 +30,8 @@ def compile_one(spec: dict, arch: int) -> dict:
     num_warps = spec.pop("num_warps")
     spec["ELEM"] = getattr(tl, {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[spec["ELEM"]])
     names = kernel.arg_names
-    signature = {n: ("*fp32" if n in FLOAT_ARGS else "*i64") for n in names if n not in spec}
+    signature = {n: ("*fp32" if n in FLOAT_ARGS else "*i1" if n in BOOL_ARGS else "*i64") for n in names
+                 if n not in spec}
     signature.update({n: "constexpr" for n in spec})
     source = ASTSource(fn=kernel, signature=signature, constexprs={(names.index(n),): v for n, v in spec.items()})
     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})

@@ -3,10 +3,13 @@
 A backend module provides ``name``, ``unavailable(device)``, ``scores(layers)`` and
 ``step(batch, *, want_scores, mask)``: one regularization step over a :class:`StepBatch`
 (``grad += λ_g·w``; with ``batch.sgd`` also weight decay, momentum and the SGD update), returning
-every layer's group scores when asked. :func:`eligible` is the only statement of which layers a
-compiled kernel can walk; the Triton launcher reads it through :func:`layout` and :func:`follows`,
-and the C++ op checks the same conditions, refusing with NotImplementedError. A compiled backend
-takes all layers first and sorts them only on such a refusal (:func:`run_all_first`).
+every layer's group scores when asked (``mask``: a bool, or under a capturable schedule a 0-d
+bool tensor the step reads on the device). A backend whose capturable step is an op that finds
+its layers by handle also provides ``capture(layers, memo)``, called once before any step.
+:func:`eligible` is the only statement of which layers a compiled kernel can walk; the Triton
+launcher reads it through :func:`layout` and :func:`follows`, and the C++ op checks the same
+conditions, refusing with NotImplementedError. A compiled backend takes all layers first and
+sorts them only on such a refusal (:func:`run_all_first`).
 """
 from __future__ import annotations
 
@@ -33,7 +36,7 @@ class SGDArgs:
     skip: torch.Tensor | bool = False
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # built every step: slots, not frozen (a frozen init costs twice as much)
 class StepBatch:
     """One step's work. ``kept[i]``: layer i's kept mask (bool ``[n_groups]``, or uint8 bits for
     unstructured layers, see greg_fast.masks); ``lam_kept`` / ``lam_selected``: fp32 ``[n_layers]``,
@@ -80,8 +83,13 @@ class StepBatch:
 
     def pass_ranges(self) -> list[range]:
         """The layer indices of each pass, in order."""
-        ends = list(itertools.accumulate(self.passes or (len(self.layers),)))
-        return [range(lo, hi) for lo, hi in zip([0] + ends, ends)]
+        return pass_ranges(self.passes, len(self.layers))
+
+
+def pass_ranges(passes: Sequence[int], n_layers: int) -> list[range]:
+    """The layer indices of each pass of sizes ``passes`` (empty: one pass over ``n_layers``)."""
+    ends = list(itertools.accumulate(passes or (n_layers,)))
+    return [range(lo, hi) for lo, hi in zip([0] + ends, ends)]
 
 
 # ---- the layout rule ----

@@ -77,6 +77,8 @@ def _sgd(layer: LayerPlan, keep: torch.Tensor, lam: torch.Tensor, mask, buf: tor
     w, g = layer.weight, layer.grad
     if g is None or skip is True:
         return
+    if isinstance(skip, torch.Tensor) and mask is not False:  # a skipped step zeroes nothing either
+        mask = ~skip if mask is True else mask & ~skip
     removed = _removed(layer, keep, mask)
     d = g.addcmul(w, lam)
     if removed is not None:

@@ -7,7 +7,6 @@ step costs a check of its tensors, one launch and no host sync.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import importlib.util
@@ -15,9 +14,11 @@ import itertools
 import math
 import operator
 import os
+import weakref
 
 import torch
 
+from .. import ops
 from . import base, eager
 
 name = "triton"
@@ -45,8 +46,14 @@ def _kernels_error() -> str | None:
 
 
 def _kernels():
-    from ..kernels import greg_step  # imported on first use: no triton import with `import greg_fast`
-    return greg_step
+    global _KERNELS
+    if _KERNELS is None:  # imported on first use: no triton import with `import greg_fast`
+        from ..kernels import greg_step
+        _KERNELS = greg_step
+    return _KERNELS
+
+
+_KERNELS = None
 
 
 TILE = 1024           # elements per program and iteration: 8 per thread at 4 warps, no register spills
@@ -162,96 +169,117 @@ def _addresses_like(tensors, layouts, dtype: torch.dtype) -> tuple:
 
 
 def _launch(layers, kept, lam_kept, lam_selected, *, mode, want_scores, mask, buffers=None, hyper=None,
-            passes=None, cross=None, memo=None):
+            skip=False, passes=(), cross=None, memo=None, anchor=None):
     """One kernel launch per pass and weight dtype over ``layers`` (usually exactly one; ``passes``:
-    ranges of layers that run one after the other; with ``cross`` they run as one launch where all
-    layers have one dtype)."""
+    sizes of runs of layers that run one after the other; with ``cross`` they run as one launch where all
+    layers have one dtype). ``mask`` and ``skip``: bools, or 0-d bool tensors the kernel reads (a
+    capturable step's flags); ``hyper``: per layer (lr, momentum, weight decay), or an fp32
+    ``[n_layers, 3]`` tensor the kernel reads; ``anchor``: what stands for the layer set in the memo
+    (default ``layers``). Runs every step: what it can, it reads from the cached launches."""
     if not layers:
         return [] if want_scores else None
     k = _kernels()
-    launches = _prepared(layers, kept, buffers, cross, memo, mode=mode, want_scores=want_scores, mask=mask,
-                         passes=passes)
-    device = layers[0].param.device  # (a slice's ``weight`` would build a view)
-    out = _placeholder(device, torch.float32)
+    from_flag, skip_flag = isinstance(mask, torch.Tensor), isinstance(skip, torch.Tensor)
+    how = (mode, want_scores, k.MASK_FROM_FLAG.value if from_flag else k.MASK_ON.value if mask else k.MASK_OFF.value,
+           skip_flag, passes)
+    launches = _prepared(layers, kept, buffers, cross, memo, anchor, how)
+    first = launches[0]
+    flags = (mask.reshape(1) if from_flag else first.no_flag, skip.reshape(1) if skip_flag else first.no_flag)
+    out = first.no_scores
     if want_scores:
-        out = torch.zeros(sum(l.n_groups for l in layers), dtype=torch.float32, device=device)
-    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-        for launch in launches:  # triton launches on the current device: make it the weights'
-            lk, ls, hyper_table = lam_kept, lam_selected, launch.hyper
-            if launch.select is not None:
-                lk, ls = lam_kept[launch.select], lam_selected[launch.select]
-            if mode == k.MODE_SGD.value:  # learning rates may change every step
-                hyper_table = _table(tuple(map(float, itertools.chain.from_iterable(hyper[i] for i in launch.idx))),
-                                     device, torch.float32)
-            w_table, g_table, m_table, kept_table, x_tables, dims, offsets, work = launch.tables
-            k.launch(out, w_table, g_table, m_table, kept_table, *x_tables, dims, offsets, lk, ls, hyper_table, work,
-                     **launch.kwargs)
+        out = torch.zeros(sum(l.n_groups for l in layers), dtype=torch.float32, device=first.no_flag.device)
+    if first.on_cuda:  # triton launches on the current device: make it the weights'
+        with torch.cuda.device(first.no_flag.device):
+            _run(launches, out, lam_kept, lam_selected, hyper, flags, mode == k.MODE_SGD.value)
+    else:
+        _run(launches, out, lam_kept, lam_selected, hyper, flags, mode == k.MODE_SGD.value)
     if not want_scores:
         return None
     sums = base.split_scores(out, layers)
     return [s / (l.view[0] * l.view[2]) for s, l in zip(sums, layers)]
 
 
+def _run(launches, out, lam_kept, lam_selected, hyper, flags, sgd: bool) -> None:
+    k = _kernels()
+    for launch in launches:
+        lk, ls, hyper_table = lam_kept, lam_selected, launch.hyper
+        if launch.select is not None:
+            lk, ls = lam_kept[launch.select], lam_selected[launch.select]
+        if isinstance(hyper, torch.Tensor):
+            hyper_table = hyper if launch.select is None else hyper[launch.select]
+        elif sgd:  # learning rates may change every step
+            hyper_table = _table(tuple(map(float, itertools.chain.from_iterable(hyper[i] for i in launch.idx))),
+                                 out.device, torch.float32)
+        k.launch(out, *launch.tables, lk, ls, hyper_table, launch.work, *flags, **launch.kwargs)
+
+
 @dataclasses.dataclass(frozen=True)
 class _Launch:
     idx: list            # the layers it walks
     select: torch.Tensor | None  # their indices as a device tensor when a subset (λ is per layer), else None
-    tables: tuple        # w, grad, momentum, kept and (xlam, xkeep, own) tables, dims, score offsets, work list
+    tables: tuple        # w, grad, momentum, kept, xlam, xkeep, own tables, dims, score offsets
+    work: torch.Tensor   # the work list
     hyper: torch.Tensor  # a placeholder (fused SGD reads its hyper-parameters every step)
     kwargs: dict         # the specialization
+    no_scores: torch.Tensor  # placeholders on the weights' device: the scores a launch without them
+    no_flag: torch.Tensor    # is given, a flag it does not read
+    on_cuda: bool
 
 
-def _prepared(layers, kept, buffers, cross, memo, **how) -> list[_Launch]:
+@dataclasses.dataclass(frozen=True)
+class _Cached:
+    anchor: object       # holding it keeps its id (the memo key) from being reused
+    cross: list | None   # SliceMap.cross returns a new list whenever it rebuilds its vectors
+    sources: tuple | None
+    state: bytes | tuple
+    launches: list
+
+
+def _prepared(layers, kept, buffers, cross, memo, anchor, how: tuple) -> list[_Launch]:
     """The launches of a step, rebuilt only when what they were built from changed (see
     :func:`_state`; a new gradient lands where the last one was, so steady-state steps reuse
     them). On a GPU the host, not the GPU, bounded a step (H200, ResNet-50: 42 µs of kernel time,
     77 µs of host code around it).
-    ``memo``: the caller's dict (one per GrowingReg, so nothing outlives it); None: no reuse."""
+    ``memo``: the caller's dict (one per GrowingReg, so nothing outlives it); None: no reuse.
+    ``anchor``: what stands for the layer set (default ``layers``; an op's layers are new
+    :class:`_Bound` objects every call, their weights and gradients its arguments).
+    ``how``: mode, want_scores, mask mode, skip flag, passes."""
     if memo is None:
-        return _prepare(layers, kept, buffers, cross, **how)
-    key = (id(layers), how["mode"], how["want_scores"], how["mask"],
-           tuple((r.start, r.stop) for r in how["passes"] or ()), cross is None)
-    state = _state(layers, kept, buffers, cross)
+        return _prepare(layers, kept, buffers, cross, *how)
+    anchor = layers if anchor is None else anchor
+    key = (id(anchor), how, cross is None)
     cached = memo.get(key)
-    if cached is not None and cached[0] is layers and cached[1] == state:
-        return cached[2]
-    launches = _prepare(layers, kept, buffers, cross, **how)
+    if (cached is not None and cached.anchor is anchor and cached.cross is cross
+            and _state(layers, kept, buffers, cached.sources) == cached.state):
+        return cached.launches
+    launches = _prepare(layers, kept, buffers, cross, *how)
+    sources = None if anchor is not layers else _sources(layers)
     if len(memo) >= 8:
         memo.clear()
-    memo[key] = (layers, state, launches)  # holding ``layers`` keeps its id from being reused
+    memo[key] = _Cached(anchor, cross, sources, _state(layers, kept, buffers, sources), launches)
     return launches
 
 
-def _state(layers, kept, buffers, cross) -> tuple:
-    """What a launch bakes in of the step's tensors, read as cheaply as it can be (the check runs
-    every step): parameters' addresses and dtypes (a parameter changes layout only by moving, as
-    ``module.to`` moves it), gradients' addresses and strides (torch refuses a gradient of another
-    dtype or shape), masks' addresses, momentum buffers' addresses and strides, the cross
-    vectors' list. A slice's rows or columns are a fixed part of its parameter, so the parameter's
-    state stands for the slice's."""
-    params = [l.param for l in layers]
-    grads = [p.grad for p in params]
-    return ([(p.data_ptr(), p.dtype) for p in params],
-            [None if g is None else (g.data_ptr(), g.stride()) for g in grads],
-            None if kept is None else [t.data_ptr() for t in kept],
-            None if buffers is None else [None if b is None else (b.data_ptr(), b.stride()) for b in buffers],
-            _Same(cross))
+def _sources(layers) -> tuple[list, list]:
+    """Where each layer's parameter is looked up every step: its module's parameter dict and name."""
+    return [l.module._parameters for l in layers], [l.tensor for l in layers]
 
 
-class _Same:
-    """Equal only to itself wrapping the same object: SliceMap.cross returns a new list whenever
-    it rebuilds its vectors, so the list's identity stands for their addresses (the memo holds
-    it, so its id is not reused)."""
-    __slots__ = ("obj",)
+def _state(layers, kept, buffers, sources) -> bytes | tuple:
+    """What a launch bakes in of the step's tensors (:func:`greg_fast.ops.launch_state`, one call):
+    parameters and their gradients as looked up in ``sources`` (a slice's rows or columns are a
+    fixed part of its parameter, so the parameter stands for the slice), masks, momentum buffers.
+    ``sources`` None: the layers are an op's :class:`_Bound` arguments, whose own weights and
+    gradients are what the launch walks."""
+    tensors = [] if kept is None else kept if type(kept) is list else list(kept)
+    if buffers is not None:
+        tensors = [*tensors, *buffers]
+    if sources is None:
+        return ops.launch_state([], [], [*tensors, *(l.weight for l in layers), *(l.grad for l in layers)])
+    return ops.launch_state(*sources, tensors)
 
-    def __init__(self, obj):
-        self.obj = obj
 
-    def __eq__(self, other) -> bool:
-        return isinstance(other, _Same) and other.obj is self.obj
-
-
-def _prepare(layers, kept, buffers, cross, *, mode, want_scores, mask, passes) -> list[_Launch]:
+def _prepare(layers, kept, buffers, cross, mode, want_scores, mask, skip, passes) -> list[_Launch]:
     k = _kernels()
     weights = [l.weight for l in layers]
     device = weights[0].device
@@ -260,8 +288,8 @@ def _prepare(layers, kept, buffers, cross, *, mode, want_scores, mask, passes) -
         raise _NeedsEager
     launches = []  # (dtype, granularity, layer indices), passes in order
     if cross is not None and len(dtypes) == 1:  # the passes in one launch (kernels/greg_step.py CROSS)
-        launches, passes = [(weights[0].dtype, _MERGED, list(range(len(layers))))], None
-    for span in passes or ([] if launches else [range(len(layers))]):
+        launches = [(weights[0].dtype, _MERGED, list(range(len(layers))))]
+    for span in [] if launches else base.pass_ranges(passes, len(layers)):
         kinds = {(weights[i].dtype, layers[i].granularity) for i in span}
         for dtype, granularity in kinds:  # one, unless a coupled plan mixes rows and columns
             launches.append((dtype, granularity, list(span) if len(kinds) == 1 else [
@@ -301,13 +329,15 @@ def _prepare(layers, kept, buffers, cross, *, mode, want_scores, mask, passes) -
                 momenta = _addresses_like(bufs, layouts, dtype)
                 addresses += momenta
                 m_table = _table(momenta, device)
-        prepared.append(_Launch(idx, select, (w_table, g_table, m_table, kept_table, x_tables, dims, offsets, work),
+        prepared.append(_Launch(idx, select, (w_table, g_table, m_table, kept_table, *x_tables, dims, offsets), work,
                                 hyper_table,
-                                dict(elem=_elem(dtype), mode=mode, mask=mask, want_scores=want_scores,
+                                dict(elem=_elem(dtype), mode=mode, mask=mask, skip=skip, want_scores=want_scores,
                                      packed=kept is not None and kept[idx[0]].dtype == torch.uint8,
                                      has_momentum=has_momentum, tiling=tiling,
                                      vec=_vec(runs_gcd, addresses, dtype.itemsize),
-                                     unit_b=granularity == _WEIGHT, strided=strided, cross=granularity == _MERGED)))
+                                     unit_b=granularity == _WEIGHT, strided=strided, cross=granularity == _MERGED),
+                                _placeholder(device, torch.float32), _placeholder(device, torch.bool),
+                                device.type == "cuda"))
     return prepared
 
 
@@ -319,15 +349,127 @@ def scores(layers) -> list[torch.Tensor]:
         return eager.scores(layers)
 
 
-def _step(batch: base.StepBatch, *, want_scores: bool, mask: bool):
+def _hyper(sgd: base.SGDArgs, device: torch.device):
+    """Per layer (lr, momentum, weight decay) as floats, or as an fp32 ``[n_layers, 3]`` device
+    tensor when any is a tensor (read by the kernel: no host sync)."""
+    if isinstance(sgd.lr, torch.Tensor):  # the op's table, passed on as its columns
+        return torch.stack((sgd.lr, sgd.momentum, sgd.weight_decay), 1)
+    values = (sgd.lr, sgd.momentum, sgd.weight_decay)
+    if any(isinstance(v, torch.Tensor) for col in values for v in col):
+        return ops.sgd_hyper(*values, device=device)
+    return list(zip(*values))
+
+
+def _step(batch: base.StepBatch, *, want_scores: bool, mask, anchor=None):
     k, sgd = _kernels(), batch.sgd
-    fused = {} if sgd is None else {"buffers": sgd.buffers, "hyper": list(zip(sgd.lr, sgd.momentum, sgd.weight_decay))}
+    fused = {} if sgd is None else {"buffers": sgd.buffers, "hyper": _hyper(sgd, batch.lam_kept.device),
+                                    "skip": sgd.skip}
     # one launch over rows and columns, except when scores are read while masking writes weights
-    cross = batch.cross if sgd is None and not (want_scores and mask) else None
+    cross = batch.cross if sgd is None and not (want_scores and mask is not False) else None
     return _launch(batch.layers, batch.kept, batch.lam_kept, batch.lam_selected,
                    mode=(k.MODE_PENALTY if sgd is None else k.MODE_SGD).value, want_scores=want_scores, mask=mask,
-                   passes=batch.pass_ranges() if batch.passes else None, cross=cross, memo=batch.memo, **fused)
+                   passes=batch.passes, cross=cross, memo=batch.memo, anchor=anchor,
+                   **fused)
 
 
-def step(batch: base.StepBatch, *, want_scores: bool, mask: bool):
+def step(batch: base.StepBatch, *, want_scores: bool, mask):
+    if isinstance(mask, torch.Tensor):  # a capturable schedule's step: through the registered op
+        return _op_step(batch, want_scores=want_scores, mask=mask)
     return base.run_all_first(_step, _NeedsEager, batch, want_scores=want_scores, mask=mask)
+
+
+# ---- the capturable step: one op that torch.compile sees (and a CUDA graph captures) ----
+# torch.library.triton_op would let inductor see the kernel, but its pointer tables hide the
+# tensors anyway, and the interpreter (CI) reads fake tensors' addresses under it; a custom op with
+# a fake kernel traces with no graph break and runs the same launch.
+_OP_KEY = "triton_op"
+_OP_LAYERS: "weakref.WeakValueDictionary[int, _OpLayers]" = weakref.WeakValueDictionary()
+_HANDLES = itertools.count()
+
+
+class _OpLayers:
+    """The static side of a capturable step (each layer's view, granularity and slice), found by the
+    op from a handle: an op takes tensors and numbers, not objects. Kept alive by the memo of the
+    GrowingReg that uses it; shared by its copies (nothing in it changes)."""
+
+    def __init__(self, layers):
+        self.layers = list(layers)
+        self.memo: dict = {}  # the op's launches, reused while its tensors stay where they were
+        self.handle = next(_HANDLES)
+        _OP_LAYERS[self.handle] = self
+
+    def __deepcopy__(self, memo) -> "_OpLayers":
+        return self
+
+
+class _Bound:
+    """A layer whose weight and gradient are the tensors the op was given (under torch.compile the
+    op may be given copies of the parameters, written back after it)."""
+    __slots__ = ("layer", "weight", "grad")
+
+    def __init__(self, layer, weight: torch.Tensor, grad: torch.Tensor | None):
+        self.layer, self.weight, self.grad = layer, weight, grad
+
+    @property
+    def param(self) -> torch.Tensor:
+        return self.weight
+
+    def __getattr__(self, name):
+        return getattr(self.layer, name)
+
+
+def capture(layers, memo: dict) -> None:
+    """Register ``layers`` for capturable steps that keep ``memo`` (before any is compiled)."""
+    memo[_OP_KEY] = _OpLayers(layers)
+
+
+@torch.library.custom_op("greg_fast::triton_step_", mutates_args=("weights", "grads", "buffers", "scores"))
+def _step_op(weights: list[torch.Tensor], grads: list[torch.Tensor], buffers: list[torch.Tensor],
+             kept: list[torch.Tensor], lam_kept: torch.Tensor, lam_selected: torch.Tensor, hyper: torch.Tensor,
+             mask: torch.Tensor, skip: torch.Tensor, scores: torch.Tensor, handle: int, fused: bool,
+             passes: list[int]) -> None:
+    """One step of the registered layers ``handle`` (see :func:`_op_step`); mean group scores into
+    ``scores`` unless it is empty. A missing gradient is an empty tensor; ``buffers`` is empty
+    without momentum."""
+    static = _OP_LAYERS[handle]
+    layers = [_Bound(l, w, g if g.numel() or not w.numel() else None)
+              for l, w, g in zip(static.layers, weights, grads)]
+    sgd = None
+    if fused:
+        sgd = base.SGDArgs(buffers or [None] * len(layers), hyper[:, 0], hyper[:, 1], hyper[:, 2], skip=skip)
+    batch = base.StepBatch(layers, kept, lam_kept, lam_selected, sgd, passes=tuple(passes), memo=static.memo)
+    native = functools.partial(_step, anchor=static.layers)
+    out = base.run_all_first(native, _NeedsEager, batch, want_scores=scores.numel() > 0, mask=mask)
+    if out is not None:
+        torch.cat(out, out=scores)
+
+
+@_step_op.register_fake
+def _(weights, grads, buffers, kept, lam_kept, lam_selected, hyper, mask, skip, scores, handle, fused, passes):
+    return None
+
+
+def _op_step(batch: base.StepBatch, *, want_scores: bool, mask: torch.Tensor):
+    """``step`` through the op: every tensor it reads or writes is an argument, so the compiler
+    orders it and functionalizes its writes."""
+    static = batch.memo.get(_OP_KEY) if batch.memo is not None else None
+    if static is None:  # not registered ahead (a direct call): fine eagerly, not under a compile
+        static = _OpLayers(batch.layers)
+    device = batch.lam_kept.device
+    weights = [l.weight for l in batch.layers]
+    grads = [torch.empty(0, dtype=w.dtype, device=device) if l.grad is None else l.grad
+             for l, w in zip(batch.layers, weights)]
+    sgd = batch.sgd
+    buffers, hyper, skip = [], torch.empty((0, 3), device=device), ops.flag(False, device)
+    if sgd is not None:
+        if any(b is not None for b in sgd.buffers):
+            if any(b is None for b in sgd.buffers):
+                raise ValueError("fused SGD on the triton backend needs momentum on all or none of the layers")
+            buffers = list(sgd.buffers)
+        hyper = ops.sgd_hyper(sgd.lr, sgd.momentum, sgd.weight_decay, device=device)
+        skip = ops.flag(sgd.skip, device)
+    n = sum(l.n_groups for l in batch.layers) if want_scores else 0
+    scores = torch.empty(n, dtype=torch.float32, device=device)
+    _step_op(weights, grads, buffers, list(batch.kept), batch.lam_kept, batch.lam_selected, hyper, mask, skip,
+             scores, static.handle, sgd is not None, list(batch.passes))
+    return base.split_scores(scores, batch.layers) if want_scores else None
