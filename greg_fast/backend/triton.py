@@ -187,9 +187,9 @@ def _launch(layers, kept, lam_kept, lam_selected, *, mode, want_scores, mask, bu
     flags = (mask.reshape(1) if from_flag else first.no_flag, skip.reshape(1) if skip_flag else first.no_flag)
     out = first.no_scores
     if want_scores:
-        out = torch.zeros(sum(l.n_groups for l in layers), dtype=torch.float32, device=first.no_flag.device)
-    if first.on_cuda:  # triton launches on the current device: make it the weights'
-        with torch.cuda.device(first.no_flag.device):
+        out = torch.zeros(sum(l.n_groups for l in layers), dtype=torch.float32, device=first.device)
+    if first.device.type == "cuda":  # triton launches on the current device: make it the weights'
+        with torch.cuda.device(first.device):
             _run(launches, out, lam_kept, lam_selected, hyper, flags, mode == k.MODE_SGD.value)
     else:
         _run(launches, out, lam_kept, lam_selected, hyper, flags, mode == k.MODE_SGD.value)
@@ -223,7 +223,7 @@ class _Launch:
     kwargs: dict         # the specialization
     no_scores: torch.Tensor  # placeholders on the weights' device: the scores a launch without them
     no_flag: torch.Tensor    # is given, a flag it does not read
-    on_cuda: bool
+    device: torch.device
 
 
 @dataclasses.dataclass(frozen=True)
@@ -336,8 +336,7 @@ def _prepare(layers, kept, buffers, cross, mode, want_scores, mask, skip, passes
                                      has_momentum=has_momentum, tiling=tiling,
                                      vec=_vec(runs_gcd, addresses, dtype.itemsize),
                                      unit_b=granularity == _WEIGHT, strided=strided, cross=granularity == _MERGED),
-                                _placeholder(device, torch.float32), _placeholder(device, torch.bool),
-                                device.type == "cuda"))
+                                _placeholder(device, torch.float32), _placeholder(device, torch.bool), device))
     return prepared
 
 
