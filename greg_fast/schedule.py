@@ -14,10 +14,12 @@ accumulated rounding and a resumed run continues bit for bit.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence
 
 import torch
+import torch.distributed._functional_collectives as funcol
 
 from .hyper import Hyper
 from .masks import kept_bool, pack_bits
@@ -34,16 +36,17 @@ def _reached(value: float, threshold: float) -> bool:
 
 def _from_rank0(*tensors: torch.Tensor) -> None:
     """Under torch.distributed, make every rank hold rank 0's decisions (selections, finished
-    layers, smoothed ratios): identical by construction, guaranteed regardless of rounding."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+    layers, smoothed ratios): identical by construction, guaranteed regardless of rounding. One
+    broadcast for all of them, a functional collective so that a compiled step traces it."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return
-    if torch.distributed.get_world_size() == 1:
-        return
-    for t in tensors:
-        wire = t.to(torch.uint8) if t.dtype == torch.bool else t  # not every backend sends bool
-        torch.distributed.broadcast(wire, src=0)
-        if wire is not t:
-            t.copy_(wire.bool())
+    dtype = functools.reduce(torch.promote_types, (t.dtype for t in tensors))
+    dtype = torch.uint8 if dtype == torch.bool else dtype  # not every backend sends bool
+    wire = torch.cat([t.reshape(-1).to(dtype) for t in tensors])
+    wire = funcol.broadcast(wire, 0, dist.group.WORLD)
+    for t, part in zip(tensors, wire.split([t.numel() for t in tensors])):
+        t.copy_(part.view(t.shape))
 
 
 class Schedule:
@@ -382,7 +385,6 @@ class DeviceSchedule(Schedule):
         for layer, kept, s in zip(self.layers, self.kept, scores):  # fixed shapes: sort, then the n_prune lowest
             chosen = torch.ones_like(kept).index_fill(0, torch.sort(s, stable=True).indices[:layer.n_prune], False)
             kept.copy_(torch.where(pick_now, chosen, kept))
-        _from_rank0(self.kept_flat)
         counting = update & (self._t("_picked") == 1)
         active = counting & ~self._finished
         over_ceiling = torch.maximum(self.lam_selected, self.lam_kept) > h["ceiling"]
@@ -393,7 +395,7 @@ class DeviceSchedule(Schedule):
         if self.method == "greg1":
             strong = strong.all().expand_as(strong)
         self._finished |= active & (over_ceiling | strong)
-        _from_rank0(self._finished, self._hist)
+        _from_rank0(self.kept_flat, self._finished, self._hist)  # one broadcast a step: rank 0's state
         stabilize = counting & self._finished.all()
         phase, it = self._t("phase"), self._t("iteration")
         phase.copy_(torch.where(stabilize, PHASES.index("stabilize"), phase))

@@ -35,13 +35,14 @@ def global_batches():
     return [(torch.randn(16, 3, 6, 6, generator=g), torch.randint(0, 5, (16,), generator=g)) for _ in range(4)]
 
 
-def train(model, greg, batches, rank=0, world=1):
+def train(model, greg, batches, rank=0, world=1, step=None):
+    step = step or greg.step
     for i in range(STEPS):
         x, y = batches[i % len(batches)]
         part = slice(rank * len(y) // world, (rank + 1) * len(y) // world)
         greg.zero_grad()
         nn.functional.cross_entropy(model(x[part]), y[part]).backward()
-        greg.step()
+        step()
 
 
 def build(method):
@@ -51,24 +52,27 @@ def build(method):
     return net, plan
 
 
-def worker(rank, world, init_file, method, out_dir):
+def worker(rank, world, init_file, method, compiled, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         net, plan = build(method)
         ddp = nn.parallel.DistributedDataParallel(net)
         opt = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
-        greg = gf.GrowingReg(opt, plan, method=method, **HYPER)
-        train(ddp, greg, global_batches(), rank, world)
+        greg = gf.GrowingReg(opt, plan, method=method, capturable=compiled, **HYPER)
+        step = torch.compile(greg.step, fullgraph=True) if compiled else None
+        train(ddp, greg, global_batches(), rank, world, step)
         torch.save({"state": net.state_dict(), "masks": greg.masks(), "phase": greg.phase},
                    os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("method", ["greg1", "greg2"])
-def test_two_gloo_ranks_agree_with_one_process_over_the_global_batch(tmp_path, method):
-    mp.spawn(worker, args=(2, str(tmp_path / "init"), method, str(tmp_path)), nprocs=2, join=True)
+@pytest.mark.parametrize("method,compiled", [("greg1", False), ("greg2", False), ("greg2", True)])
+def test_two_gloo_ranks_agree_with_one_process_over_the_global_batch(tmp_path, method, compiled):
+    """compiled: a capturable GrowingReg's step under torch.compile(fullgraph=True), its device
+    schedule taking rank 0's decisions through a functional collective (one broadcast a step)."""
+    mp.spawn(worker, args=(2, str(tmp_path / "init"), method, compiled, str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     net, plan = build(method)
     opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
