@@ -96,12 +96,17 @@ def test_kernel_matches_eager_on_random_shapes(backend, granularity, dtype, op, 
 @pytest.mark.parametrize("layout,dtype", [("odd", torch.float32), ("aligned", torch.bfloat16)])
 def test_mask_and_skip_flags_read_on_the_device_match_eager(backend, granularity, fused, layout, dtype):
     """A capturable step's mask and skip are 0-d tensors the kernel reads (triton: through its
-    registered op), never the host: every combination of their values against eager's."""
+    registered op), never the host: every combination of their values against eager's. In the odd
+    layout a float64 layer (which the kernels do not take) goes to eager inside the step, so the
+    others' per-layer hyper-parameters must follow them into the split."""
     device = DEVICE[backend]
     module = {"cpp": cpp, "triton": triton_backend}[backend]
     for mask_on, skip_on in ((False, False), (True, False), (False, True), (True, True)):
         mask, skip = torch.tensor(mask_on, device=device), torch.tensor(skip_on, device=device)
         layers = [fake_layer(s, granularity, dtype, device, sp) for s, sp in SHAPES[layout][granularity]]
+        if layout == "odd":
+            shape, spatial = SHAPES[layout][granularity][0]
+            layers.insert(1, fake_layer(shape, granularity, torch.float64, device, spatial))
         kept = [torch.rand(l.n_groups, device=device) < 0.6 for l in layers]
         if granularity == "weight":
             kept = [gf.masks.pack_bits(k) for k in kept]
@@ -111,7 +116,9 @@ def test_mask_and_skip_flags_read_on_the_device_match_eager(backend, granularity
         if fused:
             bufs = [torch.randn_like(l.weight) for l in layers]
             ref_bufs = [b.clone() for b in bufs]
-            hyper = ([0.1] * len(layers), [0.9] * len(layers), [1e-3] * len(layers))
+            n = len(layers)
+            hyper = ([0.05 * (i + 1) for i in range(n)], [0.9 - 0.1 * i for i in range(n)],
+                     [1e-3 * (i + 1) for i in range(n)])
             sgd = (SGDArgs(bufs, *hyper, skip=skip), SGDArgs(ref_bufs, *hyper, skip=skip))
         got = module.step(StepBatch(layers, kept, *lam, sgd[0]), want_scores=True, mask=mask)
         want = eager.step(StepBatch(ref, kept, *lam, sgd[1]), want_scores=True, mask=mask)

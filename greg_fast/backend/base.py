@@ -34,6 +34,7 @@ class SGDArgs:
     momentum: Sequence[float | torch.Tensor]
     weight_decay: Sequence[float | torch.Tensor]
     skip: torch.Tensor | bool = False
+    table: torch.Tensor | None = None  # the same values as one fp32 [n_layers, 3] device tensor, if held so
 
 
 @dataclass(slots=True)  # built every step: slots, not frozen (a frozen init costs twice as much)
@@ -74,7 +75,8 @@ class StepBatch:
         sel = torch.tensor(idx, device=self.lam_kept.device)
         sgd = None if self.sgd is None else SGDArgs(*([getattr(self.sgd, f)[i] for i in idx]
                                                       for f in ("buffers", "lr", "momentum", "weight_decay")),
-                                                    skip=self.sgd.skip)
+                                                    skip=self.sgd.skip,
+                                                    table=None if self.sgd.table is None else self.sgd.table[sel])
         # the same order, each pass keeping the chosen layers it had
         passes = tuple(n for n in (sum(i in r for i in idx) for r in self.pass_ranges()) if n) if self.passes else ()
         return replace(self, layers=[self.layers[i] for i in idx], kept=[self.kept[i] for i in idx],

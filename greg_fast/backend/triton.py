@@ -351,8 +351,8 @@ def scores(layers) -> list[torch.Tensor]:
 def _hyper(sgd: base.SGDArgs, device: torch.device):
     """Per layer (lr, momentum, weight decay) as floats, or as an fp32 ``[n_layers, 3]`` device
     tensor when any is a tensor (read by the kernel: no host sync)."""
-    if isinstance(sgd.lr, torch.Tensor):  # the op's table, passed on as its columns
-        return torch.stack((sgd.lr, sgd.momentum, sgd.weight_decay), 1)
+    if sgd.table is not None:
+        return sgd.table
     values = (sgd.lr, sgd.momentum, sgd.weight_decay)
     if any(isinstance(v, torch.Tensor) for col in values for v in col):
         return ops.sgd_hyper(*values, device=device)
@@ -435,7 +435,7 @@ def _step_op(weights: list[torch.Tensor], grads: list[torch.Tensor], buffers: li
               for l, w, g in zip(static.layers, weights, grads)]
     sgd = None
     if fused:
-        sgd = base.SGDArgs(buffers or [None] * len(layers), hyper[:, 0], hyper[:, 1], hyper[:, 2], skip=skip)
+        sgd = base.SGDArgs(buffers or [None] * len(layers), *hyper.unbind(1), skip=skip, table=hyper.contiguous())
     batch = base.StepBatch(layers, kept, lam_kept, lam_selected, sgd, passes=tuple(passes), memo=static.memo)
     native = functools.partial(_step, anchor=static.layers)
     out = base.run_all_first(native, _NeedsEager, batch, want_scores=scores.numel() > 0, mask=mask)
