@@ -321,6 +321,7 @@ class GrowingReg(torch.optim.Optimizer):
         self._grad_members = [[l.granularity != "weight" and id(t) not in penalized for t, _ in pairs]
                               for l, pairs in zip(self.layers, members)]
         self._all_finite = torch.ones((), dtype=torch.bool, device=self.device)
+        self._map.kept(self.schedule.kept, self.schedule.version)  # its in-place buffers, before any compile
         if hasattr(self.backend, "capture"):  # what the backend's op needs registered before a compile
             self.backend.capture(self.slices, self._backend_memo)
         if self.nan_guard:  # fused SGD skipped on its first step leaves its new momentum buffer unset (torch
@@ -409,8 +410,11 @@ class GrowingReg(torch.optim.Optimizer):
         s, m = self.schedule, self._map
         kept = m.kept(s.kept, s.version)
         lam_kept, lam_selected = m.per_slice(s.lam_kept32), m.per_slice(s.lam_selected32)
-        return StepBatch(self.slices, kept, lam_kept, lam_selected, sgd, passes=m.passes,
-                         cross=m.cross(kept, lam_kept, lam_selected) if sgd is None else None, memo=self._backend_memo)
+        # no cross tables under a capturable schedule: its steps always score while they may mask,
+        # which runs the passes one after the other (see greg_fast.backend.triton)
+        cross = m.cross(kept, lam_kept, lam_selected) if sgd is None and not self.capturable else None
+        return StepBatch(self.slices, kept, lam_kept, lam_selected, sgd, passes=m.passes, cross=cross,
+                         memo=self._backend_memo)
 
     def apply_penalty(self) -> None:
         """Update λ when due, then ``grad += λ_g * w`` (once pruned: zero the removed groups'

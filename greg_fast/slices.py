@@ -11,6 +11,7 @@ step, which updates parameters, not penalties), rows of a penalized parameter th
 """
 from __future__ import annotations
 
+import itertools
 from typing import Callable, Sequence
 
 import torch
@@ -80,10 +81,26 @@ class SliceMap:
         if self.identity:
             return list(unit_kept)
         if not self.cache:
-            return self.by_channel(unit_kept, filler=True)
+            return self._kept_in_place(unit_kept)
         if version != self._version:
             self._kept = self.by_channel(unit_kept, filler=True)
             self._version = version
+        return self._kept
+
+    def _kept_in_place(self, unit_kept: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """:meth:`kept` for a capturable schedule, whose masks change on the device: gathered anew
+        every step, into buffers that stay where they are (a cached launch bakes in their addresses,
+        a captured graph writes them), with two small kernels rather than one per slice."""
+        if not self._kept:
+            sizes = [k.numel() for k in unit_kept]
+            starts = list(itertools.accumulate(sizes, initial=0))  # the last: a True for the fillers
+            self._gather_src = torch.ones(starts[-1] + 1, dtype=torch.bool, device=self.unit_index.device)
+            self._gather_idx = torch.cat([c + starts[u] if u < len(sizes) else torch.full_like(c, starts[-1])
+                                          for u, c in zip(self._unit_of, self.channels)])
+            self._kept_flat = torch.empty(len(self._gather_idx), dtype=torch.bool, device=self._gather_src.device)
+            self._kept = list(self._kept_flat.split([len(c) for c in self.channels]))
+        torch.cat(list(unit_kept), out=self._gather_src[:-1])
+        torch.index_select(self._gather_src, 0, self._gather_idx, out=self._kept_flat)
         return self._kept
 
     def by_channel(self, per_unit: Sequence[torch.Tensor], filler) -> list[torch.Tensor]:

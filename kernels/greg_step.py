@@ -202,14 +202,39 @@ def _greg_step_kernel(
 
 def launch(scores, w_table, g_table, m_table, kept_table, xlam_table, xkeep_table, own_table, dims, score_off,
            lam_kept, lam_sel, hyper, work, mask_flag, skip_flag, *, elem, mode, mask, want_scores, packed,
-           has_momentum, tiling, vec, unit_b, strided, cross=False, skip=False, num_warps=4):
+           has_momentum, tiling, vec, unit_b, strided, cross=False, skip=False, num_warps=4) -> "Direct | None":
     """One launch over the whole work list (``work``: int64 [programs, 4]; ``tiling``: BLOCK_G,
     BLOCK_B, A_STEP, B_STEP; ``mask``: MASK_OFF, MASK_ON or MASK_FROM_FLAG, read from ``mask_flag``;
-    ``skip``: read ``skip_flag``)."""
+    ``skip``: read ``skip_flag``). Returns the compiled specialization as a :class:`Direct` for the
+    launches after it (None under the interpreter, or where Triton's runner is not the one checked)."""
     block_g, block_b, a_step, b_step = tiling
-    _greg_step_kernel[(work.shape[0],)](
+    constexprs = dict(ELEM=elem, MODE=mode, MASK=mask, SCORES=want_scores, PACKED=packed, HAS_MOMENTUM=has_momentum,
+                      BLOCK_G=block_g, BLOCK_B=block_b, A_STEP=a_step, B_STEP=b_step, VEC=vec, UNIT_B=unit_b,
+                      STRIDED=strided, CROSS=cross, SKIP_FLAG=skip)
+    grid = (work.shape[0],)
+    compiled = _greg_step_kernel[grid](
         scores, w_table, g_table, m_table, kept_table, xlam_table, xkeep_table, own_table, dims, score_off, lam_kept,
-        lam_sel, hyper, work, mask_flag, skip_flag, ELEM=elem,
-        MODE=mode, MASK=mask, SCORES=want_scores, PACKED=packed, HAS_MOMENTUM=has_momentum, BLOCK_G=block_g,
-        BLOCK_B=block_b, A_STEP=a_step, B_STEP=b_step, VEC=vec, UNIT_B=unit_b, STRIDED=strided, CROSS=cross,
-        SKIP_FLAG=skip, num_warps=num_warps)
+        lam_sel, hyper, work, mask_flag, skip_flag, **constexprs, num_warps=num_warps)
+    return Direct(compiled, grid, constexprs) if compiled is not None and _RUNNER_CHECKED else None
+
+
+# Triton 3.8's CompiledKernel[grid] runner takes every argument of the signature in order
+# (constexprs included, which the launcher skips): checked in its jit.py and nvidia driver.py.
+_RUNNER_CHECKED = tuple(map(int, triton.__version__.split(".")[:2])) == (3, 8)
+
+
+class Direct:
+    """A compiled specialization with its grid and constexprs bound: ``direct(*tensors)`` launches
+    it through the compiled kernel's own runner, without what Triton's ``kernel[grid](...)`` does
+    first (bind the arguments, compute the specialization key, look up the cache; several µs with
+    this many arguments). Valid only for tensors like the ones it was compiled for: the same
+    dtypes and the same 16-byte alignment (the caller checks what may change between launches)."""
+    __slots__ = ("_run", "_constexprs")
+
+    def __init__(self, compiled, grid: tuple, constexprs: dict):
+        names = _greg_step_kernel.arg_names
+        self._constexprs = tuple(constexprs[n] for n in names[names.index("ELEM"):])
+        self._run = compiled[grid]  # the runner: current device's current stream at each call
+
+    def __call__(self, *tensors) -> None:
+        self._run(*tensors, *self._constexprs)

@@ -159,7 +159,7 @@ SCHEDULE = dict(delta=0.2, interval=2, ceiling=0.5, stabilize=3, pick_delta=0.1,
 
 
 def run(backend, granularity, method, fused, steps=16, dtype=torch.float32, device="cpu", ratio=0.5,
-        channels_last=False):
+        channels_last=False, capturable=False):
     torch.manual_seed(0)
     net = SmallNet().to(device=device, dtype=dtype)
     if channels_last:
@@ -167,7 +167,7 @@ def run(backend, granularity, method, fused, steps=16, dtype=torch.float32, devi
     plan = gf.plan(net, ratio, granularity=granularity, example_inputs=torch.zeros(1, 3, 6, 6, device=device,
                                                                                     dtype=dtype))
     opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
-    greg = gf.GrowingReg(opt, plan, method=method, backend=backend, fused=fused, **SCHEDULE)
+    greg = gf.GrowingReg(opt, plan, method=method, backend=backend, fused=fused, capturable=capturable, **SCHEDULE)
     phases = []
     batches = [(x.to(device, dtype), y.to(device)) for x, y in make_batches()]
     for i in range(steps):
@@ -319,6 +319,74 @@ def test_triton_rebuilds_its_launches_when_tensors_move_or_change_layout(fused):
         nets[backend] = net
     for a, b in zip(nets["eager"].parameters(), nets["triton"].parameters()):
         torch.testing.assert_close(b.detach().cpu(), a.detach().cpu(), rtol=1e-5, atol=1e-6)
+
+
+class _CompiledStandIn:
+    """What Triton gives greg_step.Direct (a CompiledKernel), running the interpreted kernel: its
+    runner takes the whole signature positionally, constexprs included, as Triton 3.8's does."""
+
+    def __init__(self, jit):
+        self.jit = jit
+
+    def __getitem__(self, grid):
+        def runner(*args, stream=None):
+            names = self.jit.kernel.arg_names
+            assert len(args) == len(names)
+            self.jit.counts["direct"] += 1
+            self.jit.kernel[grid](**dict(zip(names, args)))
+        return runner
+
+
+class _JitStandIn:
+    """greg_step's jitted kernel as on a GPU: a launch returns the compiled kernel."""
+
+    def __init__(self, kernel):
+        self.kernel, self.arg_names, self.counts = kernel, kernel.arg_names, {"full": 0, "direct": 0}
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.counts["full"] += 1
+            self.kernel[grid](*args, **kwargs)
+            return _CompiledStandIn(self)
+        return launch
+
+
+@pytest.mark.parametrize("fused,capturable", [(False, False), (True, False), (True, True)])
+def test_cached_launches_call_the_compiled_kernel_directly_and_match_eager(fused, capturable, monkeypatch):
+    """On a GPU a cached launch calls the compiled kernel it got from its first launch, given the
+    step's λ, hyper-parameters, scores and flags anew; a per-step tensor aligned otherwise than the
+    one it was compiled for goes through Triton's full launch again."""
+    if "triton" not in BACKENDS:
+        pytest.skip("triton unavailable")
+    from greg_fast.kernels import greg_step
+    jit = _JitStandIn(greg_step._greg_step_kernel)
+    monkeypatch.setattr(greg_step, "_greg_step_kernel", jit)
+    monkeypatch.setattr(greg_step, "_RUNNER_CHECKED", True)
+    nets, phases = [], set()
+    for backend in ("eager", "triton"):
+        torch.manual_seed(0)
+        net = SmallNet()
+        plan = gf.plan(net, 0.5, example_inputs=torch.zeros(1, 3, 6, 6))
+        opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
+        greg = gf.GrowingReg(opt, plan, method="greg2", backend=backend, fused=fused and backend == "triton",
+                             capturable=capturable and backend == "triton", **SCHEDULE)
+        for x, y in make_batches() * 5:
+            phases.add(greg.phase)
+            greg.zero_grad(set_to_none=False)  # gradients stay where they are, as on a GPU
+            nn.functional.cross_entropy(net(x), y).backward()
+            greg.step()
+        nets.append(net)
+    assert {"pick", "grow", "stabilize", "done"} <= phases
+    assert jit.counts["direct"] > 3 * jit.counts["full"] > 0
+    for a, b in zip(*(n.parameters() for n in nets)):
+        torch.testing.assert_close(b.detach(), a.detach(), rtol=1e-5, atol=1e-6)
+    layers = [fake_layer(s, "filter", torch.float32, DEVICE["triton"], sp) for s, sp in SHAPES["odd"]["filter"]]
+    kept = [torch.ones(l.n_groups, dtype=torch.bool) for l in layers]
+    memo, lam = {}, torch.full((len(layers) + 1,), 0.1)
+    for lam_now in (lam[:-1], lam[:-1], lam[1:]):  # the last one 4 bytes into its storage
+        full = jit.counts["full"]
+        triton_backend.step(StepBatch(layers, kept, lam_now, lam_now, memo=memo), want_scores=False, mask=False)
+    assert jit.counts["full"] == full + 1
 
 
 @pytest.mark.parametrize("reader", ["C++", "Python"])

@@ -210,7 +210,19 @@ def _run(launches, out, lam_kept, lam_selected, hyper, flags, sgd: bool) -> None
         elif sgd:  # learning rates may change every step
             hyper_table = _table(tuple(map(float, itertools.chain.from_iterable(hyper[i] for i in launch.idx))),
                                  out.device, torch.float32)
-        k.launch(out, *launch.tables, lk, ls, hyper_table, launch.work, *flags, **launch.kwargs)
+        tensors = (out, *launch.tables, lk, ls, hyper_table, launch.work, *flags)
+        direct, spec = launch.direct
+        if direct is not None and spec == _spec(out, lk, ls, hyper_table, *flags):
+            direct(*tensors)
+        else:  # the first launch, or the per-step tensors changed what the kernel was compiled for
+            direct = k.launch(*tensors, **launch.kwargs)
+            launch.direct[:] = direct, None if direct is None else _spec(out, lk, ls, hyper_table, *flags)
+
+
+def _spec(*tensors) -> tuple:
+    """What Triton specializes a pointer on: dtype and 16-byte alignment (of the tensors a cached
+    launch is given anew each step; its tables stay put)."""
+    return tuple((t.dtype, t.data_ptr() % 16 == 0) for t in tensors)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,6 +236,8 @@ class _Launch:
     no_scores: torch.Tensor  # placeholders on the weights' device: the scores a launch without them
     no_flag: torch.Tensor    # is given, a flag it does not read
     device: torch.device
+    # the compiled kernel to call directly (greg_step.Direct, on a GPU) and the _spec it was built for
+    direct: list = dataclasses.field(default_factory=lambda: [None, None])
 
 
 @dataclasses.dataclass(frozen=True)
