@@ -24,8 +24,8 @@ CROSS (penalties of a coupled group with penalize="group") takes a parameter's r
 column slices in one launch, although they share entries: a grid has no barrier, so a shared entry
 belongs to the row's program, which adds the column's λ after the row's (the order of eager's two
 passes) and keeps it only if both are kept; a column program skips the rows a row slice owns.
-A capturable step decides on the device: MASK_FROM_FLAG reads whether to mask from memory (unset:
-every group counts as kept by the masked writes), and SKIP_FLAG makes MODE_SGD write nothing when
+A capturable step decides on the device: MASK_FROM_FLAG reads whether to mask from memory and runs
+the masked or the plain body accordingly (both compiled into the one kernel), and SKIP_FLAG makes MODE_SGD write nothing when
 its flag is set (a non-finite step), so one launch, or one captured graph, serves every step.
 """
 import triton
@@ -51,25 +51,13 @@ def _aligned(address, ELEM: tl.constexpr, VEC: tl.constexpr):
 
 
 @triton.jit
-def _greg_step_kernel(
-    scores_ptr,                      # fp32 [sum G], zeroed: per-group sum |w| (atomics)
-    w_table, g_table, m_table,       # int64 [L]: addresses of weights, grads, momentum buffers
-    kept_table,                      # int64 [L]: addresses of bool masks [G] (PACKED: uint8 bits [G/8])
-    xlam_table, xkeep_table,         # int64 [L] (CROSS): a row slice's fp32 λ and int8 kept per B position
-                                     # (its parameter's penalized columns), or 0
-    own_table,                       # int64 [L] (CROSS): a column slice's int8 flags per row of A, set
-                                     # where a row slice of the launch owns the row, or 0
-    dims_ptr,                        # int64 [L, 4]: A, G, B, and the stride of A (G·B, or more for columns)
-    score_off_ptr,                   # int64 [L]: offset of the layer's groups in scores
-    lam_kept_ptr, lam_sel_ptr,       # fp32 [L]
-    hyper_ptr,                       # fp32 [L, 3]: lr, momentum, weight decay (MODE_SGD)
-    work_ptr,                        # int64 [programs, 4]: layer, g0, a0, b0
-    mask_flag_ptr, skip_flag_ptr,    # bool [1] (MASK_FROM_FLAG; SKIP_FLAG: MODE_SGD writes nothing when set)
-    ELEM: tl.constexpr, MODE: tl.constexpr, MASK: tl.constexpr, SCORES: tl.constexpr, PACKED: tl.constexpr,
-    HAS_MOMENTUM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_B: tl.constexpr, A_STEP: tl.constexpr,
-    B_STEP: tl.constexpr, VEC: tl.constexpr, UNIT_B: tl.constexpr, STRIDED: tl.constexpr, CROSS: tl.constexpr,
-    SKIP_FLAG: tl.constexpr,
-):
+def _step_body(scores_ptr, w_table, g_table, m_table, kept_table, xlam_table, xkeep_table, own_table, dims_ptr,
+               score_off_ptr, lam_kept_ptr, lam_sel_ptr, hyper_ptr, work_ptr, skip_flag_ptr,
+               ELEM: tl.constexpr, MODE: tl.constexpr, MASK: tl.constexpr, SCORES: tl.constexpr,
+               PACKED: tl.constexpr, HAS_MOMENTUM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_B: tl.constexpr,
+               A_STEP: tl.constexpr, B_STEP: tl.constexpr, VEC: tl.constexpr, UNIT_B: tl.constexpr,
+               STRIDED: tl.constexpr, CROSS: tl.constexpr, SKIP_FLAG: tl.constexpr):
+    """The kernel's work with MASK decided (MASK_OFF or MASK_ON); arguments as the kernel's."""
     pid = tl.program_id(0).to(tl.int64)
     layer = tl.load(work_ptr + pid * 4)
     g0 = tl.multiple_of(tl.load(work_ptr + pid * 4 + 1), BLOCK_G)
@@ -98,9 +86,6 @@ def _greg_step_kernel(
             kept_ptr = tl.load(kept_table + layer).to(tl.pointer_type(tl.int8))
             kept = tl.load(kept_ptr + offs_g, mask=g_in, other=1) != 0
         lam = tl.where(kept, tl.load(lam_kept_ptr + layer), tl.load(lam_sel_ptr + layer))
-        if MASK == MASK_FROM_FLAG:  # flag not set: every group counts as kept by the masked writes below
-            unmasked = tl.load(mask_flag_ptr) == 0
-            kept = kept | unmasked
         if CROSS:  # MODE_PENALTY over a parameter's rows and columns in one launch
             x_address = tl.load(xlam_table + layer)
             has_x = x_address != 0
@@ -152,8 +137,6 @@ def _greg_step_kernel(
                         b_in = (offs_b < B) & has_x
                         xlam = tl.load(xlam_ptr + offs_b, mask=b_in, other=0.0)
                         xkeep = tl.load(xkeep_ptr + offs_b, mask=b_in, other=1) != 0
-                        if MASK == MASK_FROM_FLAG:
-                            xkeep = xkeep | unmasked
                         keep = keep & xkeep[None, :]
                         mine = inside & free
                         touched = (touched | (inside & (xlam != 0.0)[None, :])) & free
@@ -198,6 +181,47 @@ def _greg_step_kernel(
     if SCORES:
         off = tl.load(score_off_ptr + layer)
         tl.atomic_add(scores_ptr + off + offs_g, acc, mask=g_in)
+
+
+@triton.jit
+def _greg_step_kernel(
+    scores_ptr,                      # fp32 [sum G], zeroed: per-group sum |w| (atomics)
+    w_table, g_table, m_table,       # int64 [L]: addresses of weights, grads, momentum buffers
+    kept_table,                      # int64 [L]: addresses of bool masks [G] (PACKED: uint8 bits [G/8])
+    xlam_table, xkeep_table,         # int64 [L] (CROSS): a row slice's fp32 λ and int8 kept per B position
+                                     # (its parameter's penalized columns), or 0
+    own_table,                       # int64 [L] (CROSS): a column slice's int8 flags per row of A, set
+                                     # where a row slice of the launch owns the row, or 0
+    dims_ptr,                        # int64 [L, 4]: A, G, B, and the stride of A (G·B, or more for columns)
+    score_off_ptr,                   # int64 [L]: offset of the layer's groups in scores
+    lam_kept_ptr, lam_sel_ptr,       # fp32 [L]
+    hyper_ptr,                       # fp32 [L, 3]: lr, momentum, weight decay (MODE_SGD)
+    work_ptr,                        # int64 [programs, 4]: layer, g0, a0, b0
+    mask_flag_ptr, skip_flag_ptr,    # bool [1] (MASK_FROM_FLAG; SKIP_FLAG: MODE_SGD writes nothing when set)
+    ELEM: tl.constexpr, MODE: tl.constexpr, MASK: tl.constexpr, SCORES: tl.constexpr, PACKED: tl.constexpr,
+    HAS_MOMENTUM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_B: tl.constexpr, A_STEP: tl.constexpr,
+    B_STEP: tl.constexpr, VEC: tl.constexpr, UNIT_B: tl.constexpr, STRIDED: tl.constexpr, CROSS: tl.constexpr,
+    SKIP_FLAG: tl.constexpr,
+):
+    # MASK_FROM_FLAG: the flag picks the masked or the plain body at run time (both compiled), so
+    # that each keeps the registers of its host-mode specialization (one body that masked by a
+    # loaded flag needed more: ptxas spilled 8 bytes on sm_90 and sm_80)
+    if MASK == MASK_FROM_FLAG:
+        if tl.load(mask_flag_ptr) != 0:
+            _step_body(scores_ptr, w_table, g_table, m_table, kept_table, xlam_table, xkeep_table, own_table,
+                       dims_ptr, score_off_ptr, lam_kept_ptr, lam_sel_ptr, hyper_ptr, work_ptr, skip_flag_ptr,
+                       ELEM, MODE, MASK_ON, SCORES, PACKED, HAS_MOMENTUM, BLOCK_G, BLOCK_B, A_STEP, B_STEP, VEC,
+                       UNIT_B, STRIDED, CROSS, SKIP_FLAG)
+        else:
+            _step_body(scores_ptr, w_table, g_table, m_table, kept_table, xlam_table, xkeep_table, own_table,
+                       dims_ptr, score_off_ptr, lam_kept_ptr, lam_sel_ptr, hyper_ptr, work_ptr, skip_flag_ptr,
+                       ELEM, MODE, MASK_OFF, SCORES, PACKED, HAS_MOMENTUM, BLOCK_G, BLOCK_B, A_STEP, B_STEP, VEC,
+                       UNIT_B, STRIDED, CROSS, SKIP_FLAG)
+    else:
+        _step_body(scores_ptr, w_table, g_table, m_table, kept_table, xlam_table, xkeep_table, own_table,
+                   dims_ptr, score_off_ptr, lam_kept_ptr, lam_sel_ptr, hyper_ptr, work_ptr, skip_flag_ptr,
+                   ELEM, MODE, MASK, SCORES, PACKED, HAS_MOMENTUM, BLOCK_G, BLOCK_B, A_STEP, B_STEP, VEC,
+                   UNIT_B, STRIDED, CROSS, SKIP_FLAG)
 
 
 def launch(scores, w_table, g_table, m_table, kept_table, xlam_table, xkeep_table, own_table, dims, score_off,
