@@ -239,12 +239,13 @@ def launch(scores, w_table, g_table, m_table, kept_table, xlam_table, xkeep_tabl
     compiled = _greg_step_kernel[grid](
         scores, w_table, g_table, m_table, kept_table, xlam_table, xkeep_table, own_table, dims, score_off, lam_kept,
         lam_sel, hyper, work, mask_flag, skip_flag, **constexprs, num_warps=num_warps)
-    return Direct(compiled, grid, constexprs) if compiled is not None and _RUNNER_CHECKED else None
+    return Direct(compiled, grid, constexprs) if compiled is not None and DIRECT_OK else None
 
 
 # Triton 3.8's CompiledKernel[grid] runner takes every argument of the signature in order
 # (constexprs included, which the launcher skips): checked in its jit.py and nvidia driver.py.
-_RUNNER_CHECKED = tuple(map(int, triton.__version__.split(".")[:2])) == (3, 8)
+# Other versions, or a runner that refuses the arguments once, get the full launch.
+DIRECT_OK = tuple(map(int, triton.__version__.split(".")[:2])) == (3, 8)
 
 
 class Direct:

@@ -330,6 +330,8 @@ class _CompiledStandIn:
 
     def __getitem__(self, grid):
         def runner(*args, stream=None):
+            if self.jit.refuse:  # as a launcher built for another signature would
+                raise TypeError(f"function takes exactly {len(args) - 1} arguments ({len(args)} given)")
             names = self.jit.kernel.arg_names
             assert len(args) == len(names)
             self.jit.counts["direct"] += 1
@@ -342,6 +344,7 @@ class _JitStandIn:
 
     def __init__(self, kernel):
         self.kernel, self.arg_names, self.counts = kernel, kernel.arg_names, {"full": 0, "direct": 0}
+        self.refuse = False
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
@@ -361,7 +364,7 @@ def test_cached_launches_call_the_compiled_kernel_directly_and_match_eager(fused
     from greg_fast.kernels import greg_step
     jit = _JitStandIn(greg_step._greg_step_kernel)
     monkeypatch.setattr(greg_step, "_greg_step_kernel", jit)
-    monkeypatch.setattr(greg_step, "_RUNNER_CHECKED", True)
+    monkeypatch.setattr(greg_step, "DIRECT_OK", True)
     nets, phases = [], set()
     for backend in ("eager", "triton"):
         torch.manual_seed(0)
@@ -387,6 +390,27 @@ def test_cached_launches_call_the_compiled_kernel_directly_and_match_eager(fused
         full = jit.counts["full"]
         triton_backend.step(StepBatch(layers, kept, lam_now, lam_now, memo=memo), want_scores=False, mask=False)
     assert jit.counts["full"] == full + 1
+
+
+def test_a_runner_that_refuses_the_arguments_is_left_for_the_full_launch(monkeypatch):
+    if "triton" not in BACKENDS:
+        pytest.skip("triton unavailable")
+    from greg_fast.kernels import greg_step
+    jit = _JitStandIn(greg_step._greg_step_kernel)
+    jit.refuse = True
+    monkeypatch.setattr(greg_step, "_greg_step_kernel", jit)
+    monkeypatch.setattr(greg_step, "DIRECT_OK", True)
+    layers = [fake_layer(s, "filter", torch.float32, DEVICE["triton"], sp) for s, sp in SHAPES["odd"]["filter"]]
+    ref = clone_layers(layers)
+    kept = [torch.rand(l.n_groups) < 0.6 for l in layers]
+    lam, memo = torch.rand(len(layers)), {}
+    with pytest.warns(UserWarning, match="full launch from now on"):
+        for _ in range(3):
+            triton_backend.step(StepBatch(layers, kept, lam, lam * 2, memo=memo), want_scores=False, mask=False)
+            eager.step(StepBatch(ref, kept, lam, lam * 2), want_scores=False, mask=False)
+    assert not greg_step.DIRECT_OK and jit.counts == {"full": 3, "direct": 0}
+    for l, r in zip(layers, ref):
+        torch.testing.assert_close(l.weight.grad, r.weight.grad, **TOL[torch.float32])
 
 
 @pytest.mark.parametrize("reader", ["C++", "Python"])

@@ -121,7 +121,7 @@ def test_a_coupled_group_plan_steps_like_the_host(backend):
 
 @pytest.mark.parametrize("backend,method,fused,net_cls", [
     ("cpp", "greg1", True, SmallNet), ("cpp", "greg2", False, SmallNet),
-    ("triton", "greg1", True, SmallNet), ("triton", "greg2", False, Residual)])
+    ("triton", "greg1", True, SmallNet), ("triton", "greg2", False, Residual), ("eager", "greg2", True, Residual)])
 def test_the_step_compiles_into_one_graph_in_every_phase_and_equals_eager(backend, method, fused, net_cls):
     """fullgraph and no recompile as the phase changes (its hyper-parameters stay fixed). A
     compiled fused optimizer cannot take found_inf, so the inner SGD here is foreach."""

@@ -14,6 +14,7 @@ import itertools
 import math
 import operator
 import os
+import warnings
 import weakref
 
 import torch
@@ -213,10 +214,16 @@ def _run(launches, out, lam_kept, lam_selected, hyper, flags, sgd: bool) -> None
         tensors = (out, *launch.tables, lk, ls, hyper_table, launch.work, *flags)
         direct, spec = launch.direct
         if direct is not None and spec == _spec(out, lk, ls, hyper_table, *flags):
-            direct(*tensors)
-        else:  # the first launch, or the per-step tensors changed what the kernel was compiled for
-            direct = k.launch(*tensors, **launch.kwargs)
-            launch.direct[:] = direct, None if direct is None else _spec(out, lk, ls, hyper_table, *flags)
+            try:
+                direct(*tensors)
+                continue
+            except TypeError as err:  # the launcher refused the arguments (before launching anything)
+                warnings.warn(f"greg_fast: calling the compiled Triton kernel directly failed ({err}); "
+                              "using Triton's full launch from now on")
+                k.DIRECT_OK = False
+        # the first launch, or the per-step tensors changed what the kernel was compiled for
+        direct = k.launch(*tensors, **launch.kwargs)
+        launch.direct[:] = direct, None if direct is None else _spec(out, lk, ls, hyper_table, *flags)
 
 
 def _spec(*tensors) -> tuple:
