@@ -21,6 +21,26 @@ def test_step(benchmark, name, workload, device, records):
     records.append(rec)
 
 
+@pytest.mark.parametrize("name", ["triton", "greg_fused_sgd"])
+def test_full_triton_launch(benchmark, name, workload, device, records, monkeypatch):
+    """test_step's triton providers with Triton's full ``kernel[grid](...)`` launch every step
+    instead of the cached compiled kernel called directly: the direct launch's same-run baseline."""
+    if device.type != "cuda":
+        pytest.skip("GPU only: the interpreter compiles nothing to call directly")
+    reason = bench.unavailable(name, device, workload)
+    if reason:
+        pytest.skip(reason)
+    from greg_fast.kernels import greg_step
+    monkeypatch.setattr(greg_step, "DIRECT_OK", False)
+    fn = bench.provider(name, workload)
+    calls = bench.calls_per_round(fn, device)
+    benchmark.pedantic(bench.repeated(fn, calls, device), rounds=20, warmup_rounds=3, iterations=1)
+    rec = bench.record(workload, name, benchmark.stats.stats.median / calls)
+    rec["provider"] += ", full Triton launch"
+    benchmark.extra_info.update(rec)
+    records.append(rec)
+
+
 @pytest.mark.parametrize("name", ["eager", "triton", "torch_sgd", "greg_fused_sgd"])
 def test_kernel_time(name, workload, device, records):
     """The same steps' GPU kernel time alone (torch.profiler): wall time far above it means the
