@@ -367,15 +367,17 @@ def test_cached_launches_call_the_compiled_kernel_directly_and_match_eager(fused
     jit = _JitStandIn(greg_step._greg_step_kernel)
     monkeypatch.setattr(greg_step, "_greg_step_kernel", jit)
     monkeypatch.setattr(greg_step, "DIRECT_OK", True)
+    device = DEVICE["triton"]
     nets, phases = [], set()
     for backend in ("eager", "triton"):
         torch.manual_seed(0)
-        net = SmallNet()
-        plan = gf.plan(net, 0.5, example_inputs=torch.zeros(1, 3, 6, 6))
+        net = SmallNet().to(device)
+        plan = gf.plan(net, 0.5, example_inputs=torch.zeros(1, 3, 6, 6, device=device))
         opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
         greg = gf.GrowingReg(opt, plan, method="greg2", backend=backend, fused=fused and backend == "triton",
                              capturable=capturable and backend == "triton", **SCHEDULE)
         for x, y in make_batches() * 5:
+            x, y = x.to(device), y.to(device)
             phases.add(greg.phase)
             greg.zero_grad(set_to_none=False)  # gradients stay where they are, as on a GPU
             nn.functional.cross_entropy(net(x), y).backward()
@@ -385,9 +387,9 @@ def test_cached_launches_call_the_compiled_kernel_directly_and_match_eager(fused
     assert jit.counts["direct"] > 3 * jit.counts["full"] > 0
     for a, b in zip(*(n.parameters() for n in nets)):
         torch.testing.assert_close(b.detach(), a.detach(), rtol=1e-5, atol=1e-6)
-    layers = [fake_layer(s, "filter", torch.float32, DEVICE["triton"], sp) for s, sp in SHAPES["odd"]["filter"]]
-    kept = [torch.ones(l.n_groups, dtype=torch.bool) for l in layers]
-    memo, lam = {}, torch.full((len(layers) + 1,), 0.1)
+    layers = [fake_layer(s, "filter", torch.float32, device, sp) for s, sp in SHAPES["odd"]["filter"]]
+    kept = [torch.ones(l.n_groups, dtype=torch.bool, device=device) for l in layers]
+    memo, lam = {}, torch.full((len(layers) + 1,), 0.1, device=device)
     for lam_now in (lam[:-1], lam[:-1], lam[1:]):  # the last one 4 bytes into its storage
         full = jit.counts["full"]
         triton_backend.step(StepBatch(layers, kept, lam_now, lam_now, memo=memo), want_scores=False, mask=False)
@@ -402,10 +404,11 @@ def test_a_runner_that_refuses_the_arguments_is_left_for_the_full_launch(monkeyp
     jit.refuse = True
     monkeypatch.setattr(greg_step, "_greg_step_kernel", jit)
     monkeypatch.setattr(greg_step, "DIRECT_OK", True)
-    layers = [fake_layer(s, "filter", torch.float32, DEVICE["triton"], sp) for s, sp in SHAPES["odd"]["filter"]]
+    device = DEVICE["triton"]
+    layers = [fake_layer(s, "filter", torch.float32, device, sp) for s, sp in SHAPES["odd"]["filter"]]
     ref = clone_layers(layers)
-    kept = [torch.rand(l.n_groups) < 0.6 for l in layers]
-    lam, memo = torch.rand(len(layers)), {}
+    kept = [torch.rand(l.n_groups, device=device) < 0.6 for l in layers]
+    lam, memo = torch.rand(len(layers), device=device), {}
     with pytest.warns(UserWarning, match="full launch from now on"):
         for _ in range(3):
             triton_backend.step(StepBatch(layers, kept, lam, lam * 2, memo=memo), want_scores=False, mask=False)
