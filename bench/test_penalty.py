@@ -12,10 +12,15 @@ def test_step(benchmark, name, workload, device, records):
         reason = "GPU only (the interpreter is for tests, not timings)"
     if reason:
         pytest.skip(reason)
+    _time_step(benchmark, name, workload, device, records)
+
+
+def _time_step(benchmark, name, workload, device, records, suffix=""):
     fn = bench.provider(name, workload)
     calls = bench.calls_per_round(fn, device)
     benchmark.pedantic(bench.repeated(fn, calls, device), rounds=20, warmup_rounds=3, iterations=1)
     rec = bench.record(workload, name, benchmark.stats.stats.median / calls)
+    rec["provider"] += suffix
     rec["calls_per_round"] = calls
     benchmark.extra_info.update(rec)
     records.append(rec)
@@ -32,13 +37,7 @@ def test_full_triton_launch(benchmark, name, workload, device, records, monkeypa
         pytest.skip(reason)
     from greg_fast.kernels import greg_step
     monkeypatch.setattr(greg_step, "DIRECT_OK", False)
-    fn = bench.provider(name, workload)
-    calls = bench.calls_per_round(fn, device)
-    benchmark.pedantic(bench.repeated(fn, calls, device), rounds=20, warmup_rounds=3, iterations=1)
-    rec = bench.record(workload, name, benchmark.stats.stats.median / calls)
-    rec["provider"] += ", full Triton launch"
-    benchmark.extra_info.update(rec)
-    records.append(rec)
+    _time_step(benchmark, name, workload, device, records, suffix=", full Triton launch")
 
 
 @pytest.mark.parametrize("name", ["eager", "triton", "torch_sgd", "greg_fused_sgd"])

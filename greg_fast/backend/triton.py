@@ -343,9 +343,7 @@ def _prepare(layers, kept, buffers, cross, mode, want_scores, mask, skip, passes
                 select = _table(tuple(idx), device)  # cached: no blocking copy per step
         if mode == k.MODE_SGD.value:
             bufs = [buffers[i] for i in idx]
-            has_momentum = bufs[0] is not None
-            if any((b is not None) != has_momentum for b in bufs):
-                raise ValueError("fused SGD on the triton backend needs momentum on all or none of the layers")
+            has_momentum = _all_or_no_momentum(bufs)
             if has_momentum:
                 momenta = _addresses_like(bufs, layouts, dtype)
                 addresses += momenta
@@ -359,6 +357,14 @@ def _prepare(layers, kept, buffers, cross, mode, want_scores, mask, skip, passes
                                      unit_b=granularity == _WEIGHT, strided=strided, cross=granularity == _MERGED),
                                 _placeholder(device, torch.float32), _placeholder(device, torch.bool), device))
     return prepared
+
+
+def _all_or_no_momentum(buffers) -> bool:
+    """Whether the layers have momentum buffers (fused SGD here takes all of them or none)."""
+    has = [b is not None for b in buffers]
+    if any(has) and not all(has):
+        raise ValueError("fused SGD on the triton backend needs momentum on all or none of the layers")
+    return bool(has) and has[0]
 
 
 def scores(layers) -> list[torch.Tensor]:
@@ -482,9 +488,7 @@ def _op_step(batch: base.StepBatch, *, want_scores: bool, mask: torch.Tensor):
     sgd = batch.sgd
     buffers, hyper, skip = [], torch.empty((0, 3), device=device), ops.flag(False, device)
     if sgd is not None:
-        if any(b is not None for b in sgd.buffers):
-            if any(b is None for b in sgd.buffers):
-                raise ValueError("fused SGD on the triton backend needs momentum on all or none of the layers")
+        if _all_or_no_momentum(sgd.buffers):
             buffers = list(sgd.buffers)
         hyper = ops.sgd_hyper(sgd.lr, sgd.momentum, sgd.weight_decay, device=device)
         skip = ops.flag(sgd.skip, device)
