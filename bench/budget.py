@@ -26,9 +26,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 from zoo import build  # noqa: E402
 
 import greg_fast as gf  # noqa: E402
-from greg_fast import bench  # noqa: E402
+from greg_fast import bench, timing  # noqa: E402
 from greg_fast import budget as budgets  # noqa: E402
 from greg_fast.plan import count_flops  # noqa: E402
+from greg_fast.slices import plan_scores  # noqa: E402
 from greg_fast.table import format_table  # noqa: E402
 
 MODELS = ("resnet18", "resnet50", "mobilenet_v2", "efficientnet_b0", "regnet_y_400mf", "densenet121",
@@ -48,7 +49,7 @@ def run_model(name: str, target: str, size: int, batch: int, round_tos: list[int
             start = time.perf_counter()
             plan = gf.plan(model, target={"flops": target}, allocation=allocation, round_to=round_to, example_inputs=x)
             plan_s = time.perf_counter() - start
-            scores = budgets.plan_scores(plan, plan.layers)
+            scores = plan_scores(plan, plan.layers)
             masks = budgets.selection(plan.layers, {l.name: l.n_prune for l in plan.layers}, scores)
             small, small_plan = copy.deepcopy((model, plan))
             gf.compact(small.eval(), masks, small_plan)  # verify=True: compacted == masked
@@ -119,11 +120,11 @@ def main(argv=None) -> int:
     for name in names:
         rows += run_model(name, args.target, args.size, args.batch, round_tos, args.seconds)
     device = torch.device("cpu")
-    slug = "".join(c if c.isalnum() else "-" for c in bench.device_name(device)).strip("-").lower()
+    slug = "".join(c if c.isalnum() else "-" for c in timing.device_name(device)).strip("-").lower()
     stem = f"budget-{slug}-{datetime.date.today().isoformat()}"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"target_flops": args.target, "size": args.size, "batch": args.batch, "device": bench.device_name(device),
+    meta = {"target_flops": args.target, "size": args.size, "batch": args.batch, "device": timing.device_name(device),
             "threads": torch.get_num_threads(), "torch": torch.__version__, "date": datetime.date.today().isoformat()}
     (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     text = table(rows)

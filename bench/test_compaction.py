@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import greg_fast as gf
-from greg_fast import bench, models
+from greg_fast import bench, models, timing
 
 X = torch.zeros(1, 3, 64, 64)
 _BASE = {}
@@ -55,11 +55,11 @@ def test_compaction(benchmark, model_name, provider, device, records):
 
     def timed(m, p):
         (theirs if provider == "torch_pruning" else ours)(m, p)
-        bench.synchronize(device)
+        timing.synchronize(device)
 
     benchmark.pedantic(timed, setup=fresh, rounds=5, warmup_rounds=1)
     seconds = benchmark.stats.stats.median
     rec = {"model": model_name, "provider": f"compact_{provider}", "seconds": seconds,
-           "device": bench.device_name(device), "date": datetime.date.today().isoformat()}
+           "device": timing.device_name(device), "date": datetime.date.today().isoformat()}
     benchmark.extra_info.update(rec)
     records.append(rec)

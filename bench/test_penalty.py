@@ -2,7 +2,7 @@
 greg_fast.bench). Records carry bytes moved, GB/s and the fraction of the copy bandwidth."""
 import pytest
 
-from greg_fast import bench
+from greg_fast import bench, timing
 
 
 @pytest.mark.parametrize("name", bench.PENALTY_PROVIDERS + bench.SGD_PROVIDERS)
@@ -17,8 +17,8 @@ def test_step(benchmark, name, workload, device, records):
 
 def _time_step(benchmark, name, workload, device, records, suffix=""):
     fn = bench.provider(name, workload)
-    calls = bench.calls_per_round(fn, device)
-    benchmark.pedantic(bench.repeated(fn, calls, device), rounds=20, warmup_rounds=3, iterations=1)
+    calls = timing.calls_per_round(fn, device)
+    benchmark.pedantic(timing.repeated(fn, calls, device), rounds=20, warmup_rounds=3, iterations=1)
     rec = bench.record(workload, name, benchmark.stats.stats.median / calls)
     rec["provider"] += suffix
     rec["calls_per_round"] = calls
@@ -49,7 +49,7 @@ def test_kernel_time(name, workload, device, records):
     reason = bench.unavailable(name, device, workload)
     if reason:
         pytest.skip(reason)
-    rec = bench.record(workload, name, bench.kernel_seconds(bench.provider(name, workload), device))
+    rec = bench.record(workload, name, timing.kernel_seconds(bench.provider(name, workload), device))
     rec["provider"] += bench.KERNELS
     records.append(rec)
 
@@ -71,7 +71,7 @@ def test_host_time(benchmark, state_reads, workload, device, records, monkeypatc
     if state_reads == "Python":
         monkeypatch.setattr(ops, "_C", None)
     calls = 200  # per round: a step's host code takes tens of µs, a round a few ms
-    benchmark.pedantic(bench.repeated(fn, calls, device), rounds=30, warmup_rounds=3, iterations=1)
+    benchmark.pedantic(timing.repeated(fn, calls, device), rounds=30, warmup_rounds=3, iterations=1)
     rec = bench.record(workload, "triton", benchmark.stats.stats.median / calls)
     rec["provider"] += bench.HOST + ("" if state_reads == "C++" else ", state read in Python")
     benchmark.extra_info.update(rec)

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 
 import greg_fast as gf
-from greg_fast import bench, models
+from greg_fast import bench, models, timing
 from greg_fast.plan import count_flops
 from greg_fast.table import format_table
 
@@ -147,7 +147,7 @@ def main(argv=None) -> int:
     args.models = args.models or ",".join(zoo)
     args.size = args.size or (160 if args.timm else 224)
     device = torch.device("cpu")
-    slug = "".join(c if c.isalnum() else "-" for c in bench.device_name(device)).strip("-").lower()
+    slug = "".join(c if c.isalnum() else "-" for c in timing.device_name(device)).strip("-").lower()
     stem = f"zoo{'-timm' if args.timm else ''}-{slug}-{datetime.date.today().isoformat()}"
     out = Path(args.out)
     earlier = out / f"{stem}.json"  # a run on some models updates today's table
@@ -168,7 +168,7 @@ def main(argv=None) -> int:
         print(json.dumps(row), flush=True)
         rows = [r for r in rows if r["model"] != name] + [row]
     rows.sort(key=lambda r: zoo.index(r["model"]) if r["model"] in zoo else len(zoo))
-    meta = {"ratio": args.ratio, "device": bench.device_name(device), "torch": torch.__version__,
+    meta = {"ratio": args.ratio, "device": timing.device_name(device), "torch": torch.__version__,
             "date": datetime.date.today().isoformat()}
     try:
         import torch_pruning

@@ -8,7 +8,9 @@ from .engine import GrowingReg
 from .schedule import PHASES
 from .hyper import METHODS, Hyper
 from .capture import UntraceableModelError
-from .plan import GRANULARITIES, LayerPlan, Plan, n_prune_for, plan, stage_ratios
+from .plan import plan, stage_ratios
+from .result import Plan
+from .units import GRANULARITIES, LayerPlan, n_prune_for
 
 __version__ = "0.1.0"
 __all__ = ["compact", "output_change", "load", "save", "GRANULARITIES", "METHODS", "PHASES", "GrowingReg", "Hyper", "LayerPlan", "Plan", "UntraceableModelError",

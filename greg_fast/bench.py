@@ -13,9 +13,7 @@ from __future__ import annotations
 import datetime
 import importlib.util
 import json
-import platform
 import statistics
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -27,60 +25,13 @@ from .backend import backends
 from .engine import GrowingReg
 from .plan import Plan, plan
 from .table import format_table
+from .timing import alternate, copy_bandwidth, device_name, ratio_spread, time_call
 
 MODELS = ("resnet56", "resnet50", "resnet152", "resnet50-coupled", "resnet50-coupled-group")
 COUPLED, GROUP = "-coupled", "-group"
 _LAYER_ONLY = ("reference", "foreach")  # written for the reference's per-layer λ
 PENALTY_PROVIDERS = ("reference", "eager", "foreach", "compile", "cpp", "triton", "torch_pruning")
 SGD_PROVIDERS = ("torch_sgd", "greg_fused_sgd")
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as fh:
-            model = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
-    except (OSError, StopIteration):
-        model = platform.processor() or platform.machine() or "cpu"
-    return f"{model} ({torch.get_num_threads()} threads)"
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def copy_bandwidth(device: torch.device, numel: int, dtype=torch.float32) -> float:
-    """Bytes per second of ``dst.copy_(src)``, counted STREAM-style as read + write of ``numel``
-    elements (the write-allocate read a CPU also does is not counted, so a kernel that only writes
-    what it has read can exceed 1.0 of it)."""
-    src = torch.randn(numel, device=device).to(dtype)
-    dst = torch.empty_like(src)
-    return 2 * src.numel() * src.element_size() / time_call(lambda: dst.copy_(src), device, rounds=10, warmup=2)
-
-
-def calls_per_round(fn: Callable[[], None], device: torch.device, target_s: float = 2e-3) -> int:
-    """How many back-to-back calls one timed round makes: 1 on the CPU; on a GPU enough to fill
-    ~2 ms, so that the round's one host sync (tens of µs) does not count against kernels that
-    themselves take tens of µs (ResNet-50's penalty step on an H100)."""
-    if device.type != "cuda":
-        return 1
-    fn()
-    synchronize(device)
-    start = time.perf_counter()
-    fn()
-    synchronize(device)
-    return max(1, min(1000, int(target_s / (time.perf_counter() - start))))
-
-
-def repeated(fn: Callable[[], None], calls: int, device: torch.device) -> Callable[[], None]:
-    """One timed round: ``calls`` calls of ``fn``, then a sync."""
-    def round_():
-        for _ in range(calls):
-            fn()
-        synchronize(device)
-    return round_
 
 
 @dataclass
@@ -240,20 +191,6 @@ def record(work: Workload, name: str, seconds: float) -> dict:
             "date": datetime.date.today().isoformat()}
 
 
-def time_call(fn: Callable[[], None], device: torch.device, rounds: int = 20, warmup: int = 3) -> float:
-    """Median seconds per call of ``fn`` (for ``greg-fast bench``; bench/ uses pytest-benchmark)."""
-    calls = calls_per_round(fn, device)
-    round_ = repeated(fn, calls, device)
-    times = []
-    for i in range(warmup + rounds):
-        synchronize(device)
-        t = time.perf_counter()
-        round_()
-        if i >= warmup:
-            times.append(time.perf_counter() - t)
-    return statistics.median(times) / calls
-
-
 def run_set(device: torch.device, model_names=MODELS, providers=PENALTY_PROVIDERS + SGD_PROVIDERS,
             progress: Callable[[str], None] = lambda s: None) -> list[dict]:
     """Every available provider on every workload; GPU-only providers are skipped on CPU."""
@@ -271,28 +208,6 @@ def run_set(device: torch.device, model_names=MODELS, providers=PENALTY_PROVIDER
 # Whole training steps (forward, backward, step): the model, its batch and image size.
 TRAIN_STEPS = {"resnet56": (64, 32), "resnet50": (8, 224)}
 TRAIN_PROVIDERS = ("train_sgd", "train_greg", "train_greg_fused")
-
-
-def alternate(calls: dict[str, Callable[[], None]], rounds: int, device: torch.device, warmup: int = 1
-              ) -> dict[str, list[float]]:
-    """Seconds of every call in every round, the calls taken in turn (one of each per round), so
-    that load on a shared machine hits all of them alike; the first ``warmup`` rounds are dropped."""
-    times = {name: [] for name in calls}
-    for i in range(warmup + rounds):
-        for name, fn in calls.items():
-            synchronize(device)
-            start = time.perf_counter()
-            fn()
-            synchronize(device)
-            if i >= warmup:
-                times[name].append(time.perf_counter() - start)
-    return times
-
-
-def ratio_spread(numerators: list[float], denominators: list[float]) -> tuple[float, list[float]]:
-    """Median and [10th, 90th percentile] of the per-round ratios."""
-    ratios = sorted(a / b for a, b in zip(numerators, denominators))
-    return statistics.median(ratios), [ratios[len(ratios) // 10], ratios[-1 - len(ratios) // 10]]
 
 
 def training_step_records(name: str, device: torch.device, rounds: int = 15) -> list[dict]:
@@ -339,23 +254,6 @@ _BASELINES = {"penalty": ("reference", "eager"), "sgd": ("torch_sgd",), "compact
 
 KERNELS = " (kernels)"  # a record of GPU kernel time alone: ``provider + KERNELS``
 HOST = " (host, no launch)"  # a record of our host code alone, the kernel launches stubbed out
-
-
-def kernel_seconds(fn: Callable[[], None], device: torch.device, calls: int = 20) -> float:
-    """GPU time per call of ``fn``: the durations of the kernels (and copies) it runs, read from
-    torch.profiler, without the host's share. Set beside the wall time of the same provider it
-    says whether a step is bound by the GPU or by the host launching it."""
-    from torch.profiler import ProfilerActivity, profile
-    fn()
-    synchronize(device)
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            fn()
-        synchronize(device)
-    gpu = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    if not gpu:
-        raise RuntimeError("torch.profiler recorded no GPU activity")
-    return sum(e.time_range.elapsed_us() for e in gpu) / calls / 1e6
 
 
 def kind(provider: str) -> str:

@@ -24,10 +24,13 @@ import math
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 import torch.nn as nn
+
+from .timing import alternate, ratio_spread, synchronize
+from .units import n_prune_for
 
 TARGET_KINDS = ("flops", "params", "latency")
 ALLOCATIONS = ("uniform", "global")
@@ -233,11 +236,16 @@ class Budget:
         return out
 
 
+Scorer = Callable[[object, Sequence], dict]  # (plan, units) -> each unit's group scores
+Compactor = Callable[[object, Mapping[str, torch.Tensor]], nn.Module]  # (plan, masks) -> a compacted copy
+
+
 def plan_to(plan, target: Target | None, allocation: str, max_ratio: float, round_to: int | None,
-            given: set[str]) -> None:
+            given: set[str], *, scorer: Scorer, compactor: Compactor) -> None:
     """Apply a target (and rounding) to a freshly built ``plan``: units in ``given`` keep the count
-    their ratio gave (rounded), the others are allocated."""
-    from .plan import n_prune_for  # plan imports this module
+    their ratio gave (rounded), the others are allocated. ``scorer`` gives group scores (a global
+    allocation, a latency probe's selection) and ``compactor`` a compacted copy to time: handed in by
+    the caller, which sits above both."""
     units = plan.layers
     if round_to:
         if units and all(u.n_groups <= round_to for u in units):
@@ -257,7 +265,7 @@ def plan_to(plan, target: Target | None, allocation: str, max_ratio: float, roun
     plan.budget = Budget(target, allocation, max_ratio, round_to, fixed=fixed, levels={
         u.name: levels(u.n_groups, n_prune_for(max_ratio, u.n_groups), round_to) for u in units
         if u.name not in given})
-    allocate(plan)
+    allocate(plan, scorer=scorer, compactor=compactor)
 
 
 def _fill(steps, cost, keep):
@@ -296,14 +304,16 @@ def shortest_prefix(n_steps: int, meets) -> int | None:
     return hi
 
 
-def allocate(plan, scores: Mapping[str, torch.Tensor] | None = None) -> dict[str, int]:
+def allocate(plan, scores: Mapping[str, torch.Tensor] | None = None, *, scorer: Scorer | None = None,
+             compactor: Compactor | None = None) -> dict[str, int]:
     """The counts that meet ``plan.budget`` with the fewest steps of its order, set on ``plan``.
     FLOPs and parameter targets are planned; a latency target is measured (:func:`_latency_prefix`)
-    once, and a re-allocation from later ``scores`` (global) meets its ``flops_keep``."""
+    once, and a re-allocation from later ``scores`` (global) meets its ``flops_keep``. Without
+    ``scores``, a global allocation and a latency search take them from ``scorer``."""
     budget = plan.budget
     units = [u for u in plan.layers if u.name in budget.levels]
-    if budget.allocation == "global" and scores is None:
-        scores = plan_scores(plan, units)
+    if scores is None and (budget.allocation == "global" or budget.goal()[0] == "latency"):
+        scores = scorer(plan, units)
     steps = budget.order(units, scores)
     n = len(steps[0])
     kind, keep = budget.goal()
@@ -315,7 +325,7 @@ def allocate(plan, scores: Mapping[str, torch.Tensor] | None = None) -> dict[str
         return kept_by(steps, k)
 
     if kind == "latency":
-        k = _latency_prefix(plan, units, steps, scores)
+        k = _latency_prefix(plan, units, steps, scores, compactor)
     else:
         steps, k = _fill(steps, lambda st, k: kept_by(st, k)[kind], keep)
         if k is None:
@@ -332,15 +342,6 @@ def allocate(plan, scores: Mapping[str, torch.Tensor] | None = None) -> dict[str
         budget.flops_keep = fractions["flops"]
     budget.achieved.update({f"{key}_kept": v for key, v in fractions.items()})
     return counts
-
-
-def plan_scores(plan, units: Sequence, penalize: str = "filters") -> dict[str, torch.Tensor]:
-    """Each unit's group scores (mean |w| of what GrowingReg penalizes) on the weights as they are."""
-    from .backend import module as backend_module
-    from .slices import SliceMap
-    device = units[0].weight.device if units else torch.device("cpu")
-    m = SliceMap(units, plan.module, penalize, device)
-    return dict(zip((u.name for u in units), m.unit_scores(backend_module("eager").scores(m.slices))))
 
 
 def selection(units: Sequence, counts: Mapping[str, int], scores: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -386,7 +387,6 @@ def measure_speedup(dense: nn.Module, pruned: nn.Module, inputs: tuple, seconds:
     """Dense and pruned timed in alternation (one call each per round, so that load on a shared
     machine hits both alike) for about ``seconds`` or for ``rounds`` rounds: median times and the
     median and 10th-90th percentile of the per-round speed-up."""
-    from .bench import alternate, ratio_spread, synchronize
     device = next(dense.parameters()).device
     calls = {"dense": lambda: dense(*inputs), "pruned": lambda: pruned(*inputs)}
     with torch.no_grad():
@@ -404,27 +404,19 @@ def measure_speedup(dense: nn.Module, pruned: nn.Module, inputs: tuple, seconds:
             "speedup": speedup, "speedup_p10_p90": spread, "rounds": rounds}
 
 
-def compacted_copy(plan, masks: Mapping[str, torch.Tensor]) -> nn.Module:
-    """A compacted copy of the planned model (the model itself is not touched)."""
-    from .compaction import compact
-    model, copied = copy.deepcopy((plan.module(""), plan))
-    return compact(model.eval(), masks, copied, verify=False)
-
-
-def _latency_prefix(plan, units, steps, scores, seconds: float = 1.0) -> int:
+def _latency_prefix(plan, units, steps, scores, compactor: Compactor, seconds: float = 1.0) -> int:
     """The shortest prefix whose compacted model is measured at least the target's speed-up
     faster than the dense one (bisection on measurements; each probe compacts a copy)."""
     budget = plan.budget
     goal = 1 / budget.target.keep
     inputs = batch_inputs(plan.example_inputs, budget.target.batch_size)
     dense = copy.deepcopy(plan.module("")).eval()
-    scores = scores if scores is not None else plan_scores(plan, units)
     probes = {}
 
     def measured(k):
         if k not in probes:
             masks = selection(units, budget.counts(units, steps, k), scores)
-            probes[k] = measure_speedup(dense, compacted_copy(plan, masks).eval(), inputs, seconds)
+            probes[k] = measure_speedup(dense, compactor(plan, masks).eval(), inputs, seconds)
         return probes[k]
 
     n = len(steps[0])

@@ -126,3 +126,19 @@ def describe(node: torch.fx.Node) -> str:
     if hasattr(target, "overloadpacket"):
         op = target.overloadpacket.__name__
     return f"{emitter(node)}: {op}"
+
+
+def model_arguments(example_inputs) -> tuple:
+    """``example_inputs`` as the tuple of the model's arguments: one tensor, or a tuple whose
+    entries are tensors or lists, tuples and dicts of them (a detector's list of images)."""
+    args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else example_inputs
+    if not isinstance(args, (tuple, list)):
+        raise TypeError("example_inputs must be a tensor or a tuple of the model's arguments (tensors, or "
+                        f"lists/tuples/dicts of tensors), got {type(example_inputs).__name__}")
+    leaves = torch.utils._pytree.tree_leaves(tuple(args))
+    odd = next((x for x in leaves if not isinstance(x, (torch.Tensor, int, float, bool, str, type(None)))), None)
+    if odd is not None or not any(isinstance(x, torch.Tensor) for x in leaves):
+        raise TypeError("example_inputs must be a tensor or a tuple of the model's arguments (tensors, or "
+                        "lists/tuples/dicts of tensors), got "
+                        + (f"a {type(odd).__name__} among them" if odd is not None else "no tensor"))
+    return tuple(args)

@@ -15,10 +15,10 @@ from .backend import ENV_VAR, auto_choice, backends
 from .hyper import METHODS, Hyper
 from . import bench
 from .budget import ALLOCATIONS, DEFAULT_MAX_RATIO, target_from_args
-from .plan import PENALIZE
+from .units import PENALIZE
 from .recipes import RECIPES, table as recipes_table
 from .train import resolve_device
-from .plan import GRANULARITIES
+from .units import GRANULARITIES
 
 # The demo: digits, a CIFAR ResNet, GReg-1 at 0.5 on the prunable layers, a schedule shortened from
 # the reference's (delta 1e-4 every 10 iterations up to 1, then 10k stabilize) to ~2 minutes on 2 cores.

@@ -11,8 +11,8 @@ import torch.nn as nn
 
 from .masks import apply_masks, check_masks
 from . import ops
-from .capture import LAYER_TYPES, NORM_TYPES, unwrap
-from .plan import Plan, model_arguments
+from .capture import LAYER_TYPES, NORM_TYPES, model_arguments, unwrap
+from .result import Plan
 
 def cuts(masks: Mapping[str, torch.Tensor], plan: Plan) -> dict[tuple[str, str], dict[int, torch.Tensor]]:
     """``{(module name, tensor name): {axis: kept indices}}`` implied by the masks: every member of
@@ -91,10 +91,9 @@ def compact(model: nn.Module, masks: Mapping[str, torch.Tensor], plan: Plan,
     compacted copy does not run), it raises, naming the output and the first module that differs,
     and nothing is touched. ``verify=False`` skips that (it needs two copies of the model).
     """
-    from .engine import GrowingReg  # lazy: the engine is not needed to compact
-    if isinstance(optimizer, GrowingReg):
-        raise ValueError("compact() got the GrowingReg wrapper as optimizer: its plan describes the model before "
-                         "compaction, so it cannot step the compacted one. Pass its inner optimizer "
+    if isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):  # a wrapper: GrowingReg, ...
+        raise ValueError(f"compact() got the {type(optimizer).__name__} wrapper as optimizer: its plan describes the "
+                         "model before compaction, so it cannot step the compacted one. Pass its inner optimizer "
                          "(optimizer=greg.optimizer, whose state is cut to match) and keep training with that")
     plan.check_model(model)
     plan_cuts = cuts(masks, plan)
@@ -282,3 +281,9 @@ def set_widths(module: nn.Module) -> None:
         module.num_channels = w.shape[0]
     elif isinstance(module, nn.LayerNorm) and w is not None:
         module.normalized_shape = (w.shape[0],)
+
+
+def compacted_copy(plan: Plan, masks: Mapping[str, torch.Tensor]) -> nn.Module:
+    """A compacted copy of the planned model (the model itself is not touched)."""
+    model, copied = copy.deepcopy((plan.module(""), plan))
+    return compact(model.eval(), masks, copied, verify=False)

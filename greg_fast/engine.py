@@ -14,14 +14,15 @@ from typing import Any, Callable
 
 import torch
 
-from .budget import allocate, plan_scores
+from .budget import allocate
 from .backend import SGDArgs, StepBatch, module as backend_module, resolve as resolve_backend
+from .guard import finite_grads, grads_finite
 from .hyper import Hyper
 from .masks import expand_groups, kept_bool, masked_tensors
-from .plan import PENALIZE, Plan, Slice
+from .result import Plan
+from .units import PENALIZE, Slice
 from .schedule import DeviceSchedule, Schedule
-from .slices import SliceMap
-from .train import finite_grads, grads_finite
+from .slices import SliceMap, plan_scores
 
 
 def _needs_closure(optimizer: torch.optim.Optimizer) -> bool:

@@ -40,6 +40,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .capture import LAYER_TYPES, describe, emitter, export, module_path
+from .units import MemberKey
 
 _NONE = -1  # an entry of no prunable channel
 
@@ -53,17 +54,6 @@ def rule(*names: str):
             RULES[name] = fn
         return fn
     return register
-
-
-@dataclass(frozen=True)
-class MemberKey:
-    """One axis of one tensor of one module: ``module.<tensor>`` along ``axis`` (``tensor`` is empty
-    for a norm that holds none: only its width follows)."""
-    module: str
-    tensor: str
-    axis: int
-    role: str     # "filter" (conv/linear rows), "bias", "norm", "input" (a consumer's columns), "param"
-    masked: bool  # zeroed at a removed channel so that the channel is exactly zero downstream
 
 
 @dataclass

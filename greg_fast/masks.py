@@ -11,7 +11,8 @@ from typing import Mapping
 import torch
 import torch.nn as nn
 
-from .plan import LayerPlan, Plan
+from .result import Plan
+from .units import LayerPlan
 
 
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:

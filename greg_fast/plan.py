@@ -2,21 +2,19 @@
 from __future__ import annotations
 
 import fnmatch
-import math
-from dataclasses import dataclass, field
-from typing import Callable, ClassVar, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .budget import ALLOCATIONS, DEFAULT_MAX_RATIO, check_round_to, check_timeable, parse_target, plan_to
-from .capture import LAYER_TYPES, unwrap
-from .groups import LayerDeps, MemberKey, analyze_groups, analyze_layers
-from .table import format_table
-
-GRANULARITIES = ("filter", "channel", "weight")
-
+from .capture import LAYER_TYPES, model_arguments, unwrap
+from .compaction import compacted_copy, compaction_error
+from .groups import LayerDeps, analyze_groups, analyze_layers
+from .result import Plan
+from .slices import plan_scores
+from .units import GRANULARITIES, LayerPlan, MemberKey, n_prune_for
 
 def _unread(name: str, modules: Mapping[str, nn.Module]) -> str:
     """Why a conv/linear that no op of the graph reads by its own name is not planned."""
@@ -26,137 +24,6 @@ def _unread(name: str, modules: Mapping[str, nn.Module]) -> str:
         return f"its weight is the same parameter as `{twin}.weight` (tied weights)"
     return "it does not run on the example inputs (no op of the captured graph reads its weight)"
 
-
-@dataclass(eq=False)
-class LayerPlan:
-    """One regularized unit: a layer, or with ``coupled`` a channel group of several tensors.
-
-    A layer's weight is viewed as ``[outer, n_groups, inner]``: a group is one index of the middle
-    axis (filter: ``[1, N, C*k]``; channel: ``[N, C, k]``; weight: ``[1, numel, 1]``). ``members``
-    maps every tensor axis that loses entries with a group to the positions of each group there,
-    int64 ``[n_groups, k]`` (structured plans; masks, compaction and cost read only these). A coupled
-    group's ``module`` and ``weight`` are its first producer's; what it regularizes is
-    :meth:`slices`.
-    """
-    name: str
-    module: nn.Module
-    granularity: str
-    n_groups: int
-    n_prune: int
-    ratio: float
-    view: tuple[int, int, int]
-    norms: list[str] = field(default_factory=list)      # BatchNorms cut with the filters
-    consumers: list[str] = field(default_factory=list)  # layers whose input channels are cut with them
-    producer: str | None = None                          # channel granularity: whose filters are cut too
-    members: dict[MemberKey, torch.Tensor] = field(default_factory=dict)
-    coupled: bool = False
-    approximate: str | None = None  # why cutting it changes what the model computes (approximate plans)
-    _slices: dict = field(default_factory=dict, repr=False)
-
-    @property
-    def weight(self) -> torch.Tensor:
-        # read every step: a dict lookup, not Module.__getattr__; always the module's current weight
-        return self.module._parameters["weight"]
-
-    @property
-    def grad(self) -> torch.Tensor | None:
-        return self.module._parameters["weight"].grad
-
-    param = weight  # the parameter a backend's slice belongs to (a layer is its own slice)
-    tensor: ClassVar[str] = "weight"  # its name in the module, as a Slice names its parameter
-
-    def part(self, t: torch.Tensor | None) -> torch.Tensor | None:
-        """A tensor shaped like the parameter (its momentum buffer), as this slice sees it: whole."""
-        return t
-
-    def slices(self, module_of: Callable[[str], nn.Module], penalize: str = "filters") -> list:
-        """What growing regularization penalizes and scores: the layer itself, or for a coupled
-        group runs of rows/columns of its parameters (:class:`Slice`): its producers' filter rows
-        (``penalize="filters"``), or every parameter entry it removes (``"group"``: consumers'
-        columns, biases, BatchNorm weight and bias, layer scales too)."""
-        if not self.coupled:
-            return [self]
-        if penalize not in self._slices:
-            self._slices[penalize] = _group_slices(self, module_of, penalize)
-        return self._slices[penalize]
-
-
-PENALIZE = ("filters", "group")
-
-
-@dataclass(eq=False)
-class Slice:
-    """Consecutive rows (``axis`` 0) or columns (1) of one parameter of a coupled group, seen by the
-    backends as a layer: ``weight`` and ``grad`` are those entries viewed as ``[outer, n_groups,
-    inner]``; ``channels`` gives the group channel of each row or column."""
-    name: str
-    module: nn.Module
-    tensor: str
-    axis: int
-    start: int
-    n_groups: int
-    channels: torch.Tensor
-    view: tuple[int, int, int]
-    granularity: str  # "filter" for rows, "channel" for columns: how the kernels tile it
-
-    @property
-    def param(self) -> torch.Tensor:
-        return self.module._parameters[self.tensor]
-
-    def part(self, t: torch.Tensor | None) -> torch.Tensor | None:
-        """This slice's entries of ``t``, a tensor shaped like the parameter (itself, its gradient,
-        its momentum buffer)."""
-        if t is None or (self.start == 0 and self.n_groups == t.shape[self.axis]):
-            return t
-        return t.narrow(self.axis, self.start, self.n_groups)
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.part(self.param)
-
-    @property
-    def grad(self) -> torch.Tensor | None:
-        return self.part(self.param.grad)
-
-
-def runs(positions: list[int]) -> list[tuple[int, int]]:
-    """Sorted positions -> maximal ``[start, end)`` runs of consecutive ones."""
-    out = []
-    for p in positions:
-        if out and out[-1][1] == p:
-            out[-1] = (out[-1][0], p + 1)
-        else:
-            out.append((p, p + 1))
-    return out
-
-
-def _group_slices(group: LayerPlan, module_of: Callable[[str], nn.Module], penalize: str) -> list[Slice]:
-    if penalize not in PENALIZE:
-        raise ValueError(f"penalize must be one of {PENALIZE}, got {penalize!r}")
-    out = []
-    for key, positions in group.members.items():
-        module = module_of(key.module)
-        p = module._parameters.get(key.tensor) if key.tensor else None
-        if p is None or (key.role != "filter" if penalize == "filters" else key.axis > 1):
-            continue
-        channel_of = torch.full((p.shape[key.axis],), -1, dtype=torch.int64)
-        channel_of[positions] = torch.arange(positions.shape[0]).view(-1, 1).expand_as(positions)
-        for a, b in runs((channel_of >= 0).nonzero().view(-1).tolist()):
-            outer = 1 if key.axis == 0 else p.shape[0]
-            inner = p[0].numel() if key.axis == 0 and p.dim() > 1 else (
-                math.prod(p.shape[2:]) if key.axis == 1 else 1)
-            whole = a == 0 and b == p.shape[key.axis]
-            where = "" if whole else f"[{'' if key.axis == 0 else ':, '}{a}:{b}]"
-            out.append(Slice(f"{key.module}.{key.tensor}{where}", module,
-                             key.tensor, key.axis, a, b - a, channel_of[a:b].clone(), (outer, b - a, inner),
-                             "filter" if key.axis == 0 else "channel"))
-    return out
-
-
-def n_prune_for(ratio: float, n_groups: int) -> int:
-    """``min(ceil(ratio * n_groups), n_groups - 1)``: never a whole layer. The tolerance keeps
-    float products such as 0.55 * 100 = 55.000000000000007 from rounding up to 56."""
-    return max(0, min(math.ceil(ratio * n_groups - 1e-9), n_groups - 1))
 
 
 def _check_ratio(ratio: float, what: str) -> float:
@@ -203,157 +70,6 @@ def _group_view(module: nn.Module, granularity: str, input_spatial: int) -> tupl
     return (1, w.numel(), 1)
 
 
-class Plan:
-    """The result of :func:`plan`: ``layers`` (regularized, in execution order) and ``excluded``
-    (``{name: reason}``); ``print(plan)`` shows the table with parameter and FLOP totals."""
-
-    def __init__(self, model: nn.Module, layers: list[LayerPlan], excluded: dict[str, str],
-                 layer_flops: dict[str, int], total_flops: int, example_inputs: tuple = ()):
-        self.model_class = type(model).__name__
-        self.example_inputs = example_inputs  # what compact(verify=True) runs through the model
-        self.layers = layers
-        self.excluded = excluded
-        self._layer_flops = layer_flops
-        self.total_flops = total_flops
-        self.total_params = sum(p.numel() for p in model.parameters())
-        self._modules = dict(model.named_modules())
-        self._shapes = {l.name: tuple(l.weight.shape) for l in layers}
-        self._cost = self._compute_cost()  # of the model as planned, whatever happens to it later
-        self.compacted = False  # set by compact(): the plan then describes the model as it was
-        self.budget = None      # a target's allocation rules (greg_fast.budget.Budget), if planned to one
-
-    def __iter__(self):
-        return iter(self.layers)
-
-    def __len__(self) -> int:
-        return len(self.layers)
-
-    def __getitem__(self, name: str) -> LayerPlan:
-        for layer in self.layers:
-            if layer.name == name:
-                return layer
-        raise KeyError(name)
-
-    def module(self, name: str) -> nn.Module:
-        return self._modules[name]
-
-    def check_model(self, model: nn.Module) -> None:
-        """Raise unless the planned layers are modules of ``model`` (not of a copy or another model)
-        and the model has not been compacted since."""
-        self.check_current()
-        model = unwrap(model)
-        for layer in self.layers:
-            try:
-                found = model.get_submodule(layer.name.split("#")[0])
-            except AttributeError:
-                found = None
-            if found is not layer.module:
-                raise ValueError(f"the plan was built for another model: layer {layer.name!r} of the "
-                                 f"plan ({self.model_class}) is not a module of this "
-                                 f"{type(model).__name__}; build the plan from this model")
-
-    def check_current(self) -> None:
-        if self.compacted:
-            raise ValueError("this plan describes the model before compaction (its groups are gone): "
-                             "build a new plan from the compacted model")
-
-    @property
-    def pruned(self) -> list[LayerPlan]:
-        """Layers that lose at least one group."""
-        return [l for l in self.layers if l.n_prune > 0]
-
-    def cost(self) -> dict[str, int]:
-        """Parameters and FLOPs (``torch.utils.flop_counter``, one example input) before and after
-        removing the planned groups (of the model as planned). A layer's FLOPs shrink with its
-        weight's kept entries (rows times columns)."""
-        return dict(self._cost)
-
-    def _compute_cost(self) -> dict[str, int]:
-        removed_params, removed_flops = self._removed(self.pruned)
-        return {"params_before": self.total_params,
-                "params_after": self.total_params - round(removed_params),
-                "flops_before": self.total_flops,
-                "flops_after": self.total_flops - round(removed_flops)}
-
-    def set_counts(self, counts: Mapping[str, int]) -> None:
-        """Give the named units new counts of removed groups (an allocation); costs follow."""
-        self.check_current()
-        for l in self.layers:
-            if l.name in counts:
-                l.n_prune = int(counts[l.name])
-                l.ratio = l.n_prune / l.n_groups
-        self._cost = self._compute_cost()
-
-    def kept_fraction(self, counts: Mapping[str, int]) -> dict[str, float]:
-        """The fractions of the model's FLOPs and parameters kept if the units lose ``counts``
-        groups (the others none)."""
-        params, flops = self._removed(self.layers, counts)
-        return {"flops": 1 - flops / max(self.total_flops, 1), "params": 1 - params / max(self.total_params, 1)}
-
-    def _removed(self, units: Sequence[LayerPlan], counts: Mapping[str, int] | None = None) -> tuple[float, float]:
-        """Parameters and FLOPs that removing ``units``' planned groups (or ``counts`` of them)
-        takes away."""
-        removed: dict[tuple[str, str, int], int] = {}  # positions removed per tensor axis
-        kept: dict[tuple[str, str], float] = {}        # kept fraction per tensor
-        for l in units:
-            n_prune = l.n_prune if counts is None else counts.get(l.name, 0)
-            if not n_prune:
-                continue
-            if l.granularity == "weight":
-                kept[(l.name, "weight")] = (l.n_groups - n_prune) / l.n_groups
-            for key, positions in l.members.items():
-                if key.tensor:
-                    at = (key.module, key.tensor, key.axis)
-                    removed[at] = removed.get(at, 0) + n_prune * positions.shape[1]
-        for (module, tensor, axis), n in removed.items():
-            size = getattr(self._modules[module], tensor).shape[axis]
-            kept[(module, tensor)] = kept.get((module, tensor), 1.0) * (1 - n / size)
-        params = flops = 0.0
-        for (module, tensor), fraction in kept.items():
-            t = getattr(self._modules[module], tensor)
-            if isinstance(t, nn.Parameter):
-                params += t.numel() * (1 - fraction)
-            if tensor == "weight":
-                flops += self._layer_flops.get(module, 0) * (1 - fraction)
-        return params, flops
-
-    def __repr__(self) -> str:
-        if any(l.coupled for l in self.layers):
-            rows = [("group", "channels", "pruned", "ratio", "FLOPs -%", "members")]
-            for l in self.layers:  # FLOPs -%: of the model's, by this group's cut alone
-                names = list(dict.fromkeys(k.module for k in l.members))
-                shown = ", ".join(names[:3]) + (f" +{len(names) - 3} more" if len(names) > 3 else "")
-                share = 100 * self._removed([l])[1] / max(self.total_flops, 1)
-                rows.append((l.name, str(l.n_groups), str(l.n_prune), f"{l.ratio:.3g}", f"{share:.1f}", shown))
-            right = (1, 2, 3, 4)
-        else:
-            rows = [("layer", "granularity", "shape", "groups", "pruned", "ratio")]
-            for l in self.layers:
-                rows.append((l.name, l.granularity, "x".join(map(str, self._shapes[l.name])), str(l.n_groups),
-                             str(l.n_prune), f"{l.ratio:.3g}"))
-            right = (3, 4, 5)
-        unit = "groups" if any(l.coupled for l in self.layers) else "layers"
-        lines = [f"Plan for {self.model_class}: {len(self.pruned)} of {len(self.layers)} {unit} pruned, "
-                 f"{len(self.excluded)} excluded"]
-        if self.compacted:
-            lines.append("(the model has been compacted since: shapes and costs are those it had when planned)")
-        lines.append(format_table(rows, right=right))
-        c = self.cost()
-        lines.append(f"parameters: {c['params_before']:,} -> {c['params_after']:,} "
-                     f"({c['params_before'] / max(c['params_after'], 1):.2f}x fewer)")
-        lines.append(f"FLOPs:      {c['flops_before']:,} -> {c['flops_after']:,} "
-                     f"({c['flops_before'] / max(c['flops_after'], 1):.2f}x fewer)")
-        if self.budget is not None:
-            lines.append(self.budget.describe())
-        approximate = [l.name for l in self.layers if l.approximate]
-        if approximate:
-            lines.append(f"approximate (compacted != masked; measure with output_change): {', '.join(approximate)}")
-        if self.excluded:
-            lines.append("excluded:")
-            lines += [f"  {name}: {reason}" for name, reason in self.excluded.items()]
-        return "\n".join(lines)
-
-
 def _default_inputs(model: nn.Module) -> tuple:
     size = getattr(model, "greg_input_size", None)
     if size is None:
@@ -366,22 +82,6 @@ def _default_inputs(model: nn.Module) -> tuple:
             raise ValueError("the model has no Conv or Linear layer to prune")
     p = next(model.parameters())
     return (torch.zeros(1, *size, device=p.device, dtype=p.dtype),)
-
-
-def model_arguments(example_inputs) -> tuple:
-    """``example_inputs`` as the tuple of the model's arguments: one tensor, or a tuple whose
-    entries are tensors or lists, tuples and dicts of them (a detector's list of images)."""
-    args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else example_inputs
-    if not isinstance(args, (tuple, list)):
-        raise TypeError("example_inputs must be a tensor or a tuple of the model's arguments (tensors, or "
-                        f"lists/tuples/dicts of tensors), got {type(example_inputs).__name__}")
-    leaves = torch.utils._pytree.tree_leaves(tuple(args))
-    odd = next((x for x in leaves if not isinstance(x, (torch.Tensor, int, float, bool, str, type(None)))), None)
-    if odd is not None or not any(isinstance(x, torch.Tensor) for x in leaves):
-        raise TypeError("example_inputs must be a tensor or a tuple of the model's arguments (tensors, or "
-                        "lists/tuples/dicts of tensors), got "
-                        + (f"a {type(odd).__name__} among them" if odd is not None else "no tensor"))
-    return tuple(args)
 
 
 def count_flops(model: nn.Module, example_inputs: tuple) -> tuple[dict[str, int], int]:
@@ -506,7 +206,7 @@ def plan(model: nn.Module, ratio: float | None = None, *, granularity: str = "fi
     result = Plan(model, layers, excluded, layer_flops, total, example_inputs)
     if target is not None or round_to is not None:
         plan_to(result, target, allocation or "uniform", DEFAULT_MAX_RATIO if max_ratio is None else max_ratio,
-                round_to, given)
+                round_to, given, scorer=plan_scores, compactor=compacted_copy)
     return result
 
 
@@ -516,8 +216,6 @@ def _confirm(model, layers, excluded, pending, layer_flops, total, example_input
     to ``excluded``. All are tried at once; where that fails, the groups of each op (one reason)
     together: cutting any of them changes the width of that op's input, which its written size does
     or does not follow."""
-    from .compaction import compaction_error
-
     def error(units):
         trial = Plan(model, units, {}, layer_flops, total)
         masks = {u.name: torch.arange(u.n_groups) % 2 == 0 for u in units}  # about half of each removed

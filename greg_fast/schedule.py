@@ -23,7 +23,7 @@ import torch.distributed._functional_collectives as funcol
 
 from .hyper import Hyper
 from .masks import kept_bool, pack_bits
-from .plan import LayerPlan
+from .units import LayerPlan
 
 PHASES = ("pick", "grow", "stabilize", "done")
 _SMOOTHING = 0.9  # h = 0.9 h + 0.1 ratio, as in the reference

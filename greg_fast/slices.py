@@ -17,7 +17,8 @@ from typing import Callable, Sequence
 import torch
 import torch.nn as nn
 
-from .plan import LayerPlan, Slice, runs
+from .backend import eager
+from .units import LayerPlan, Slice, runs
 
 
 class SliceMap:
@@ -210,3 +211,10 @@ def _fillers(slices: Sequence[Slice]) -> list[Slice]:
             out.append(Slice(f"{s.name.split('[')[0]}[{a}:{b}] (excluded)", s.module, s.tensor, 0, a, b - a,
                              torch.arange(b - a), (1, b - a, s.view[2]), "filter"))
     return out
+
+
+def plan_scores(plan, units: Sequence[LayerPlan], penalize: str = "filters") -> dict[str, torch.Tensor]:
+    """Each unit's group scores (mean |w| of what GrowingReg penalizes) on the weights as they are."""
+    device = units[0].weight.device if units else torch.device("cpu")
+    m = SliceMap(units, plan.module, penalize, device)
+    return dict(zip((u.name for u in units), m.unit_scores(eager.scores(m.slices))))

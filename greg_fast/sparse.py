@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from . import ops
 from .masks import expand_groups, pack_bits, unpack_bits
-from .plan import Plan
+from .result import Plan
 
 FORMATS = ("csr", "bitmap")
 

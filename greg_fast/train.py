@@ -10,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .data import Data
+from .guard import grads_finite
 
 
 def parse_lr_schedule(text: str) -> list[tuple[int, float]]:
@@ -46,19 +47,6 @@ def distributed_rank_world() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
-
-
-def finite_grads(optimizer: torch.optim.Optimizer) -> torch.Tensor | None:
-    """Whether every gradient the optimizer would apply is finite, as a 0-d bool tensor on the
-    gradients' device (one fused norm, no host sync); None without gradients."""
-    grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-    return torch.isfinite(torch.nn.utils.get_total_norm(grads, 2.0)) if grads else None
-
-
-def grads_finite(optimizer: torch.optim.Optimizer) -> bool:
-    """:func:`finite_grads` read on the host (one sync)."""
-    ok = finite_grads(optimizer)
-    return ok is None or bool(ok)
 
 
 def resolve_device(name: str | None, flag: str = "--device") -> torch.device:

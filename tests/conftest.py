@@ -16,7 +16,8 @@ else:  # models run on the GPU are compared with the CPU's float32: no TF32 conv
     torch.backends.cudnn.deterministic = True
     torch.backends.cudnn.benchmark = False
 
-from greg_fast.plan import LayerPlan, Slice, _group_view  # noqa: E402  (after TRITON_INTERPRET)
+from greg_fast.plan import _group_view  # noqa: E402  (after TRITON_INTERPRET)
+from greg_fast.units import LayerPlan, Slice  # noqa: E402
 
 
 class SmallNet(nn.Module):
@@ -104,7 +105,7 @@ SHAPES = {  # (shape, spatial) per layout and granularity
 
 
 def slice_runs(module, runs):
-    """Slices (greg_fast.plan.Slice) of ``module.weight``: ``runs`` of (axis, start, n)."""
+    """Slices (greg_fast.units.Slice) of ``module.weight``: ``runs`` of (axis, start, n)."""
     w = module.weight
     inner = math.prod(w.shape[2:])
     out = []

@@ -12,7 +12,7 @@ from greg_fast import backend as dispatch
 from greg_fast import ops
 from greg_fast.backend import SGDArgs, StepBatch, base, cpp, eager
 from greg_fast.backend import triton as triton_backend
-from greg_fast.plan import LayerPlan
+from greg_fast.units import LayerPlan
 
 from conftest import SHAPES, SmallNet, fake_layer, make_batches, row_and_column_slices, train_steps
 

@@ -3,7 +3,7 @@ import json
 
 import torch
 
-from greg_fast import bench
+from greg_fast import bench, timing
 from greg_fast.cli import main
 
 
@@ -50,6 +50,6 @@ def test_triton_provider_adds_what_eager_adds():
 
 def test_a_cpu_round_is_one_call():
     calls = []
-    assert bench.calls_per_round(lambda: calls.append(1), torch.device("cpu")) == 1 and not calls
-    bench.repeated(lambda: calls.append(1), 3, torch.device("cpu"))()
+    assert timing.calls_per_round(lambda: calls.append(1), torch.device("cpu")) == 1 and not calls
+    timing.repeated(lambda: calls.append(1), 3, torch.device("cpu"))()
     assert len(calls) == 3

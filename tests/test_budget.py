@@ -10,7 +10,9 @@ import torchvision
 import greg_fast as gf
 from greg_fast import budget as budget_mod
 from greg_fast import models
-from greg_fast.plan import count_flops, n_prune_for
+from greg_fast.plan import count_flops
+from greg_fast.slices import plan_scores
+from greg_fast.units import n_prune_for
 
 SMALL = torch.zeros(1, 3, 64, 64)
 
@@ -29,7 +31,7 @@ def kept_of(plan, kind):
 
 def lowest_masks(plan):
     """The L1 selection of the plan's counts (what GReg-1 and L1 remove)."""
-    scores = budget_mod.plan_scores(plan, plan.layers)
+    scores = plan_scores(plan, plan.layers)
     return budget_mod.selection(plan.layers, {l.name: l.n_prune for l in plan.layers}, scores)
 
 

@@ -11,7 +11,7 @@ import torchvision
 import greg_fast as gf
 from greg_fast import models
 from greg_fast.backend import backends
-from greg_fast.groups import MemberKey
+from greg_fast.units import MemberKey
 from greg_fast.plan import count_flops
 
 from test_compact import assert_same_outputs

@@ -7,7 +7,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import greg_fast as gf
 from greg_fast import models
-from greg_fast.groups import MemberKey
+from greg_fast.units import MemberKey
 
 from conftest import SmallNet
 

@@ -10,6 +10,7 @@ import torch.nn as nn
 import greg_fast as gf
 from greg_fast import budget
 from greg_fast.capture import LAYER_TYPES
+from greg_fast.slices import plan_scores
 
 from test_groups import random_group_masks
 from test_user_models import randomize
@@ -57,7 +58,7 @@ def test_timm_model_plans_compacts_exactly_regularizes_and_round_trips(name, tmp
         glob = gf.plan(model, target={"flops": keep}, allocation="global", example_inputs=x)
         assert glob.cost()["flops_after"] <= keep * c["flops_before"]
         masks = budget.selection(glob.layers, {l.name: l.n_prune for l in glob.layers},
-                                    budget.plan_scores(glob, glob.layers))
+                                    plan_scores(glob, glob.layers))
         small, small_plan = copy.deepcopy((model, glob))
         gf.compact(small, masks, small_plan)
 

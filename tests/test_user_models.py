@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import greg_fast as gf
-from greg_fast.groups import MemberKey
+from greg_fast.units import MemberKey
 
 from test_compact import assert_same_outputs, random_masks
 

@@ -9,17 +9,17 @@ its layers by handle also provides ``capture(layers, memo)``, called once before
 :func:`eligible` is the only statement of which layers a compiled kernel can walk; the Triton
 launcher reads it through :func:`layout` and :func:`follows`, and the C++ op checks the same
 conditions, refusing with NotImplementedError. A compiled backend takes all layers first and
-sorts them only on such a refusal (:func:`run_all_first`).
+sorts them only on such a refusal (:func:`greg_fast.backend.fallback.run_all_first`).
 """
 from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field, replace
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 
-from ..plan import LayerPlan
+from ..units import LayerPlan
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the compiled kernels take
 
@@ -144,7 +144,7 @@ def eligible(layer: LayerPlan, buffer: torch.Tensor | None = None) -> bool:
             and (buffer is None or follows(buffer, w_layout, w.dtype)))
 
 
-# ---- running a batch over a compiled backend and eager ----
+# ---- the score buffer a compiled backend fills ----
 def score_buffer(batch: StepBatch, want_scores: bool, device) -> torch.Tensor:
     """One fp32 buffer for every group of every layer (empty when no scores are wanted)."""
     n = sum(l.n_groups for l in batch.layers) if want_scores else 0
@@ -153,35 +153,3 @@ def score_buffer(batch: StepBatch, want_scores: bool, device) -> torch.Tensor:
 
 def split_scores(scores: torch.Tensor, layers: Sequence[LayerPlan]) -> list[torch.Tensor]:
     return list(scores.split([l.n_groups for l in layers]))
-
-
-def run_all_first(native: Callable, refused: type[Exception], batch: StepBatch, *, want_scores: bool, mask: bool):
-    """``native`` over the whole batch in one call; only if it refuses a layer (``refused``,
-    raised before anything is written) sort the layers with :func:`split_run`. Sorting every step
-    would cost more host time than the step itself on small models."""
-    try:
-        return native(batch, want_scores=want_scores, mask=mask)
-    except refused:
-        return split_run(native, batch, want_scores=want_scores, mask=mask)
-
-
-def split_run(native: Callable, batch: StepBatch, *, want_scores: bool, mask: bool):
-    """``native`` on the eligible layers, eager on the others (decided up front by
-    :func:`eligible`), results back in the batch's order."""
-    from . import eager
-    buffers = batch.sgd.buffers if batch.sgd is not None else [None] * len(batch)
-    ok = [eligible(l, b) for l, b in zip(batch.layers, buffers)]
-    out: list[torch.Tensor | None] = [None] * len(batch)
-    for fn, flag in ((native, True), (eager.step, False)):
-        idx = [i for i, e in enumerate(ok) if e == flag]
-        if not idx:
-            continue
-        scores = fn(batch.subset(idx), want_scores=want_scores, mask=mask)
-        if want_scores:
-            for i, s in zip(idx, scores):
-                out[i] = s
-    if want_scores and any(s is None for s in out):  # layers without a gradient
-        missing = [i for i, s in enumerate(out) if s is None]
-        for i, s in zip(missing, eager.scores([batch.layers[i] for i in missing])):
-            out[i] = s
-    return out if want_scores else None

@@ -1,7 +1,7 @@
 """The C++ backend (csrc/greg_fast.cpp through greg_fast.ops): one call for all layers of CPU
 tensors, OpenMP over (layer, block of groups), fp32 accumulation for fp32 / bf16 / fp16 weights.
 
-All layers go into one call first (base.run_all_first): the op checks every tensor before it
+All layers go into one call first (fallback.run_all_first): the op checks every tensor before it
 writes anything and refuses a dtype or layout it cannot walk with NotImplementedError. Any other
 error from the op is a bug and propagates."""
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from .. import ops
-from . import base, eager
+from . import base, eager, fallback
 
 name = "cpp"
 
@@ -63,4 +63,4 @@ def _step(batch: base.StepBatch, *, want_scores: bool, mask: bool):
 
 
 def step(batch: base.StepBatch, *, want_scores: bool, mask: bool):
-    return base.run_all_first(_step, NotImplementedError, batch, want_scores=want_scores, mask=mask)
+    return fallback.run_all_first(_step, NotImplementedError, batch, want_scores=want_scores, mask=mask)

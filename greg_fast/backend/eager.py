@@ -10,7 +10,7 @@ from typing import Sequence
 import torch
 
 from ..masks import expand_groups, kept_bool
-from ..plan import LayerPlan
+from ..units import LayerPlan
 from .base import StepBatch
 
 name = "eager"

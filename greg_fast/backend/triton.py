@@ -20,7 +20,7 @@ import weakref
 import torch
 
 from .. import ops
-from . import base, eager
+from . import base, eager, fallback
 
 name = "triton"
 _FILTER, _CHANNEL, _WEIGHT = "filter", "channel", "weight"
@@ -401,7 +401,7 @@ def _step(batch: base.StepBatch, *, want_scores: bool, mask, anchor=None):
 def step(batch: base.StepBatch, *, want_scores: bool, mask):
     if isinstance(mask, torch.Tensor):  # a capturable schedule's step: through the registered op
         return _op_step(batch, want_scores=want_scores, mask=mask)
-    return base.run_all_first(_step, _NeedsEager, batch, want_scores=want_scores, mask=mask)
+    return fallback.run_all_first(_step, _NeedsEager, batch, want_scores=want_scores, mask=mask)
 
 
 # ---- the capturable step: one op that torch.compile sees (and a CUDA graph captures) ----
@@ -465,7 +465,7 @@ def _step_op(weights: list[torch.Tensor], grads: list[torch.Tensor], buffers: li
         sgd = base.SGDArgs(buffers or [None] * len(layers), *hyper.unbind(1), skip=skip, table=hyper.contiguous())
     batch = base.StepBatch(layers, kept, lam_kept, lam_selected, sgd, passes=tuple(passes), memo=static.memo)
     native = functools.partial(_step, anchor=static.layers)
-    out = base.run_all_first(native, _NeedsEager, batch, want_scores=scores.numel() > 0, mask=mask)
+    out = fallback.run_all_first(native, _NeedsEager, batch, want_scores=scores.numel() > 0, mask=mask)
     if out is not None:
         torch.cat(out, out=scores)
 
