@@ -29,6 +29,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 import torch.nn as nn
 
+from .masks import keep_strongest
 from .timing import alternate, ratio_spread, synchronize
 from .units import n_prune_for
 
@@ -346,12 +347,7 @@ def allocate(plan, scores: Mapping[str, torch.Tensor] | None = None, *, scorer: 
 
 def selection(units: Sequence, counts: Mapping[str, int], scores: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Masks that remove each unit's ``counts`` lowest-score groups (the L1 selection)."""
-    masks = {}
-    for u in units:
-        kept = torch.ones(u.n_groups, dtype=torch.bool)
-        kept[torch.sort(scores[u.name].cpu(), stable=True).indices[: counts.get(u.name, 0)]] = False
-        masks[u.name] = kept
-    return masks
+    return {u.name: keep_strongest(scores[u.name].cpu(), counts.get(u.name, 0)) for u in units}
 
 
 # ---- latency ----

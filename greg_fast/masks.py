@@ -29,6 +29,14 @@ def unpack_bits(bits: torch.Tensor, n: int) -> torch.Tensor:
     return ((bits.view(-1, 1) >> shifts) & 1).reshape(-1)[:n].bool()
 
 
+def keep_strongest(scores: torch.Tensor, n_remove: int) -> torch.Tensor:
+    """The kept mask that removes the ``n_remove`` lowest-scored groups (ties: lowest index first),
+    bool ``[n_groups]`` on the scores' device. Fixed shapes (a sort and an index fill), so that a
+    capturable schedule selects with it on the device too."""
+    order = torch.sort(scores, stable=True).indices
+    return torch.ones(scores.shape[0], dtype=torch.bool, device=scores.device).index_fill(0, order[:n_remove], False)
+
+
 def kept_bool(layer: LayerPlan, kept: torch.Tensor) -> torch.Tensor:
     """A layer's kept mask as bool ``[n_groups]``: unstructured layers keep theirs packed, one bit
     per weight (see :func:`pack_bits`)."""

@@ -22,7 +22,7 @@ import torch
 import torch.distributed._functional_collectives as funcol
 
 from .hyper import Hyper
-from .masks import kept_bool, pack_bits
+from .masks import keep_strongest, kept_bool, pack_bits
 from .units import LayerPlan
 
 PHASES = ("pick", "grow", "stabilize", "done")
@@ -56,11 +56,11 @@ class Schedule:
     scores (picks, magnitude ratios, finishing), then :meth:`advance`."""
 
     def __init__(self, layers: Sequence[LayerPlan], method: str, hyper: Hyper, device: torch.device,
-                 allocate=None):
+                 late_allocation: bool = False):
         self.layers, self.method, self.device = list(layers), method, device
-        # GReg-2 with a global budget: called with the scores at the pick to set every layer's
-        # n_prune; a layer left with none is idle from then on (λ 0, finished)
-        self.allocate = allocate
+        # GReg-2 with a global budget: the caller sets every layer's n_prune from the scores at the
+        # pick, before end_step selects; a layer left with none is idle from then on (λ 0, finished)
+        self.late_allocation = late_allocation
         self.hyper = hyper.as_dict()
         self.structured = self.layers[0].granularity != "weight" if self.layers else True
         n, dev = len(self.layers), device
@@ -111,29 +111,32 @@ class Schedule:
         if self.structured:
             self.last_scores = scores
         if pick_now:
-            if self.allocate is not None:
-                self.allocate(scores)
             self.select(scores)  # on the current weights
             self._finished |= self._idle
         if not self._picked:
             return
-        active = ~self._finished
-        over_ceiling = torch.maximum(self.lam_selected, self.lam_kept) > h["ceiling"]
-        if self.structured:
-            ratio = self._magnitude_ratios(scores)
-            smoothed = torch.where(self._hist.isnan(), ratio, _SMOOTHING * self._hist + (1 - _SMOOTHING) * ratio)
-            self._hist = torch.where(active, smoothed, self._hist)
-            strong = self._hist >= h["mag_ratio_limit"]
-            if self.method == "greg1":  # GReg-1 stops on the ratio of every pruned layer
-                strong = strong.all().expand_as(strong)
-            finish = over_ceiling | strong
-        else:  # too costly per element in the reference, and not part of the method there
-            finish = over_ceiling
-        self._finished |= active & finish
+        self._hist, finish = self._stopping(scores, ~self._finished)
+        self._finished |= finish
         _from_rank0(self._finished, self._hist)
         if bool(self._finished.all()):
             self.phase = "stabilize"
             self._stabilize_end = self.iteration + h["stabilize"] + 1
+
+    def _stopping(self, scores: list[torch.Tensor], active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stopping rule, for the host and the device schedule alike: ``(smoothed magnitude
+        ratios, which active layers finish)``. A layer finishes when its λ passes the ceiling or its
+        smoothed ratio reaches ``mag_ratio_limit`` (GReg-1: when every layer's has)."""
+        h = self.hyper
+        over_ceiling = torch.maximum(self.lam_selected, self.lam_kept) > h["ceiling"]
+        if not self.structured:  # too costly per element in the reference, and not part of the method there
+            return self._hist, active & over_ceiling
+        ratio = self._magnitude_ratios(scores)
+        smoothed = torch.where(self._hist.isnan(), ratio, _SMOOTHING * self._hist + (1 - _SMOOTHING) * ratio)
+        hist = torch.where(active, smoothed, self._hist)
+        strong = hist >= h["mag_ratio_limit"]
+        if self.method == "greg1":  # GReg-1 stops on the ratio of every pruned layer
+            strong = strong.all().expand_as(strong)
+        return hist, active & (over_ceiling | strong)
 
     def advance(self) -> bool:
         """Count the step; True when it ends the stabilize phase (the caller prunes, see :meth:`finish`)."""
@@ -148,9 +151,7 @@ class Schedule:
     def select(self, scores: Sequence[torch.Tensor]) -> None:
         """Each layer drops its ``n_prune`` lowest-score groups (ties: lowest index first)."""
         for i, layer in enumerate(self.layers):
-            order = torch.sort(scores[i], stable=True).indices
-            kept = torch.ones(layer.n_groups, dtype=torch.bool, device=self.device)
-            kept[order[: layer.n_prune]] = False
+            kept = keep_strongest(scores[i].to(self.device), layer.n_prune)
             self.kept[i].copy_(kept if self.structured else pack_bits(kept))
         _from_rank0(self.kept_flat)
         self._set_idle()
@@ -158,7 +159,7 @@ class Schedule:
 
     def _set_idle(self) -> None:
         """Layers of a late allocation left with nothing to remove get no penalty."""
-        if self.allocate is not None and self._picked:
+        if self.late_allocation and self._picked:
             idle = [l.n_prune == 0 for l in self.layers]
             self._idle, self._any_idle = torch.tensor(idle, dtype=torch.bool, device=self.device), any(idle)
             self._refresh_lambdas()
@@ -331,8 +332,8 @@ class DeviceSchedule(Schedule):
     _picked = _OnDevice(int, bool)
     _stabilize_end = _OnDevice(lambda v: -1 if v is None else v, lambda v: None if v < 0 else v)
 
-    def __init__(self, layers, method, hyper, device, allocate=None):
-        if allocate is not None:
+    def __init__(self, layers, method, hyper, device, late_allocation=False):
+        if late_allocation:
             raise ValueError("a capturable GrowingReg cannot run GReg-2 on a global budget: the budget is "
                              "allocated on the host at the pick; plan with allocation='uniform' or capturable=False")
         super().__init__(layers, method, hyper, device)
@@ -382,19 +383,12 @@ class DeviceSchedule(Schedule):
         for last, s in zip(self.last_scores, scores):
             last.copy_(torch.where(update, s, last))
         self._scored |= update
-        for layer, kept, s in zip(self.layers, self.kept, scores):  # fixed shapes: sort, then the n_prune lowest
-            chosen = torch.ones_like(kept).index_fill(0, torch.sort(s, stable=True).indices[:layer.n_prune], False)
-            kept.copy_(torch.where(pick_now, chosen, kept))
+        for layer, kept, s in zip(self.layers, self.kept, scores):
+            kept.copy_(torch.where(pick_now, keep_strongest(s, layer.n_prune), kept))
         counting = update & (self._t("_picked") == 1)
-        active = counting & ~self._finished
-        over_ceiling = torch.maximum(self.lam_selected, self.lam_kept) > h["ceiling"]
-        ratio = self._magnitude_ratios(scores)
-        smoothed = torch.where(self._hist.isnan(), ratio, _SMOOTHING * self._hist + (1 - _SMOOTHING) * ratio)
-        self._hist.copy_(torch.where(active, smoothed, self._hist))
-        strong = self._hist >= h["mag_ratio_limit"]
-        if self.method == "greg1":
-            strong = strong.all().expand_as(strong)
-        self._finished |= active & (over_ceiling | strong)
+        hist, finish = self._stopping(scores, counting & ~self._finished)
+        self._hist.copy_(hist)
+        self._finished |= finish
         _from_rank0(self.kept_flat, self._finished, self._hist)  # one broadcast a step: rank 0's state
         stabilize = counting & self._finished.all()
         phase, it = self._t("phase"), self._t("iteration")
