@@ -7,6 +7,7 @@ other parameter. Under a capturable schedule a step the NaN guard refuses is ski
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Any, Callable, Sequence
 
 import torch
@@ -143,3 +144,45 @@ class FusedSGDStep(InnerStep):
         finally:
             for w, g in grads:
                 w.grad = g
+
+
+class OptimizerWrapper(torch.optim.Optimizer):
+    """The torch.optim surface of a wrapper around ``self.optimizer``: parameters, state and
+    settings stay the inner optimizer's and pass through; the hook registries and the step wrapper
+    (step pre/post hooks, LR schedulers' step counting) are the wrapper's own."""
+
+    def _init_optimizer_hooks(self) -> None:
+        """What ``Optimizer.__init__`` sets up besides the parameters (which stay the inner
+        optimizer's): hook registries and the step wrapper that runs step pre/post hooks."""
+        for registry in ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks",
+                         "_optimizer_state_dict_pre_hooks", "_optimizer_state_dict_post_hooks",
+                         "_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks"):
+            setattr(self, registry, OrderedDict())
+        self._patch_step_function()
+        self._warned_capturable_if_run_uncaptured = True
+
+    def __getstate__(self) -> dict:
+        # everything (Optimizer's keeps only its own three fields), except the step wrapper an
+        # LR scheduler puts on the instance: it is bound to this object, not to a copy
+        return {k: v for k, v in self.__dict__.items() if k != "step"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+
+    @property
+    def param_groups(self):
+        return self.optimizer.param_groups
+
+    @property
+    def state(self):
+        return self.optimizer.state
+
+    @property
+    def defaults(self):
+        return self.optimizer.defaults
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def add_param_group(self, param_group: dict) -> None:
+        self.optimizer.add_param_group(param_group)

@@ -107,9 +107,25 @@ def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor], plan: Plan)
     """Zero the removed groups of ``model`` in place (``masks``: layer name -> bool, True = kept)."""
     plan.check_model(model)
     check_masks(plan, masks)
-    for layer in plan.layers:
-        if layer.name in masks:
-            kept = masks[layer.name].to(layer.weight.device).reshape(-1)
-            for tensor, keep in masked_tensors(plan, layer, kept):
-                tensor.masked_fill_(~keep, 0)
+    zero_removed([(tensor, ~keep) for layer in plan.layers if layer.name in masks
+                  for tensor, keep in masked_tensors(plan, layer, masks[layer.name].to(layer.weight.device).reshape(-1))])
+
+
+@torch.no_grad()
+def zero_removed(removed: list[tuple[torch.Tensor, torch.Tensor]], *, state: Mapping | None = None,
+                 grads: bool = False, when: torch.Tensor | None = None) -> None:
+    """Zero every ``(tensor, removed entries)`` pair: the tensors themselves and every optimizer
+    ``state`` tensor shaped like them, or with ``grads`` their gradients; with ``when`` (a 0-d bool
+    a capturable step computes on the device) only where it is set. The one loop that zeroes
+    removed groups: :func:`apply_masks`, and GrowingReg at pruning and every step after."""
+    for tensor, gone in removed:
+        gone = gone if when is None else gone & when
+        if grads:
+            if tensor.grad is not None:
+                tensor.grad.masked_fill_(gone, 0)
+            continue
+        tensor.masked_fill_(gone, 0)
+        for value in (state or {}).get(tensor, {}).values():
+            if isinstance(value, torch.Tensor) and value.shape == tensor.shape:
+                value.masked_fill_(gone, 0)
 

@@ -239,7 +239,7 @@ def test_lbfgs_inner_optimizer_gets_a_penalized_closure():
     # every evaluation the inner optimizer sees carries this step's penalty λ·w
     lam = greg.penalties()["conv1"].float().view(-1, 1, 1, 1)
     calls.clear()
-    greg._penalized(closure)()
+    greg._reg.penalized(closure)()
     torch.testing.assert_close(net.conv1.weight.grad, calls[-1] + lam * net.conv1.weight.detach())
 
 
