@@ -107,11 +107,11 @@ def target_from_args(args) -> dict | None:
     return {kind: value, **({"batch_size": args.latency_batch_size} if kind == "latency" else {})}
 
 
-def check_round_to(round_to) -> int | None:
+def check_round_to(round_to, name: str = "round_to") -> int | None:
     if round_to is None:
         return None
     if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
-        raise ValueError(f"round_to must be an integer >= 1 (channels), got {round_to!r}")
+        raise ValueError(f"{name} must be an integer >= 1 (channels), got {round_to!r}")
     return round_to
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from . import __version__, compare, data, models
+from . import __version__, compare, data, job, models
 from .backend import ENV_VAR, auto_choice, backends
 from .hyper import METHODS, Hyper
 from . import bench
@@ -136,9 +136,8 @@ def _prune_args(prune: argparse.ArgumentParser, argv, defaults=None, resumable=F
     elif defaults is not None and args.model is None and args.data is None:
         settings = dict(defaults)
     if resumable and args.resume is not None:
-        from .job import stored_settings
         try:
-            stored = stored_settings(args.resume)
+            stored = job.stored_settings(args.resume)
         except (FileNotFoundError, ValueError) as err:
             prune.error(str(err))
         settings = {**(settings or {}), **stored, "out": args.resume}
@@ -228,7 +227,7 @@ def main(argv=None) -> int:
         print(bench.table(records))
         print(f"wrote {bench.write_results(records, Path(args.out), device)}")
         return 0
-    from .job import run  # heavy imports (matplotlib) only for jobs
+    run = job.run
     if args.command == "demo":
         for old in Path(args.out, "checkpoints").glob("ckpt-*.pt"):  # a demo always starts afresh
             old.unlink()

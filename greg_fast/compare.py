@@ -26,9 +26,12 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from . import job, plots
 from .atomic import save_atomic, write_text_atomic
+from .budget import ALLOCATIONS, target_from_args
 from .hyper import METHODS
 from .table import format_table
+from .train import parse_lr_schedule
 
 GROUP = "-group"
 AT = "@"  # method@allocation: one method under one way of spreading a budget
@@ -55,7 +58,6 @@ def parse_methods(text: str) -> list[str]:
 
 
 def parse_allocations(text: str) -> list[str]:
-    from .budget import ALLOCATIONS
     allocations = [a.strip() for a in text.split(",") if a.strip()]
     bad = [a for a in allocations if a not in ALLOCATIONS]
     if bad or not allocations or len(set(allocations)) != len(allocations):
@@ -66,7 +68,6 @@ def parse_allocations(text: str) -> list[str]:
 
 def stretch_lr_schedule(text: str, epochs: int, new_epochs: int) -> str:
     """The fine-tune schedule ``text`` over ``epochs`` stretched to ``new_epochs`` (milestones scaled)."""
-    from .train import parse_lr_schedule
     steps = parse_lr_schedule(text)
     scale = new_epochs / max(epochs, 1)
     return ",".join(f"{round(e * scale)}:{lr:g}" for e, lr in steps)
@@ -82,7 +83,6 @@ class Compare:
     """One compare run in ``args.out``: the jobs, run or read back, then the report."""
 
     def __init__(self, args):
-        from .job import check_args
         self.args, self.out = args, Path(args.out)
         self.methods = parse_methods(args.methods) if isinstance(args.methods, str) else list(args.methods)
         args.methods = self.methods
@@ -92,7 +92,6 @@ class Compare:
         if allocations is not None:
             if args.allocation is not None:
                 raise ValueError("give --allocation or --allocations, not both")
-            from .budget import target_from_args
             if target_from_args(args) is None:
                 raise ValueError("--allocations compares ways of spreading a budget: it needs --target-flops, "
                                  "--target-params or --target-latency")
@@ -101,23 +100,20 @@ class Compare:
         self.groups = [[m if len(self.allocations) == 1 else f"{m}{AT}{a}" for m in self.methods]
                        for a in self.allocations]
         self.variants = [v for group in self.groups for v in group]
-        check_args(self._job_args(self.variants[0], 0, self.out / "check", args.finetune_epochs, args.lr_ft))
+        job.check_args(self._job_args(self.variants[0], 0, self.out / "check", args.finetune_epochs, args.lr_ft))
         settings = self.out / SETTINGS_FILE
         identity = json.loads(json.dumps(_identity(args)))
         if settings.exists():
             saved = json.loads(settings.read_text())
-            diff = {k: (saved.get(k), v) for k, v in identity.items() if saved.get(k) != v}
+            diff = job.settings_diff(saved, identity)
             if diff:
-                raise ValueError(f"{self.out} holds a compare run with other settings: "
-                                 + ", ".join(f"{k}={a!r} (now {b!r})" for k, (a, b) in diff.items())
-                                 + "; choose another --out")
+                raise ValueError(f"{self.out} holds a compare run with other settings: {diff}; choose another --out")
         self.out.mkdir(parents=True, exist_ok=True)
         write_text_atomic(settings, json.dumps(identity, indent=1))
 
     # ---- the jobs ----
     def _job_args(self, method: str, seed: int, out: Path, finetune_epochs: int, lr_ft: str | None, dense=None):
         """A ``greg-fast prune`` job's arguments: this compare's, for one method, seed and folder."""
-        from .job import _checkpoints
         a = copy.copy(self.args)
         method, _, allocation = method.partition(AT)
         a.method, a.penalize = method.removesuffix(GROUP), "group" if method.endswith(GROUP) else "filters"
@@ -125,7 +121,7 @@ class Compare:
         a.seed, a.out, a.finetune_epochs, a.quiet = seed, str(out), finetune_epochs, True
         a.no_latency = True  # the report compares accuracy at equal budgets: no job spends time on latency
         a.lr_ft = lr_ft or a.lr_ft
-        a.resume = str(out) if _checkpoints(out) else None  # a killed job continues
+        a.resume = str(out) if job.checkpoints(out) else None  # a killed job continues
         if dense is not None:
             a.checkpoint, a.pretrain_epochs = str(dense), 0
         return a
@@ -138,25 +134,23 @@ class Compare:
         path, info = folder / "dense.pt", folder / "dense.json"
         if path.exists() and info.exists():
             return path, json.loads(info.read_text())["seconds"]
-        from .job import _Run
         bar.set_postfix_str(f"seed {seed}: pretraining")
-        job = _Run(self._job_args("l1", seed, folder, self.args.finetune_epochs, None))
-        if job.state.stage == "pretrain":
-            job.pretrain()  # checkpointed like any job: a killed pretraining resumes
-        seconds = job.state.seconds.get("pretrain", 0.0)
-        save_atomic(job.model.state_dict(), path)
+        dense = job.Run(self._job_args("l1", seed, folder, self.args.finetune_epochs, None))
+        if dense.state.stage == "pretrain":
+            dense.pretrain()  # checkpointed like any job: a killed pretraining resumes
+        seconds = dense.state.seconds.get("pretrain", 0.0)
+        save_atomic(dense.model.state_dict(), path)
         write_text_atomic(info, json.dumps({"seconds": seconds}))
         return path, seconds
 
     def _job(self, name: str, method: str, seed: int, dense: Path, epochs: int, lr_ft: str | None, bar) -> dict:
-        from .job import run
         out = self.out / f"seed{seed}" / name
         summary = out / "summary.json"
         if not summary.exists():
             bar.set_postfix_str(f"seed {seed}: {name}")
             out.mkdir(parents=True, exist_ok=True)
             with open(out / "log.txt", "a") as log, contextlib.redirect_stdout(log):  # its summary table
-                run(self._job_args(method, seed, out, epochs, lr_ft, dense=dense))
+                job.run(self._job_args(method, seed, out, epochs, lr_ft, dense=dense))
         return json.loads(summary.read_text())
 
     def run(self) -> dict:
@@ -195,7 +189,6 @@ class Compare:
 
     # ---- the report ----
     def report(self, records: list[dict]) -> dict:
-        from . import plots
         rows = aggregate(records, self.variants)
         per_seed = [r for r in records if r["method"] == self.variants[0] and r["protocol"] == PROTOCOLS[0]]
         dense = [r["dense_test_acc"] for r in per_seed]

@@ -99,6 +99,51 @@ def count_flops(model: nn.Module, example_inputs: tuple) -> tuple[dict[str, int]
     return per_module, counter.get_total_flops()
 
 
+API_NAMES = {"granularity": "granularity", "coupled": "coupled=True", "not_coupled": "coupled=False",
+             "approximate": "approximate=True", "target": "target=", "allocation": "allocation",
+             "max_ratio": "max_ratio", "round_to": "round_to", "ratio": "a ratio"}
+
+
+def check_options(granularity: str, coupled: bool | None, approximate: bool, ratio, target, allocation,
+                  max_ratio, round_to, names: Mapping[str, str] = API_NAMES):
+    """The plan options checked together, the one place for these rules (the command line checks
+    its flags with them before anything runs, naming its flags through ``names``). Returns
+    ``(coupled, target, round_to)`` resolved."""
+    n = names
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"{n['granularity']} must be one of {GRANULARITIES}, got {granularity!r}")
+    if coupled and granularity != "filter":
+        raise ValueError(f"coupled groups are groups of filters: {n['granularity']} {granularity!r} plans single "
+                         f"layers (pass {n['not_coupled']} or {n['granularity']} filter)")
+    coupled = granularity == "filter" if coupled is None else bool(coupled)
+    if approximate and not coupled:
+        raise ValueError(f"{n['approximate']} cuts coupled groups (LayerNorm over channels); single-layer plans "
+                         f"({n['not_coupled']}, channel or weight granularity) have none")
+    if target is not None:
+        if ratio is not None:
+            raise ValueError(f"give {n['ratio']} or {n['target']}, not both: a target chooses the ratios (per-group "
+                             "ratios that the target must not change go in ratios=)")
+        target = parse_target(target)
+        if target.kind == "latency" and granularity == "weight":
+            raise ValueError("a latency target needs a structured plan: masks keep the dense kernels, so "
+                             "unstructured pruning does not change the latency measured here")
+    else:
+        for name, value in (("allocation", allocation), ("max_ratio", max_ratio)):
+            if value is not None:
+                raise ValueError(f"{n[name]} spreads a target over the groups: give {n['target']} too "
+                                 "(e.g. a FLOPs target of 2x)")
+    if allocation is not None and allocation not in ALLOCATIONS:
+        raise ValueError(f"{n['allocation']} must be one of {ALLOCATIONS}, got {allocation!r}")
+    if max_ratio is not None and (isinstance(max_ratio, bool) or not isinstance(max_ratio, (int, float))
+                                  or not 0 < max_ratio < 1):
+        raise ValueError(f"{n['max_ratio']} must be a number in (0, 1) (the largest share of a group removed), "
+                         f"got {max_ratio!r}")
+    round_to = check_round_to(round_to, n["round_to"])
+    if round_to is not None and granularity == "weight":
+        raise ValueError(f"{n['round_to']} rounds channel counts; unstructured (weight) plans have none")
+    return coupled, target, round_to
+
+
 def plan(model: nn.Module, ratio: float | None = None, *, granularity: str = "filter",
          ratios: Mapping[str, float] | None = None, skip: Sequence[str] = (),
          example_inputs: tuple | torch.Tensor | None = None, coupled: bool | None = None,
@@ -141,37 +186,8 @@ def plan(model: nn.Module, ratio: float | None = None, *, granularity: str = "fi
     if not isinstance(model, nn.Module):
         raise TypeError(f"plan() needs an nn.Module, got {type(model).__name__}")
     model = unwrap(model)
-    if granularity not in GRANULARITIES:
-        raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
-    if coupled and granularity != "filter":
-        raise ValueError(f"coupled groups are groups of filters: granularity {granularity!r} plans single layers "
-                         "(pass coupled=False or granularity='filter')")
-    coupled = granularity == "filter" if coupled is None else bool(coupled)
-    if approximate and not coupled:
-        raise ValueError("approximate=True cuts coupled groups (LayerNorm over channels); single-layer plans "
-                         "(coupled=False, channel or weight granularity) have none")
-    if target is not None:
-        if ratio is not None:
-            raise ValueError("give a ratio or a target, not both: a target chooses the ratios (per-group ratios "
-                             "that the target must not change go in ratios=)")
-        target = parse_target(target)
-        if target.kind == "latency" and granularity == "weight":
-            raise ValueError("a latency target needs a structured plan: masks keep the dense kernels, so "
-                             "unstructured pruning does not change the latency measured here")
-    else:
-        for name, value in (("allocation", allocation), ("max_ratio", max_ratio)):
-            if value is not None:
-                raise ValueError(f"{name} spreads a target over the groups: give target= too "
-                                 "(e.g. target={'flops': '2x'})")
-    if allocation is not None and allocation not in ALLOCATIONS:
-        raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
-    if max_ratio is not None and (isinstance(max_ratio, bool) or not isinstance(max_ratio, (int, float))
-                                  or not 0 < max_ratio < 1):
-        raise ValueError(f"max_ratio must be a number in (0, 1) (the largest share of a group removed), "
-                         f"got {max_ratio!r}")
-    round_to = check_round_to(round_to)
-    if round_to is not None and granularity == "weight":
-        raise ValueError("round_to rounds channel counts; unstructured (weight) plans have none")
+    coupled, target, round_to = check_options(granularity, coupled, approximate, ratio, target, allocation, max_ratio,
+                                              round_to)
     ratio = _check_ratio(0.0 if ratio is None else ratio, "ratio")
     if ratios is not None and not isinstance(ratios, Mapping):
         raise TypeError(f"ratios must map layer names or globs to ratios, e.g. {{'layer1.*': 0.5}}; "

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .table import format_table
+
 # Schedule and fine-tune settings of the reference, per dataset family.
 _CIFAR = {"interval": 10, "stabilize": 10000, "weight_decay": 5e-4, "finetune_epochs": 120,
           "lr_ft": "0:0.01,60:0.001,90:0.0001", "batch_size": 128}
@@ -56,7 +58,7 @@ RECIPES = {
 
 
 def table() -> str:
-    from .table import format_table
+
     rows = [("recipe", "model, data (ImageNet: --data imagefolder)", "FLOPs speed-up", "top-1 base", "GReg-1", "GReg-2")]
     for name, r in RECIPES.items():
         p = r.paper

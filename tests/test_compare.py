@@ -89,7 +89,7 @@ def test_compare_runs_on_folder_data(tmp_path, name, monkeypatch):
     import greg_fast.job
     def no_latency(*args, **kwargs):
         raise AssertionError("a compare job measures no latency")
-    monkeypatch.setattr(greg_fast.job, "compare_latency", no_latency)
+    monkeypatch.setattr(greg_fast.job.report, "compare_latency", no_latency)
     if name == "cifar10":
         write_cifar(tmp_path / "data", "cifar10", n_train=16, n_test=8)
     else:
