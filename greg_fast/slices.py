@@ -2,7 +2,7 @@
 
 An uncoupled layer is its own slice, so a plan of layers passes through untouched (no copy, no
 gather per step). A coupled group is regularized through runs of rows or columns of several
-parameters (:meth:`greg_fast.plan.LayerPlan.slices`); each slice reads its unit's kept mask through
+parameters (:meth:`greg_fast.units.LayerPlan.slices`); each slice reads its unit's kept mask through
 its channel index (gathered again only when a selection changed it) and its unit's two λ values.
 A unit's score per channel is the mean |w| over all its slices' entries of that channel, summed in
 a fixed order (one gather and one sum: the same picks every run). With ``whole`` (the fused SGD

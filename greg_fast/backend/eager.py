@@ -1,7 +1,7 @@
 """The eager reference: per-layer, vectorized over groups, plain PyTorch.
 
 Every fast backend is tested against these functions. A layer's groups live on the middle axis of
-its weight viewed as ``[outer, n_groups, inner]`` (see :class:`greg_fast.plan.LayerPlan`).
+its weight viewed as ``[outer, n_groups, inner]`` (see :class:`greg_fast.units.LayerPlan`).
 """
 from __future__ import annotations
 
