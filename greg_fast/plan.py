@@ -100,7 +100,7 @@ def count_flops(model: nn.Module, example_inputs: tuple) -> tuple[dict[str, int]
 
 
 API_NAMES = {"granularity": "granularity", "coupled": "coupled=True", "not_coupled": "coupled=False",
-             "approximate": "approximate=True", "target": "target=", "allocation": "allocation",
+             "approximate": "approximate=True", "target": "a target", "allocation": "allocation",
              "max_ratio": "max_ratio", "round_to": "round_to", "ratio": "a ratio"}
 
 
@@ -130,13 +130,13 @@ def check_options(granularity: str, coupled: bool | None, approximate: bool, rat
     else:
         for name, value in (("allocation", allocation), ("max_ratio", max_ratio)):
             if value is not None:
-                raise ValueError(f"{n[name]} spreads a target over the groups: give {n['target']} too "
+                raise ValueError(f"{n[name]} spreads a target over the groups: it needs {n['target']} too "
                                  "(e.g. a FLOPs target of 2x)")
     if allocation is not None and allocation not in ALLOCATIONS:
         raise ValueError(f"{n['allocation']} must be one of {ALLOCATIONS}, got {allocation!r}")
     if max_ratio is not None and (isinstance(max_ratio, bool) or not isinstance(max_ratio, (int, float))
                                   or not 0 < max_ratio < 1):
-        raise ValueError(f"{n['max_ratio']} must be a number in (0, 1) (the largest share of a group removed), "
+        raise ValueError(f"{n['max_ratio']} must be in (0, 1): a number, the largest share of a group removed; "
                          f"got {max_ratio!r}")
     round_to = check_round_to(round_to, n["round_to"])
     if round_to is not None and granularity == "weight":

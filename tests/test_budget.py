@@ -224,7 +224,7 @@ def test_growing_regularization_allocates_globally_from_its_own_scores_and_resum
     (lambda m: gf.plan(m, target={"flops": 0.5}, max_ratio=0.2), "reachable range"),
     (lambda m: gf.plan(m, target={"flops": 0.5}, allocation="best"), "allocation must be one of"),
     (lambda m: gf.plan(m, 0.5, allocation="global"), "give target= too"),
-    (lambda m: gf.plan(m, target={"flops": 0.5}, max_ratio=1.0), r"max_ratio must be a number in \(0, 1\)"),
+    (lambda m: gf.plan(m, target={"flops": 0.5}, max_ratio=1.0), r"max_ratio must be in \(0, 1\): a number"),
     (lambda m: gf.plan(m, target={"flops": 0.5}, round_to=0), "round_to must be an integer >= 1"),
     (lambda m: gf.plan(m, target={"flops": 0.5}, round_to=64), "larger than every group"),
     (lambda m: gf.plan(m, 0.5, round_to=16, ratios={"layer1.0.conv1": 0.5}), "keeps whole"),
