@@ -52,3 +52,9 @@ def workload(model, device):
         _WORKLOADS.clear()  # one model's tensors at a time
         _WORKLOADS[(model, device)] = bench.workload(model, device)
     return _WORKLOADS[(model, device)]
+
+
+def pytest_xdist_auto_num_workers(config):
+    """The benchmarks time one thing at a time, in this process: pyproject's ``-n auto`` (pytest-xdist,
+    for the tests) means no workers here (pytest-benchmark disables itself under xdist)."""
+    return 0

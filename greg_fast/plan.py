@@ -101,7 +101,8 @@ def count_flops(model: nn.Module, example_inputs: tuple) -> tuple[dict[str, int]
 
 API_NAMES = {"granularity": "granularity", "coupled": "coupled=True", "not_coupled": "coupled=False",
              "approximate": "approximate=True", "target": "a target", "allocation": "allocation",
-             "max_ratio": "max_ratio", "round_to": "round_to", "ratio": "a ratio"}
+             "max_ratio": "max_ratio", "round_to": "round_to", "ratio": "a ratio",
+             "needs_target": "give target= too (e.g. target={'flops': '2x'})"}
 
 
 def check_options(granularity: str, coupled: bool | None, approximate: bool, ratio, target, allocation,
@@ -130,8 +131,7 @@ def check_options(granularity: str, coupled: bool | None, approximate: bool, rat
     else:
         for name, value in (("allocation", allocation), ("max_ratio", max_ratio)):
             if value is not None:
-                raise ValueError(f"{n[name]} spreads a target over the groups: it needs {n['target']} too "
-                                 "(e.g. a FLOPs target of 2x)")
+                raise ValueError(f"{n[name]} spreads a target over the groups: {n['needs_target']}")
     if allocation is not None and allocation not in ALLOCATIONS:
         raise ValueError(f"{n['allocation']} must be one of {ALLOCATIONS}, got {allocation!r}")
     if max_ratio is not None and (isinstance(max_ratio, bool) or not isinstance(max_ratio, (int, float))

@@ -16,6 +16,15 @@ else:  # models run on the GPU are compared with the CPU's float32: no TF32 conv
     torch.backends.cudnn.deterministic = True
     torch.backends.cudnn.benchmark = False
 
+# under pytest-xdist (-n auto: one worker per CPU) each worker takes its share of the CPUs, so
+# that torch's thread pools do not oversubscribe the machine; a run compared with one in a subprocess
+# needs the same count (float sums split over threads round differently)
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    _THREADS = max(1, len(os.sched_getaffinity(0)) // _WORKERS)
+    torch.set_num_threads(_THREADS)
+    os.environ["OMP_NUM_THREADS"] = str(_THREADS)  # the processes a test starts compute as the test does
+
 from greg_fast.plan import _group_view  # noqa: E402  (after TRITON_INTERPRET)
 from greg_fast.units import LayerPlan, Slice  # noqa: E402
 

@@ -74,13 +74,22 @@ def same_result(a, b):
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+KILLABLE = ["prune", "--method", "greg1", *TINY, "--checkpoint-every", "3"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The run every killed one must end as: run once for all of them."""
+    reference = tmp_path_factory.mktemp("reference")
+    assert main([*KILLABLE, "--out", str(reference)]) == 0
+    return reference
+
+
 @pytest.mark.parametrize("kill_at", ["pretrain:5", "regularize:4", "regularize:10", "finetune:6"])
-def test_killed_run_resumes_to_the_same_result(tmp_path, kill_at):
+def test_killed_run_resumes_to_the_same_result(tmp_path, kill_at, uninterrupted):
     """SIGKILL during pretrain, grow, stabilize and fine-tune; --resume ends where the
     uninterrupted run ends (deterministic CPU settings: same data order, same RNG state)."""
-    args = ["prune", "--method", "greg1", *TINY, "--checkpoint-every", "3"]
-    reference = tmp_path / "reference"
-    assert main([*args, "--out", str(reference)]) == 0
+    args, reference = KILLABLE, uninterrupted
     killed = tmp_path / "killed"
     env = {**os.environ, "GREG_FAST_KILL_AT": kill_at, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     proc = subprocess.run([sys.executable, "-m", "greg_fast.cli", *args, "--out", str(killed)], env=env,

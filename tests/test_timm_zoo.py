@@ -32,15 +32,16 @@ def float64_outputs(model, x):
 
 
 # more models of families the default run covers (efficientnet_b0, resnetv2_50, torchvision's ResNets,
-# nf_resnet26 for weight standardization): under the zoo marker, which .ci/run runs after the default run
-BREADTH = {"tf_efficientnet_b0", "resnetv2_50x1_bit", "resnet50d"}
+# nf_resnet26 for weight standardization, the CIFAR VGG and torchvision's densenet121 in test_groups):
+# under the zoo marker, which .ci/run runs after the default run
+BREADTH = {"tf_efficientnet_b0", "resnetv2_50x1_bit", "resnet50d", "vgg11_bn", "densenet121"}
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.zoo) if n in BREADTH else n for n in MODELS])
 def test_timm_model_plans_compacts_exactly_regularizes_and_round_trips(name, tmp_path):
     torch.manual_seed(0)
     model = randomize(timm.create_model(name, pretrained=False)).eval()
-    x = torch.randn(1, 3, 160, 160)
+    x = torch.randn(1, 3, 128, 128)
     plan = gf.plan(model, 0.5, example_inputs=x)
 
     planned = {k.module for layer in plan.layers for k in layer.members}
@@ -70,7 +71,7 @@ def test_timm_model_plans_compacts_exactly_regularizes_and_round_trips(name, tmp
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     greg = gf.GrowingReg(opt, plan, method="greg1", delta=0.5, interval=1, ceiling=1.0, stabilize=1)
-    batch = torch.randn(2, 3, 160, 160)
+    batch = torch.randn(2, 3, 128, 128)
     for _ in range(2):
         opt.zero_grad()
         model(batch).square().mean().backward()

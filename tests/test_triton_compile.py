@@ -88,17 +88,27 @@ def test_launcher_promises_128_bit_access_only_where_it_holds(dtype):
     assert {s["VEC"] for s in record(misaligned, packed_masks=False)} == {1}
 
 
-def compile_for_gpu(jobs):
-    """[(arch, spec)] -> compile reports, from a process without the interpreter."""
+def compile_for_gpu(jobs, tmp_path):
+    """[(arch, spec)] -> compile reports, from processes without the interpreter: one per CPU this
+    process may use (the compiles are independent), each taking every n-th job from a file (so that
+    all start at once)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    job = json.dumps([{"arch": arch, "spec": spec} for arch, spec in jobs])
-    out = subprocess.run([sys.executable, str(Path(__file__).with_name("triton_aot.py"))], input=job, env=env,
-                         capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, out.stderr[-4000:]
-    return json.loads(out.stdout)
+    n = max(1, min(len(os.sched_getaffinity(0)), 4, len(jobs)))
+    procs = []
+    for i in range(n):
+        path = tmp_path / f"jobs{i}.json"
+        path.write_text(json.dumps([{"arch": a, "spec": s} for a, s in jobs[i::n]]))
+        with open(path) as stdin:
+            procs.append(subprocess.Popen([sys.executable, str(Path(__file__).with_name("triton_aot.py"))], env=env,
+                                          text=True, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    outs = [p.communicate(timeout=900) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-4000:]
+    reports = [json.loads(out) for out, _ in outs]
+    return [reports[i % n][i // n] for i in range(len(jobs))]
 
 
-def test_every_launched_kernel_compiles_for_gpus_without_spills_and_with_128_bit_access():
+def test_every_launched_kernel_compiles_for_gpus_without_spills_and_with_128_bit_access(tmp_path):
     # every flag combination in fp32; the 16-bit types over the aligned layout (their own conversions)
     specs = unique(s for layout in SHAPES for g in gf.GRANULARITIES for s in specs_of(layout, g, torch.float32))
     specs += unique(s for dtype in DTYPES[1:] for g in gf.GRANULARITIES for s in specs_of("aligned", g, dtype)
@@ -116,7 +126,7 @@ def test_every_launched_kernel_compiles_for_gpus_without_spills_and_with_128_bit
     assert any(s["MASK"] == 2 and s["SKIP_FLAG"] for s in specs)
     # Hopper for all; Ampere for the aligned ones with every feature on
     jobs = [(90, s) for s in specs] + [(80, s) for s in specs if s["VEC"] > 1 and s["MASK"] and s["SCORES"]]
-    for (arch, spec), result in zip(jobs, compile_for_gpu(jobs), strict=True):
+    for (arch, spec), result in zip(jobs, compile_for_gpu(jobs, tmp_path), strict=True):
         where = f"sm_{arch} {spec}"
         assert result["stack"] == 0, f"register spills ({result['stack']} bytes of stack): {where}"
         if spec["VEC"] > 1:

@@ -14,7 +14,8 @@ from ..train import parse_lr_schedule, resolve_device
 # the plan options as the command line spells them (plan.check_options names them in its errors)
 CLI_NAMES = {"granularity": "--granularity", "coupled": "--coupled", "not_coupled": "--no-coupled",
              "approximate": "--approximate", "target": "--target-flops/--target-params/--target-latency",
-             "allocation": "--allocation", "max_ratio": "--max-ratio", "round_to": "--round-to", "ratio": "--ratio"}
+             "allocation": "--allocation", "max_ratio": "--max-ratio", "round_to": "--round-to", "ratio": "--ratio",
+             "needs_target": "it needs --target-flops, --target-params or --target-latency"}
 
 # Arguments that must agree between a run and its resume.
 HYPER_FIELDS = tuple(f.name for f in dataclasses.fields(Hyper))
