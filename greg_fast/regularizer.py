@@ -61,7 +61,8 @@ class Regularizer:
         are zeroed instead, the other members' gradients too. Returns the units' group scores when
         asked."""
         scores = self.backend.step(self.batch(sgd), want_scores=want_scores, mask=mask)
-        self._zero_removed_grads(mask)
+        if mask is not False:  # before pruning (a host step's common case) nothing is zeroed
+            self._zero_removed_grads(mask)
         return self.map.unit_scores(scores) if scores is not None else None
 
     @torch.no_grad()
