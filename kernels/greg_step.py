@@ -51,6 +51,83 @@ def _aligned(address, ELEM: tl.constexpr, VEC: tl.constexpr):
 
 
 @triton.jit
+def _kept_groups(kept_table, layer, offs_g, g_in, PACKED: tl.constexpr):
+    """The layer's kept flags of groups ``offs_g``: bool masks, or PACKED one bit per weight (bit k
+    of byte b is group 8b + k)."""
+    if PACKED:
+        kept_ptr = tl.load(kept_table + layer).to(tl.pointer_type(tl.uint8))
+        byte = tl.load(kept_ptr + (offs_g >> 3), mask=g_in, other=255)
+        kept = ((byte >> (offs_g & 7).to(tl.uint8)) & 1) != 0
+    else:
+        kept_ptr = tl.load(kept_table + layer).to(tl.pointer_type(tl.int8))
+        kept = tl.load(kept_ptr + offs_g, mask=g_in, other=1) != 0
+    return kept
+
+
+@triton.jit
+def _penalty_tile(w_ptr, g_ptr, idx, inside, lam, kept, free, xlam_ptr, xkeep_ptr, has_x, offs_b, B,
+                  ELEM: tl.constexpr, MASK: tl.constexpr, SCORES: tl.constexpr, UNIT_B: tl.constexpr,
+                  CROSS: tl.constexpr):
+    """MODE_PENALTY on one tile: grad += λ w (a CROSS launch adds its column's λ where the row is
+    ``free``); after pruning (MASK) the removed entries of w and grad are zeroed. Returns w as read."""
+    if UNIT_B:  # single weights: their sectors are fetched anyway, and a per-lane mask
+        touched = inside  # would stop 128-bit access
+    else:
+        # groups with λ = 0 (GReg-1's kept ones) need no gradient traffic; masked-off
+        # lanes touch no memory, so they cost nothing but the scores' read of w
+        touched = inside & (lam != 0.0)[:, None]
+        mine = inside  # the entries this program writes
+        keep = kept[:, None]
+        if CROSS:
+            b_in = (offs_b < B) & has_x
+            xlam = tl.load(xlam_ptr + offs_b, mask=b_in, other=0.0)
+            xkeep = tl.load(xkeep_ptr + offs_b, mask=b_in, other=1) != 0
+            keep = keep & xkeep[None, :]
+            mine = inside & free
+            touched = (touched | (inside & (xlam != 0.0)[None, :])) & free
+        if MASK != MASK_OFF:
+            touched = touched | (mine & ~keep)
+    w = tl.load(w_ptr + idx, mask=inside if SCORES else touched, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + idx, mask=touched, other=0.0).to(tl.float32)
+    g = g + w * lam[:, None]
+    if CROSS:  # after the row's λ, as eager adds the rows' pass before the columns'
+        g = g + w * xlam[None, :]
+    if MASK != MASK_OFF:
+        if UNIT_B:  # rewrite every weight: a per-lane mask would stop 128-bit stores
+            g = tl.where(kept[:, None], g, 0.0)
+            tl.store(w_ptr + idx, tl.where(kept[:, None], w, 0.0).to(ELEM), mask=inside)
+        else:
+            g = tl.where(keep, g, 0.0)
+            tl.store(w_ptr + idx, tl.zeros_like(w).to(ELEM), mask=mine & ~keep)
+    tl.store(g_ptr + idx, g.to(ELEM), mask=touched)
+    return w
+
+
+@triton.jit
+def _sgd_tile(w, w_ptr, g_ptr, m_ptr, idx, inside, writes, lam, kept, lr, mu, wd,
+              ELEM: tl.constexpr, MASK: tl.constexpr, HAS_MOMENTUM: tl.constexpr, SKIP_FLAG: tl.constexpr):
+    """MODE_SGD on one tile (w as read): the penalty, weight decay, momentum and the SGD update;
+    nothing written where ``writes`` is false (SKIP_FLAG)."""
+    written = inside
+    if SKIP_FLAG:
+        written = inside & writes
+    g = tl.load(g_ptr + idx, mask=inside, other=0.0).to(tl.float32)
+    d = g + w * lam[:, None]
+    d = d + w * wd
+    if HAS_MOMENTUM:
+        m = tl.load(m_ptr + idx, mask=inside, other=0.0).to(tl.float32)
+        m = (m * mu + d).to(ELEM).to(tl.float32)
+        if MASK != MASK_OFF:
+            m = tl.where(kept[:, None], m, 0.0)
+        tl.store(m_ptr + idx, m.to(ELEM), mask=written)
+        d = m
+    w = w - lr * d
+    if MASK != MASK_OFF:
+        w = tl.where(kept[:, None], w, 0.0)
+    tl.store(w_ptr + idx, w.to(ELEM), mask=written)
+
+
+@triton.jit
 def _step_body(scores_ptr, w_table, g_table, m_table, kept_table, xlam_table, xkeep_table, own_table, dims_ptr,
                score_off_ptr, lam_kept_ptr, lam_sel_ptr, hyper_ptr, work_ptr, skip_flag_ptr,
                ELEM: tl.constexpr, MODE: tl.constexpr, MASK: tl.constexpr, SCORES: tl.constexpr,
@@ -78,13 +155,7 @@ def _step_body(scores_ptr, w_table, g_table, m_table, kept_table, xlam_table, xk
     g_in = offs_g < G
     if MODE != MODE_SCORES:
         g_ptr = _aligned(tl.load(g_table + layer), ELEM, VEC)
-        if PACKED:  # one bit per weight: bit k of byte b is group 8b + k
-            kept_ptr = tl.load(kept_table + layer).to(tl.pointer_type(tl.uint8))
-            byte = tl.load(kept_ptr + (offs_g >> 3), mask=g_in, other=255)
-            kept = ((byte >> (offs_g & 7).to(tl.uint8)) & 1) != 0
-        else:
-            kept_ptr = tl.load(kept_table + layer).to(tl.pointer_type(tl.int8))
-            kept = tl.load(kept_ptr + offs_g, mask=g_in, other=1) != 0
+        kept = _kept_groups(kept_table, layer, offs_g, g_in, PACKED)
         lam = tl.where(kept, tl.load(lam_kept_ptr + layer), tl.load(lam_sel_ptr + layer))
         if CROSS:  # MODE_PENALTY over a parameter's rows and columns in one launch
             x_address = tl.load(xlam_table + layer)
@@ -94,30 +165,28 @@ def _step_body(scores_ptr, w_table, g_table, m_table, kept_table, xlam_table, xk
             own_address = tl.load(own_table + layer)
             has_own = own_address != 0
             own_ptr = own_address.to(tl.pointer_type(tl.int8))
+        else:  # unread without CROSS: defined for the tile's call
+            has_x, xlam_ptr, xkeep_ptr = False, lam_kept_ptr, kept_table
         if MODE == MODE_SGD:
             lr = tl.load(hyper_ptr + layer * 3)
             mu = tl.load(hyper_ptr + layer * 3 + 1)
             wd = tl.load(hyper_ptr + layer * 3 + 2)
+            m_ptr = w_ptr  # unread without momentum: defined for the tile's call
             if HAS_MOMENTUM:
                 m_ptr = _aligned(tl.load(m_table + layer), ELEM, VEC)
     writes = True
     if SKIP_FLAG:
         writes = tl.load(skip_flag_ptr) == 0
     acc = tl.zeros([BLOCK_G], dtype=tl.float32)
-    if A_STEP == 0:
-        a_end = A
-    else:
-        a_end = tl.minimum(a0 + A_STEP, A)
-    if B_STEP == 0:
-        b_end = B
-    else:
-        b_end = tl.minimum(b_start + B_STEP, B)
+    a_end = A if A_STEP == 0 else tl.minimum(a0 + A_STEP, A)
+    b_end = B if B_STEP == 0 else tl.minimum(b_start + B_STEP, B)
     if STRIDED:  # runs of a parameter's columns: rows of A further apart than G·B
         SA = tl.load(dims_ptr + layer * 4 + 3) // VEC * VEC
     else:
         SA = G * B
     for a in range(a0, a_end):
         row = a * SA + offs_g * B
+        free = True
         if CROSS:  # a row that a row slice owns: that program adds this column's λ, not this one
             free = tl.load(own_ptr + a, mask=has_own, other=0) == 0
         for b0 in range(b_start, b_end, BLOCK_B):
@@ -125,59 +194,15 @@ def _step_body(scores_ptr, w_table, g_table, m_table, kept_table, xlam_table, xk
             inside = g_in[:, None] & (offs_b < B)[None, :]
             idx = row[:, None] + offs_b[None, :]
             if MODE == MODE_PENALTY:
-                if UNIT_B:  # single weights: their sectors are fetched anyway, and a per-lane mask
-                    touched = inside  # would stop 128-bit access
-                else:
-                    # groups with λ = 0 (GReg-1's kept ones) need no gradient traffic; masked-off
-                    # lanes touch no memory, so they cost nothing but the scores' read of w
-                    touched = inside & (lam != 0.0)[:, None]
-                    mine = inside  # the entries this program writes
-                    keep = kept[:, None]
-                    if CROSS:
-                        b_in = (offs_b < B) & has_x
-                        xlam = tl.load(xlam_ptr + offs_b, mask=b_in, other=0.0)
-                        xkeep = tl.load(xkeep_ptr + offs_b, mask=b_in, other=1) != 0
-                        keep = keep & xkeep[None, :]
-                        mine = inside & free
-                        touched = (touched | (inside & (xlam != 0.0)[None, :])) & free
-                    if MASK != MASK_OFF:
-                        touched = touched | (mine & ~keep)
-                w = tl.load(w_ptr + idx, mask=inside if SCORES else touched, other=0.0).to(tl.float32)
+                w = _penalty_tile(w_ptr, g_ptr, idx, inside, lam, kept, free, xlam_ptr, xkeep_ptr, has_x, offs_b, B,
+                                  ELEM, MASK, SCORES, UNIT_B, CROSS)
             else:
                 w = tl.load(w_ptr + idx, mask=inside, other=0.0).to(tl.float32)
+                if MODE == MODE_SGD:
+                    _sgd_tile(w, w_ptr, g_ptr, m_ptr, idx, inside, writes, lam, kept, lr, mu, wd,
+                              ELEM, MASK, HAS_MOMENTUM, SKIP_FLAG)
             if SCORES:
                 acc += tl.sum(tl.abs(w), axis=1)
-            if MODE == MODE_PENALTY:
-                g = tl.load(g_ptr + idx, mask=touched, other=0.0).to(tl.float32)
-                g = g + w * lam[:, None]
-                if CROSS:  # after the row's λ, as eager adds the rows' pass before the columns'
-                    g = g + w * xlam[None, :]
-                if MASK != MASK_OFF:
-                    if UNIT_B:  # rewrite every weight: a per-lane mask would stop 128-bit stores
-                        g = tl.where(kept[:, None], g, 0.0)
-                        tl.store(w_ptr + idx, tl.where(kept[:, None], w, 0.0).to(ELEM), mask=inside)
-                    else:
-                        g = tl.where(keep, g, 0.0)
-                        tl.store(w_ptr + idx, tl.zeros_like(w).to(ELEM), mask=mine & ~keep)
-                tl.store(g_ptr + idx, g.to(ELEM), mask=touched)
-            elif MODE == MODE_SGD:
-                written = inside
-                if SKIP_FLAG:
-                    written = inside & writes
-                g = tl.load(g_ptr + idx, mask=inside, other=0.0).to(tl.float32)
-                d = g + w * lam[:, None]
-                d = d + w * wd
-                if HAS_MOMENTUM:
-                    m = tl.load(m_ptr + idx, mask=inside, other=0.0).to(tl.float32)
-                    m = (m * mu + d).to(ELEM).to(tl.float32)
-                    if MASK != MASK_OFF:
-                        m = tl.where(kept[:, None], m, 0.0)
-                    tl.store(m_ptr + idx, m.to(ELEM), mask=written)
-                    d = m
-                w = w - lr * d
-                if MASK != MASK_OFF:
-                    w = tl.where(kept[:, None], w, 0.0)
-                tl.store(w_ptr + idx, w.to(ELEM), mask=written)
     if SCORES:
         off = tl.load(score_off_ptr + layer)
         tl.atomic_add(scores_ptr + off + offs_g, acc, mask=g_in)
