@@ -474,3 +474,37 @@ def test_output_change_compares_every_tensor_of_a_structured_output():
     assert gf.output_change(net, masks, approx, x) == by_leaf["['out']"]
     exact = gf.plan(net, 0.5, example_inputs=x[:1])
     assert gf.output_change(net, random_group_masks(exact, 0.5), exact, x) < 1e-6
+
+
+class BoolCumsum(nn.Module):  # EdgeNeXt-style: a running count over a bool mask of the activations
+    def __init__(self):
+        super().__init__()
+        self.conv, self.mid, self.head = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        count = (y > 0).cumsum(3)  # an op the pointwise tags miss, on a bool tensor
+        return self.head(self.mid(y) * count)
+
+
+class Autocast(nn.Module):  # EfficientViT-style: part of forward under torch.autocast (a higher-order op)
+    def __init__(self):
+        super().__init__()
+        self.conv, self.mid, self.head = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        with torch.autocast("cpu", enabled=False):
+            y = self.mid(y)
+        return self.head(y)
+
+
+@pytest.mark.parametrize("net", [BoolCumsum, Autocast])
+def test_ops_the_table_does_not_know_freeze_what_they_read_instead_of_crashing(net):
+    model, x = randomize(net()).eval(), torch.randn(1, 3, 6, 6)
+    plan = gf.plan(model, 0.5, example_inputs=x)  # plan() raised here: randn in bool, a HOP's missing schema
+    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    planned = {k.module for l in plan.layers for k in l.members if k.role == "filter"}
+    assert all(n in planned or n in plan.excluded for n in convs)
+    masks = {l.name: torch.arange(l.n_groups) % 2 == 0 for l in plan.layers}
+    gf.compact(model, masks, plan)  # verify=True: exact on the example input
