@@ -158,14 +158,9 @@ class GrowingReg(OptimizerWrapper):
         check_holds(self.optimizer, self._reg.slices)
         kind = dict(capturable=self.capturable, nan_guard=self.nan_guard)
         self._inner = (FusedSGDStep(self.optimizer, self._reg.slices, penalize=self.penalize, **kind) if self.fused
-                       else InnerStep(self.optimizer, self._reg.slices, **kind))
+                       else InnerStep(self.optimizer, **kind))
         if self.capturable:
             self._all_finite = torch.ones((), dtype=torch.bool, device=self.device)
-            if self.nan_guard:  # fused SGD skipped on its first step leaves its new momentum buffer unset (torch
-                for group in self.optimizer.param_groups:  # 2.14): start from zeros, exact (0 * m + d = d)
-                    if isinstance(self.optimizer, torch.optim.SGD) and group["momentum"] != 0:
-                        for p in group["params"]:
-                            self.optimizer.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
 
     def __repr__(self) -> str:
         return (f"GrowingReg(method={self.method}, phase={self.phase}, iteration={self.iteration}, "

@@ -67,11 +67,16 @@ def skippable_step(opt: torch.optim.Optimizer, skip: torch.Tensor | None) -> Non
 class InnerStep:
     """Steps the inner optimizer after the penalty pass (``fused=False``)."""
 
-    fused = False
-
-    def __init__(self, optimizer: torch.optim.Optimizer, slices: Sequence, *, capturable: bool, nan_guard: bool):
+    def __init__(self, optimizer: torch.optim.Optimizer, *, capturable: bool, nan_guard: bool):
         self.optimizer, self.capturable, self.nan_guard = optimizer, capturable, nan_guard
         self.needs_closure = needs_closure(optimizer)
+        if capturable and nan_guard and isinstance(optimizer, torch.optim.SGD):
+            # fused SGD skipped on its first step leaves its new momentum buffer unset (torch 2.14):
+            # start from zeros, exact (0 * m + d = d)
+            for group in optimizer.param_groups:
+                if group["momentum"] != 0:
+                    for p in group["params"]:
+                        optimizer.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
 
     def sgd_args(self, skip: torch.Tensor | bool = False) -> SGDArgs | None:
         """The SGD half of the backend's pass: none, the inner optimizer updates the weights."""
@@ -90,11 +95,9 @@ class FusedSGDStep(InnerStep):
     capturable step uses a sibling SGD over the others instead, sharing the inner optimizer's
     settings and state (a compiled optimizer step refuses parameters whose grad was just unset)."""
 
-    fused = True
-
     def __init__(self, optimizer: torch.optim.Optimizer, slices: Sequence, *, capturable: bool, nan_guard: bool,
                  penalize: str):
-        super().__init__(optimizer, slices, capturable=capturable, nan_guard=nan_guard)
+        super().__init__(optimizer, capturable=capturable, nan_guard=nan_guard)
         self.slices = slices
         group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
         self.groups = [group_of[id(s.param)] for s in slices]

@@ -3,11 +3,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+def _pyplot():
+    """matplotlib's pyplot on the Agg backend (no display), imported on first use: the command line
+    starts without paying for it (half a second), as a plot is drawn only at the end of a run."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot
+    return matplotlib.pyplot
+
 
 _STAGE_COLORS = {"pretrain": "tab:gray", "regularize": "tab:orange", "finetune": "tab:green"}
 
@@ -20,6 +25,7 @@ def _phase_marks(ax, trace: dict) -> None:
 
 def lambda_schedule(trace: dict, path: Path) -> None:
     """λ of selected (solid) and kept (dashed) groups of every regularized layer over iterations."""
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     it = trace["iteration"].numpy()
     for i, name in enumerate(trace["layers"]):
@@ -37,6 +43,7 @@ def lambda_schedule(trace: dict, path: Path) -> None:
 
 def score_distribution(trace: dict, path: Path) -> None:
     """Per-group score (mean |w|) of one layer over the regularization, removed vs kept groups."""
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     it = trace["iteration"].numpy()
     scores = trace["scores"].clamp_min(1e-12).numpy()
@@ -57,6 +64,7 @@ def score_distribution(trace: dict, path: Path) -> None:
 
 def accuracy(records: list[dict], path: Path, dense_acc: float | None) -> None:
     """Test accuracy at the end of every epoch of every stage."""
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     x = 0
     for stage, color in _STAGE_COLORS.items():
@@ -88,6 +96,7 @@ def stack_trace(rows: list[dict], meta: dict) -> dict:
 def compare(records: list[dict], methods: list[str], protocols: tuple, path: Path, dense_acc: list[float]) -> None:
     """``greg-fast compare``: test accuracy per method, one panel per protocol; each seed a point
     (filled: after fine-tuning, hollow: right after pruning), the mean a bar."""
+    plt = _pyplot()
     fig, axes = plt.subplots(1, len(protocols), figsize=(4.5 * len(protocols), 4), sharey=True, squeeze=False)
     for ax, protocol in zip(axes[0], protocols):
         for x, method in enumerate(methods):

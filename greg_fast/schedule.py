@@ -151,7 +151,7 @@ class Schedule:
     def select(self, scores: Sequence[torch.Tensor]) -> None:
         """Each layer drops its ``n_prune`` lowest-score groups (ties: lowest index first)."""
         for i, layer in enumerate(self.layers):
-            kept = keep_strongest(scores[i].to(self.device), layer.n_prune)
+            kept = keep_strongest(scores[i], layer.n_prune)
             self.kept[i].copy_(kept if self.structured else pack_bits(kept))
         _from_rank0(self.kept_flat)
         self._set_idle()

@@ -1,5 +1,6 @@
 """A non-editable wheel holds every module of the source tree: a package missing from pyproject's
 list installs fine in editable mode (the tests' own) and breaks only for users."""
+import os
 import shutil
 import subprocess
 import sys
@@ -37,5 +38,4 @@ def test_the_wheel_holds_and_imports_every_module(tmp_path):
 
 
 def _python_env() -> dict:
-    import os
     return {k: v for k, v in os.environ.items() if k.startswith(("PYENV", "VIRTUAL_ENV", "LD_LIBRARY", "PIP_"))}

@@ -37,7 +37,7 @@ import torch.nn as nn
 # the family files register their rules in the op table when imported
 from . import arithmetic, layers, norms, reductions, shapes  # noqa: F401
 from .single import Consumer, LayerDeps, analyze_layers  # noqa: F401  (the single-layer view)
-from .walk import Group, collect_groups, unfiltered, walk_model  # noqa: F401
+from .walk import Group, collect_groups, unfiltered, walk_model
 
 
 def analyze_groups(model: nn.Module, example_inputs: tuple) -> tuple[list[Group], dict[str, str]]:
