@@ -36,6 +36,12 @@ TIMM = ("efficientnet_b0", "tf_efficientnet_b0", "mobilenetv3_large_100", "regne
         "inception_v3", "darknet53", "cspresnet50", "repvgg_a0", "resnetv2_50", "resnetv2_50x1_bit",
         "nf_resnet26", "vgg11_bn", "convnextv2_atto", "dpn68", "skresnet18", "mixnet_s", "ghostnet_100",
         "res2net50_14w_8s", "resnest14d", "xception41", "hrnet_w18_small", "resnet50d", "dla34")
+# attention and norms over channels (issue 37), and the convnets whose widths their modules store
+ATTENTION = ("vit_tiny_patch16_224", "swin_tiny_patch4_window7_224", "convnext_atto", "convnextv2_atto",
+             "mobilevit_xxs", "levit_128s", "efficientformer_l1", "poolformer_s12", "mambaout_femto",
+             "edgenext_xx_small", "res2net50_14w_8s", "mixnet_s", "dpn68", "cspresnet50", "skresnet18",
+             "deit_tiny_distilled_patch16_224", "pvt_v2_b0", "coatnet_nano_rw_224", "maxvit_nano_rw_256",
+             "tiny_vit_5m_224", "efficientvit_b0", "fastvit_t8", "caformer_s18", "repvit_m1")
 TORCH_PRUNING_LIMIT_S = 300  # it runs for minutes on some channel-attention nets: past this, "no answer"
 
 
@@ -60,6 +66,7 @@ def greg_fast_row(model: nn.Module, x: torch.Tensor, ratio: float, coupled: bool
     if coupled:  # L1 picks, then compaction: timed, and checked against the masked model
         masks = gf.GrowingReg(torch.optim.SGD(model.parameters(), lr=0.0), plan, method="l1").masks()
         row["max_rel_error"] = float64_change(model, masks, plan, x)
+        row["random_mask_errors"] = [float64_change(model, random_masks(plan, r), plan, x) for r in (0.3, 0.7)]
         start = time.perf_counter()
         gf.compaction.compaction_error(model, masks, plan, (x,), exact=not approximate)
         row["verify_s"] = time.perf_counter() - start
@@ -67,7 +74,18 @@ def greg_fast_row(model: nn.Module, x: torch.Tensor, ratio: float, coupled: bool
         gf.compact(model, masks, plan, verify=False)
         row["compact_s"] = time.perf_counter() - start
         row["params_after_matches_plan"] = sum(p.numel() for p in model.parameters()) == c["params_after"]
+        # measured on the compacted model: the plan counts layers' FLOPs, not attention's products
+        row["flops_removed"] = 100 * (1 - count_flops(model, (x,))[1] / c["flops_before"])
     return row, plan
+
+
+def random_masks(plan: gf.Plan, ratio: float) -> dict:
+    """Each group keeps each channel with probability 1 - ratio (at least one)."""
+    g = torch.Generator().manual_seed(1)
+    masks = {l.name: torch.rand(l.n_groups, generator=g) >= ratio for l in plan.layers}
+    for m in masks.values():
+        m[0] |= not bool(m.any())
+    return masks
 
 
 def float64_change(model: nn.Module, masks: dict, plan: gf.Plan, x: torch.Tensor) -> float:
@@ -101,6 +119,13 @@ def build(name: str, timm_zoo: bool) -> nn.Module:
                 m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
                 m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
                 m.bias.copy_(torch.rand(m.num_features, generator=g) - 0.5)
+            elif isinstance(m, (nn.LayerNorm, nn.GroupNorm)) and m.weight is not None:
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+                if m.bias is not None:
+                    m.bias.copy_(torch.rand(m.bias.shape, generator=g) - 0.5)
+        for p in model.parameters():  # layer scales start near 0: a branch would hide a wrong cut
+            if p.dim() == 1 and p.numel() and float(p.abs().max()) < 1e-3:
+                p.copy_(torch.rand(p.shape, generator=g) + 0.5)
     return model
 
 
@@ -112,19 +137,33 @@ def _alarm(signum, frame):
     raise _NoAnswer(f"no answer in {TORCH_PRUNING_LIMIT_S} s")
 
 
-def torch_pruning_row(model: nn.Module, x: torch.Tensor, ratio: float) -> dict:
+def torch_pruning_row(model: nn.Module, x: torch.Tensor, ratio: float, heads: str | None = None) -> dict:
+    """Torch-Pruning's MetaPruner; ``heads`` ("dims", "whole") passes the head settings of its own
+    ViT example for every module with a ``qkv`` projection and ``num_heads``."""
     import torch_pruning as tp
     model = copy.deepcopy(model).eval()
     before = cost_of(model, x)
     classifier = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))][-1]
+    num_heads = {m.qkv: m.num_heads for m in model.modules()
+                 if isinstance(getattr(m, "qkv", None), nn.Linear) and isinstance(getattr(m, "num_heads", None), int)}
+    if heads is not None and not num_heads:
+        return {"skipped": "no module with a qkv projection and num_heads for its head settings"}
+    settings = {} if heads is None else dict(num_heads=num_heads, prune_head_dims=True, prune_num_heads=heads == "whole",
+                                             head_pruning_ratio=ratio if heads == "whole" else 0.0)
     start = time.perf_counter()
     previous = signal.signal(signal.SIGALRM, _alarm)
     signal.alarm(TORCH_PRUNING_LIMIT_S)
     try:
         pruner = tp.pruner.MetaPruner(model, x, importance=tp.importance.MagnitudeImportance(p=1),
-                                      pruning_ratio=ratio, ignored_layers=[classifier])
+                                      pruning_ratio=ratio, ignored_layers=[classifier], **settings)
         pruner.step()
         seconds = time.perf_counter() - start
+        for m in model.modules():  # as its ViT example does after the step
+            if getattr(m, "qkv", None) in num_heads:
+                m.num_heads = pruner.num_heads[m.qkv]
+                m.head_dim = m.qkv.out_features // (3 * m.num_heads)
+                if hasattr(m, "attn_dim"):
+                    m.attn_dim = m.num_heads * m.head_dim
         params, flops = removed(before, cost_of(model, x))
     except Exception as err:  # report it, as the issue's table does
         return {"error": f"{type(err).__name__}: {str(err)[:120]}"}
@@ -134,21 +173,46 @@ def torch_pruning_row(model: nn.Module, x: torch.Tensor, ratio: float) -> dict:
     return {"params_removed": params, "flops_removed": flops, "seconds": seconds}
 
 
+def _tp(row: dict | None) -> str:
+    return "-" if row is None or "skipped" in row else "fails" if "error" in row else f"{row['flops_removed']:.1f}%"
+
+
+def attention_table(rows: list[dict]) -> str:
+    """FLOPs removed by the default (exact) plan and by approximate=True next to Torch-Pruning's plain
+    and head settings; the largest compacted-vs-masked change over L1 picks and random masks."""
+    table = [("model", "FLOPs removed: default (exact)", "approximate=True", "Torch-Pruning", "TP head dims",
+              "TP whole heads", "params removed", "groups", "excluded", "plan s", "compacted == masked (max)")]
+    for r in rows:
+        c, a, heads = r["coupled"], r.get("approximate"), r.get("torch_pruning_heads", {})
+        error = max([c["max_rel_error"], *c.get("random_mask_errors", [])])
+        table.append((r["model"], f"{c['flops_removed']:.1f}%",
+                      f"{a['flops_removed']:.1f}% (changes {a['max_rel_error']:.2g})" if a else "-",
+                      _tp(r["torch_pruning"]), _tp(heads.get("dims")), _tp(heads.get("whole")),
+                      f"{c['params_removed']:.1f}%", str(c["groups"]), str(c["excluded"]), f"{c['plan_s']:.1f}",
+                      f"{error:.0e}" + ("" if c["params_after_matches_plan"] else " (params differ!)")))
+    return format_table(table, right=tuple(range(1, 11)))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ratio", type=float, default=0.5)
     p.add_argument("--size", type=int, default=None,
                    help="input size of the ImageNet models (default 224, timm's 160; CIFAR ones: 32)")
     p.add_argument("--timm", action="store_true", help="timm's convnets (pip install timm) instead of torchvision's")
+    p.add_argument("--attention", action="store_true",
+                   help="timm's attention, hybrid and norm-over-channels models and the convnets whose modules "
+                        "store their widths (default size 224)")
     p.add_argument("--models", default=None, help="comma-separated names (default: the whole list)")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = p.parse_args(argv)
-    zoo = TIMM if args.timm else ZOO
+    args.timm = args.timm or args.attention
+    zoo = ATTENTION if args.attention else TIMM if args.timm else ZOO
     args.models = args.models or ",".join(zoo)
-    args.size = args.size or (160 if args.timm else 224)
+    args.size = args.size or (160 if args.timm and not args.attention else 224)
     device = torch.device("cpu")
     slug = "".join(c if c.isalnum() else "-" for c in timing.device_name(device)).strip("-").lower()
-    stem = f"zoo{'-timm' if args.timm else ''}-{slug}-{datetime.date.today().isoformat()}"
+    kind = "-attention" if args.attention else "-timm" if args.timm else ""
+    stem = f"zoo{kind}-{slug}-{datetime.date.today().isoformat()}"
     out = Path(args.out)
     earlier = out / f"{stem}.json"  # a run on some models updates today's table
     rows = json.loads(earlier.read_text())["rows"] if earlier.exists() else []
@@ -161,8 +225,12 @@ def main(argv=None) -> int:
                "excluded": why_excluded(plan).most_common()}
         if any("approximate=True" in reason for reason in plan.excluded.values()):
             row["approximate"] = greg_fast_row(model, x, args.ratio, True, approximate=True)[0]
+        if args.attention and "approximate" not in row:  # what approximate=True (torch's own norms) gives
+            row["approximate"] = greg_fast_row(model, x, args.ratio, True, approximate=True)[0]
         try:
             row["torch_pruning"] = torch_pruning_row(model, x, args.ratio)
+            if args.attention:
+                row["torch_pruning_heads"] = {h: torch_pruning_row(model, x, args.ratio, h) for h in ("dims", "whole")}
         except ImportError:
             row["torch_pruning"] = {"error": "Torch-Pruning not installed (pip install -e '.[bench]')"}
         print(json.dumps(row), flush=True)
@@ -188,7 +256,7 @@ def main(argv=None) -> int:
                       f"{c['plan_s']:.1f}", f"{c['compact_s']:.2f}", f"{c.get('verify_s', 0):.2f}",
                       f"{tp_['seconds']:.1f}" if "error" not in tp_ else "-",
                       f"{c['max_rel_error']:.0e}" + ("" if c["params_after_matches_plan"] else " (params differ!)")))
-    text = format_table(table, right=tuple(range(1, 13)))
+    text = attention_table(rows) if args.attention else format_table(table, right=tuple(range(1, 13)))
     failures = [f"- {r['model']}: {r['torch_pruning']['error']}" for r in rows if "error" in r["torch_pruning"]]
     if failures:
         text += "\n\nTorch-Pruning fails on:\n" + "\n".join(failures)

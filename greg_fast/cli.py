@@ -18,7 +18,7 @@ from .budget import ALLOCATIONS, DEFAULT_MAX_RATIO, target_from_args
 from .units import PENALIZE
 from .recipes import RECIPES, table as recipes_table
 from .train import resolve_device
-from .units import GRANULARITIES
+from .units import GRANULARITIES, HEADS
 
 # The demo: digits, a CIFAR ResNet, GReg-1 at 0.5 on the prunable layers, a schedule shortened from
 # the reference's (delta 1e-4 every 10 iterations up to 1, then 10k stabilize) to ~2 minutes on 2 cores.
@@ -62,8 +62,11 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
                         "gating) as units; default: on for filters with --ratio, off with --stage-ratios. "
                         "--no-coupled plans single layers as the 2021 reference does")
     p.add_argument("--approximate", action="store_true",
-                   help="also cut coupled groups that a LayerNorm normalizes together (ConvNeXt): the pruned "
-                        "model then differs from the masked one; the summary gives the measured change")
+                   help="compact norms over channels (LayerNorm, GroupNorm) to torch's own over the kept channels and "
+                        "also cut weight-standardized convs' inputs: the pruned model then differs from the masked "
+                        "one; the summary gives the measured change")
+    p.add_argument("--heads", default="dims", choices=HEADS,
+                   help="attention: cut the same dims in every head (default), or whole heads")
     p.add_argument("--penalize", default="filters", choices=PENALIZE,
                    help="what a coupled group's penalty applies to: its filter rows (the paper's method) or "
                         "every parameter entry removed with it (default filters)")

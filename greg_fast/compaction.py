@@ -9,6 +9,8 @@ from typing import Mapping
 import torch
 import torch.nn as nn
 
+from .exact import Count, keep_counts
+from .groups.stored import set_attribute
 from .masks import apply_masks, check_masks
 from . import ops
 from .capture import LAYER_TYPES, NORM_TYPES, model_arguments, unwrap
@@ -40,6 +42,40 @@ def cuts(masks: Mapping[str, torch.Tensor], plan: Plan) -> dict[tuple[str, str],
     return {at: {axis: keep.nonzero().view(-1) for axis, keep in axes.items()} for at, axes in keeps.items()}
 
 
+def _kept(masks: Mapping[str, torch.Tensor], plan: Plan, role: str) -> dict[tuple[str, str, int, int], int]:
+    """``{(module, op, axis, width): entries kept}`` for the plan's tensorless members of ``role``."""
+    keeps: dict[tuple[str, str, int, int], torch.Tensor] = {}
+    for layer in plan.layers:
+        mask = masks.get(layer.name)
+        if mask is None or bool(mask.all()) or layer.granularity == "weight":
+            continue
+        removed = ~mask.reshape(-1).cpu()
+        for key, positions in layer.members.items():
+            if key.role == role:
+                keep = keeps.setdefault((key.module, key.op, key.axis, key.width), torch.ones(key.width, dtype=torch.bool))
+                keep[positions[removed].reshape(-1)] = False
+    return {at: int(keep.sum()) for at, keep in keeps.items()}
+
+
+def counts(masks: Mapping[str, torch.Tensor], plan: Plan) -> dict[str, list[Count]]:
+    """``{module name: [Count]}``: the ops whose width the masks change and that must compute with
+    the masked model's width after compaction (the plan's "count" members)."""
+    out: dict[str, list[Count]] = {}
+    for (module, op, axis, width), kept in _kept(masks, plan, "count").items():
+        out.setdefault(module, []).append(Count(op, axis, kept, width))
+    return out
+
+
+def stored_widths(masks: Mapping[str, torch.Tensor], plan: Plan) -> dict[str, dict[str, int]]:
+    """``{module name: {attribute: new value}}``: the widths a module's forward reads from its
+    attributes (``num_heads``, ``shape[0]``) after the cut (the plan's "width" members)."""
+    out: dict[str, dict[str, int]] = {}
+    for (module, spec, _, width), kept in _kept(masks, plan, "width").items():
+        if kept != width:
+            out.setdefault(module, {})[spec] = kept
+    return out
+
+
 def _gather_torch(tensors, rows, cols) -> list[torch.Tensor]:
     """The reference gather: ``t[rows][:, cols]`` (an empty index tensor keeps the whole axis)."""
     out = []
@@ -59,6 +95,13 @@ def _with_layout(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     order = sorted(range(like.dim()), key=lambda d: -like.stride(d))  # outermost first, ties as they are
     inverse = sorted(range(like.dim()), key=order.__getitem__)
     return t.permute(order).contiguous().permute(inverse)
+
+
+def _cut_further(t: torch.Tensor, axes: Mapping[int, torch.Tensor]) -> torch.Tensor:
+    """``t`` with only the kept indices along axes past the first two (gather cuts rows and columns)."""
+    for axis, keep in axes.items():
+        t = _with_layout(t.index_select(axis, keep.to(t.device)).contiguous(), t)
+    return t
 
 
 def gather(tensors, rows, cols, *, backend: str = "auto") -> list[torch.Tensor]:
@@ -107,21 +150,23 @@ def compact(model: nn.Module, masks: Mapping[str, torch.Tensor], plan: Plan,
                              "bug of greg_fast's analysis of this model: please report it (verify=False compacts "
                              "anyway)")
     empty = torch.empty(0, dtype=torch.int64)
-    jobs = []  # (module, attribute, old tensor, rows, cols)
+    jobs = []  # (module, attribute, old tensor, rows, cols, further axes: a position embedding's channels)
     for (name, attr), axes in plan_cuts.items():
         module = plan.module(name)
-        jobs.append((module, attr, getattr(module, attr), axes.get(0, empty), axes.get(1, empty)))
+        jobs.append((module, attr, getattr(module, attr), axes.get(0, empty), axes.get(1, empty),
+                     {a: keep for a, keep in axes.items() if a > 1}))
     state = optimizer.state if optimizer is not None else {}
     extra = [(job, key, value) for job in jobs for key, value in state.get(job[2], {}).items()
              if isinstance(value, torch.Tensor) and value.shape == job[2].shape]
     tensors = [j[2].detach() for j in jobs] + [v for _, _, v in extra]
     rows = [j[3] for j in jobs] + [j[3] for j, _, _ in extra]
     cols = [j[4] for j in jobs] + [j[4] for j, _, _ in extra]
-    new = gather(tensors, rows, cols, backend=backend)
+    further = [j[5] for j in jobs] + [j[5] for j, _, _ in extra]
+    new = [_cut_further(t, axes) for t, axes in zip(gather(tensors, rows, cols, backend=backend), further)]
 
     # from here on nothing can fail: swap the tensors in
     replaced = {}
-    for (module, attr, old, _, _), tensor in zip(jobs, new):
+    for (module, attr, old, *_), tensor in zip(jobs, new):
         if isinstance(old, nn.Parameter):
             param = nn.Parameter(tensor, requires_grad=old.requires_grad)
             replaced[old] = param
@@ -130,6 +175,11 @@ def compact(model: nn.Module, masks: Mapping[str, torch.Tensor], plan: Plan,
             setattr(module, attr, tensor)
     for name in dict.fromkeys(name for name, _ in plan_cuts):
         set_widths(plan.module(name))
+    for name, module_counts in counts(masks, plan).items():
+        keep_counts(plan.module(name), module_counts)
+    for name, values in stored_widths(masks, plan).items():
+        for spec, value in values.items():
+            set_attribute(plan.module(name), spec, value)
     for layer in plan.layers:  # BatchNorms without any tensor (affine=False, no running stats)
         for norm in layer.norms:
             bn = plan.module(norm)
@@ -137,7 +187,7 @@ def compact(model: nn.Module, masks: Mapping[str, torch.Tensor], plan: Plan,
                 bn.num_features -= int((~masks[layer.name]).sum())
     if optimizer is not None:
         moved = {}
-        for ((_, _, old, _, _), key, _), tensor in zip(extra, new[len(jobs):]):
+        for ((_, _, old, *_), key, _), tensor in zip(extra, new[len(jobs):]):
             moved.setdefault(old, {})[key] = tensor
         for group in optimizer.param_groups:
             group["params"] = [replaced.get(p, p) for p in group["params"]]
@@ -224,18 +274,27 @@ def _differs(a: torch.Tensor, b: torch.Tensor, tol: float) -> float | None:
 
 @torch.no_grad()
 def compaction_error(model: nn.Module, masks: Mapping[str, torch.Tensor], plan: Plan, example_inputs,
-                     exact: bool = True) -> str | None:
+                     exact: bool = True, precise: bool = True) -> str | None:
     """Why compacting ``model`` with ``masks`` would not give the masked model's outputs on
     ``example_inputs`` (None when it does), tried on copies in float64 (so that a random-init net
     does not amplify float32 rounding into a false alarm). ``exact=False`` (approximate groups):
-    the compacted model need only run and give outputs of the same shapes."""
+    the compacted model need only run and give outputs of the same shapes. ``precise=False``
+    compares in the model's own precision to 1e-3 (relative): a quicker check that finds the cuts
+    that do not follow (plan()'s search for them), to be confirmed in float64."""
     masked, small = _masked_and_compacted(model, masks, plan)
     x = model_arguments(example_inputs)
     tol = 1e-9
     try:  # a cheap run first: plan()'s trials mostly fail by not running, and then skip the float64 ones
-        _outputs(small, x)
+        cheap = _outputs(small, x)
     except Exception as err:
         return f"the compacted model does not run on the example inputs: {type(err).__name__}: {str(err).splitlines()[0]}"
+    if not precise:
+        ref = _outputs(masked, x)
+        if len(cheap) != len(ref):
+            return f"the compacted model gives {len(cheap)} output tensors, the masked model {len(ref)}"
+        change = next((c for (_, a), (_, b) in zip(ref, cheap) if (c := _differs(a, b, 1e-3 if exact else float("inf")))
+                       is not None), None)
+        return None if change is None else f"the compacted model's output differs from the masked model's by {change:.2g}"
     try:
         x64 = torch.utils._pytree.tree_map(
             lambda t: t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t, x)

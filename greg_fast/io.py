@@ -16,6 +16,8 @@ import torch.nn as nn
 from . import models
 from .atomic import save_atomic
 from .compaction import set_widths
+from .groups.stored import set_attribute
+from .exact import OPS, Count, counts_of, keep_counts
 from .capture import LAYER_TYPES, NORM_TYPES, unwrap
 
 FORMAT = "greg_fast.model/1"
@@ -38,7 +40,10 @@ def save(model: nn.Module, path: str | Path, *, masks: Mapping[str, torch.Tensor
     obj = {"format": FORMAT, "arch": dict(arch) if arch is not None else None,
            "model_class": type(model).__name__,
            "input_size": list(getattr(model, "greg_input_size", [])),
-           "widths": widths(model), "state_dict": model.state_dict(),
+           "widths": widths(model), "counts": counts_of(model),
+           "stored": {n: {k: list(v) if isinstance(v, tuple) else v for k, v in m.greg_stored.items()}
+                      for n, m in model.named_modules() if getattr(m, "greg_stored", None)},
+           "state_dict": model.state_dict(),
            "masks": {k: v.cpu() for k, v in (masks or {}).items()}}
     save_atomic(obj, Path(path))
 
@@ -65,12 +70,37 @@ def load(path: str | Path, map_location="cpu", *, model: nn.Module | None = None
     model = unwrap(model)
     resize(model, obj["widths"])
     _resize_others(model, obj["state_dict"])
+    _keep_counts(model, obj.get("counts") or {}, path)
+    _set_stored(model, obj.get("stored") or {}, path)
     try:
         model.load_state_dict(obj["state_dict"])
     except RuntimeError as err:
         raise ValueError(f"{path}: weights do not fit the described architecture: {err}") from err
     model.greg_masks = obj["masks"]
     return model.to(map_location)
+
+
+def _keep_counts(model: nn.Module, saved: Mapping[str, list], path) -> None:
+    """The ops of a compacted model that compute with the masked model's widths (:mod:`greg_fast.exact`)."""
+    modules = dict(model.named_modules())
+    for name, records in saved.items():
+        if name not in modules or not all(isinstance(r, (list, tuple)) and len(r) == 4 and r[0] in OPS for r in records):
+            raise ValueError(f"{path}: the saved model keeps the widths of {name!r}, which this "
+                             f"{type(model).__name__} does not have: pass an instance of the saved model class")
+        keep_counts(modules[name], [Count(str(op), int(axis), int(kept), int(width)) for op, axis, kept, width in records])
+
+
+def _set_stored(model: nn.Module, saved: Mapping[str, Mapping], path) -> None:
+    """The widths a compacted model's modules read from their attributes (``num_heads``, ``shape``)."""
+    modules = dict(model.named_modules())
+    for name, values in saved.items():
+        m = modules.get(name)
+        if m is None or not all(hasattr(m, k) for k in values):
+            raise ValueError(f"{path}: the saved model sets {sorted(values)} of {name!r}, which this "
+                             f"{type(model).__name__} does not have: pass an instance of the saved model class")
+        for k, v in values.items():
+            old = getattr(m, k)
+            set_attribute(m, k, type(old)(v) if isinstance(old, (tuple, list)) else v)
 
 
 @torch.no_grad()

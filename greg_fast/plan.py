@@ -14,7 +14,7 @@ from .compaction import compacted_copy, compaction_error
 from .groups import LayerDeps, analyze_groups, analyze_layers
 from .result import Plan
 from .slices import plan_scores
-from .units import GRANULARITIES, LayerPlan, MemberKey, n_prune_for
+from .units import GRANULARITIES, HEADS, LayerPlan, MemberKey, n_prune_for
 
 def _unread(name: str, modules: Mapping[str, nn.Module]) -> str:
     """Why a conv/linear that no op of the graph reads by its own name is not planned."""
@@ -148,7 +148,7 @@ def plan(model: nn.Module, ratio: float | None = None, *, granularity: str = "fi
          ratios: Mapping[str, float] | None = None, skip: Sequence[str] = (),
          example_inputs: tuple | torch.Tensor | None = None, coupled: bool | None = None,
          approximate: bool = False, target: Mapping | None = None, allocation: str | None = None,
-         max_ratio: float | None = None, round_to: int | None = None) -> Plan:
+         max_ratio: float | None = None, round_to: int | None = None, heads: str = "dims") -> Plan:
     """Decide which layers or channel groups of ``model`` are regularized and how many groups each loses.
 
     Prunability comes from the traced graph. With ``coupled`` (the default for filters) the units are
@@ -168,9 +168,18 @@ def plan(model: nn.Module, ratio: float | None = None, *, granularity: str = "fi
     the module it runs. Units whose weights are frozen (``requires_grad=False``) are excluded: they
     would lose groups without ever being regularized.
 
-    ``approximate=True`` also plans the groups whose cut changes what the model computes: channels
-    a LayerNorm normalizes together (ConvNeXt's stream). Their masked model zeroes the channel, but
-    the compacted model normalizes over fewer channels; ``LayerPlan.approximate`` says so, and
+    Attention (``scaled_dot_product_attention`` or ``q @ k.T``, softmax, ``@ v``) is followed from
+    the ops: ``heads="dims"`` (the default: the finest unit, and every head keeps its own attention
+    pattern) cuts the same query/key or value dims in every head; ``heads="whole"`` removes whole
+    heads (their q, k, v rows and the output projection's columns), and a ratio then counts heads.
+    Widths a module stores (``num_heads``, ``head_dim``, split sizes) are updated by compaction;
+    LayerNorm, GroupNorm, a mean over channels and attention's derived scale keep the masked model's
+    count (:mod:`greg_fast.exact`), so the compacted model computes what the masked one did. Every
+    such cut is confirmed by a trial compaction before the plan is returned.
+
+    ``approximate=True`` keeps torch's own norms over the kept channels instead (the compacted model
+    then computes a little differently) and also plans the groups whose cut changes what the model
+    computes (a weight-standardized conv's inputs); ``LayerPlan.approximate`` says so, and
     :func:`greg_fast.compaction.output_change` measures the difference.
 
     ``target`` plans to a budget instead of a ratio (:mod:`greg_fast.budget`): ``{"flops": 0.5}``
@@ -185,6 +194,8 @@ def plan(model: nn.Module, ratio: float | None = None, *, granularity: str = "fi
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"plan() needs an nn.Module, got {type(model).__name__}")
+    if heads not in HEADS:
+        raise ValueError(f"heads must be one of {HEADS}, got {heads!r}")
     model = unwrap(model)
     coupled, target, round_to = check_options(granularity, coupled, approximate, ratio, target, allocation, max_ratio,
                                               round_to)
@@ -214,7 +225,7 @@ def plan(model: nn.Module, ratio: float | None = None, *, granularity: str = "fi
     layer_flops, total = count_flops(model, example_inputs)
     given: set[str] = set()  # units whose ratio comes from ratios=
     if coupled:
-        layers, excluded = _coupled_units(model, example_inputs, ratio, ratios, skip, modules, approximate,
+        layers, excluded = _coupled_units(model, example_inputs, ratio, ratios, skip, modules, approximate, heads,
                                           (layer_flops, total), given)
     else:
         layers, excluded = _layer_units(*analyze_layers(model, example_inputs), granularity, ratio, ratios, skip,
@@ -226,31 +237,55 @@ def plan(model: nn.Module, ratio: float | None = None, *, granularity: str = "fi
     return result
 
 
-def _confirm(model, layers, excluded, pending, layer_flops, total, example_inputs) -> list[LayerPlan]:
-    """Keep the groups in ``pending`` (``{name: why it may not follow}``: a width export wrote as a
-    number) whose cut a trial compaction of a copy shows exact on the example inputs; the others go
-    to ``excluded``. All are tried at once; where that fails, the groups of each op (one reason)
-    together: cutting any of them changes the width of that op's input, which its written size does
-    or does not follow."""
-    def error(units):
-        trial = Plan(model, units, {}, layer_flops, total)
-        masks = {u.name: torch.arange(u.n_groups) % 2 == 0 for u in units}  # about half of each removed
-        return compaction_error(model, masks, trial, example_inputs, exact=not any(u.approximate for u in units))
+def _trial_masks(units: Sequence[LayerPlan]) -> dict[str, torch.Tensor]:
+    """Masks that remove a different share of each unit (10-90%, spread over its channels): two widths
+    that must agree but come from different groups then differ, as they may after training."""
+    g = torch.Generator().manual_seed(0)
+    masks = {}
+    for i, u in enumerate(units):
+        n_removed = min(u.n_groups - 1, max(1, round(u.n_groups * (0.1 + (i * 0.618034) % 0.8))))
+        keep = torch.ones(u.n_groups, dtype=torch.bool)
+        keep[torch.randperm(u.n_groups, generator=g)[:n_removed]] = False
+        masks[u.name] = keep
+    return masks
 
-    tried = [l for l in layers if l.name in pending and l.n_groups > 1]
+
+def _confirm(model, layers, excluded, pending, layer_flops, total, example_inputs) -> list[LayerPlan]:
+    """Keep the groups whose cut a trial compaction of a copy shows exact on the example inputs
+    (approximate groups: that it runs); the others go to ``excluded`` with the reason ``pending`` gives
+    (``{name: what the cut rests on}``: a width export wrote as a number, an op that keeps its
+    original count, a stored width) or the trial's. The groups that rest on one op are tried
+    together, since cutting any of them changes that op's width; all at once first, then halves of
+    the failing ones, down to the op or the group."""
+    def error(units, precise=True):
+        trial = Plan(model, units, {}, layer_flops, total)
+        return compaction_error(model, _trial_masks(units), trial, example_inputs,
+                                exact=not any(u.approximate for u in units), precise=precise)
+
+    def failing(bundles) -> dict[str, str]:  # the search, in the model's own precision
+        e = error([u for b in bundles for u in b], precise=False)
+        if e is None:
+            return {}
+        if len(bundles) == 1:
+            return {u.name: e for u in bundles[0]}
+        half = len(bundles) // 2
+        found = failing(bundles[:half]) | failing(bundles[half:])
+        return found or {u.name: e for b in bundles for u in b}  # only together: all of them
+
     failed = {}
-    if tried and (joint := error(tried)) is not None:
+    for approximate in (False, True):
         by_op: dict[str, list[LayerPlan]] = {}
-        for l in tried:
-            by_op.setdefault(pending[l.name], []).append(l)
-        for units in by_op.values():
-            if (e := error(units)) is not None:
-                failed.update({l.name: e for l in units})
-        rest = [l for l in tried if l.name not in failed]
-        if rest and (joint := error(rest)) is not None:
-            failed.update({l.name: joint for l in rest})
+        for l in layers:
+            if l.n_groups > 1 and bool(l.approximate) == approximate:
+                by_op.setdefault(pending.get(l.name, l.name), []).append(l)
+        bundles = list(by_op.values())
+        if bundles and error([u for b in bundles for u in b]) is not None:
+            failed.update(failing(bundles))
+            rest = [u for b in bundles for u in b if u.name not in failed]
+            if rest and (e := error(rest)) is not None:  # beyond float32's reach: float64 alone tells
+                failed.update({u.name: e for u in rest})
     for name, e in failed.items():
-        excluded[name] = f"{pending[name]} (a trial compaction on the example inputs: {e})"
+        excluded[name] = f"{pending.get(name, 'its cut')} (a trial compaction on the example inputs: {e})"
     return [l for l in layers if l.name not in failed]
 
 
@@ -291,19 +326,28 @@ def _layer_units(deps, order, granularity, ratio, ratios, skip, modules, given):
     return layers, excluded
 
 
-def _coupled_units(model, example_inputs, ratio, ratios, skip, modules, approximate, flops, given_units):
+def _coupled_units(model, example_inputs, ratio, ratios, skip, modules, approximate, heads, flops, given_units):
     layers, excluded, pending = [], {}, {}
-    groups, unfiltered = analyze_groups(model, example_inputs)
+    groups, unfiltered = analyze_groups(model, example_inputs, heads)
     for g in groups:
         owners = list(dict.fromkeys(k.module for k in g.members if k.role != "input"))
         skipped = next((f"skipped by the user ({m!r} matches {p!r})" for m in owners for p in skip
                         if _matches(m, p)), None)
         filters = [k for k in g.members if k.role == "filter"]
         reason = skipped or g.reason
-        if reason is None and g.speculative:
-            pending[g.name] = g.speculative
-        if reason is None and g.approximate and not approximate:
-            reason = g.approximate + " (plan(..., approximate=True) cuts it anyway)"
+        members, approximated = g.members, g.approximate
+        counted = [k for k in members if k.role == "count"]
+        if counted and approximate:  # torch's own ops over the kept channels
+            members = {k: v for k, v in members.items() if k.role != "count"}
+            approximated = approximated or (f"`{counted[0].module}` computes {counted[0].op} over its channels: with "
+                                            "approximate=True the compacted model computes it over the kept ones only")
+        stored = [k for k in members if k.role == "width"]
+        if reason is None and (g.speculative or counted or approximated or stored):
+            pending[g.name] = g.speculative or approximated or (
+                f"`{counted[0].module}` computes {counted[0].op} over the channels, which after the cut keeps the "
+                "original count" if counted else f"`{stored[0].module}.{stored[0].op}` holds its width, which the cut updates")
+        if reason is None and approximated and not approximate:
+            reason = approximated + " (plan(..., approximate=True) cuts it anyway)"
         if reason is None and not all(getattr(modules[k.module], k.tensor).requires_grad for k in filters):
             reason = "a filter in it is frozen (requires_grad=False): it would lose channels without being regularized"
         if reason is not None:
@@ -327,9 +371,9 @@ def _coupled_units(model, example_inputs, ratio, ratios, skip, modules, approxim
         first = modules[filters[0].module]
         layers.append(LayerPlan(
             name=g.name, module=first, granularity="filter", n_groups=n, n_prune=n_prune_for(r, n), ratio=r,
-            view=(1, n, 1), norms=list(dict.fromkeys(k.module for k in g.members if k.role == "norm")),
-            consumers=list(dict.fromkeys(k.module for k in g.members if k.role == "input")),
-            members=g.members, coupled=True, approximate=g.approximate))
+            view=(1, n, 1), norms=list(dict.fromkeys(k.module for k in members if k.role == "norm")),
+            consumers=list(dict.fromkeys(k.module for k in members if k.role == "input")),
+            members=members, coupled=True, approximate=approximated, tensor=filters[0].tensor))
     layers = _confirm(model, layers, excluded, pending, *flops, example_inputs)
     # every conv/linear weight accounted for: a producer of an excluded group is excluded by name too
     planned = {k.module for l in layers for k in l.members}

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar
+from typing import Callable
 
 import torch
 import torch.nn as nn
 
 GRANULARITIES = ("filter", "channel", "weight")
 PENALIZE = ("filters", "group")
+HEADS = ("dims", "whole")  # attention: every head loses the same dims (the default), or whole heads go
 
 
 @dataclass(frozen=True)
@@ -21,8 +22,11 @@ class MemberKey:
     module: str
     tensor: str
     axis: int
-    role: str     # "filter" (conv/linear rows), "bias", "norm", "input" (a consumer's columns), "param"
+    role: str     # "filter" (conv/linear rows), "bias", "norm", "input" (a consumer's columns), "param",
+                  # "count" (no tensor: op ``op`` of the module reads ``width`` entries along ``axis``)
     masked: bool  # zeroed at a removed channel so that the channel is exactly zero downstream
+    op: str = ""    # "count" only: the op whose width compaction keeps (greg_fast.exact.OPS)
+    width: int = 0  # "count" only: the width the op reads in the masked model
 
 
 @dataclass(eq=False)
@@ -49,19 +53,19 @@ class LayerPlan:
     members: dict[MemberKey, torch.Tensor] = field(default_factory=dict)
     coupled: bool = False
     approximate: str | None = None  # why cutting it changes what the model computes (approximate plans)
+    tensor: str = "weight"  # its weight's name in the module (nn.MultiheadAttention: "in_proj_weight")
     _slices: dict = field(default_factory=dict, repr=False)
 
     @property
     def weight(self) -> torch.Tensor:
         # read every step: a dict lookup, not Module.__getattr__; always the module's current weight
-        return self.module._parameters["weight"]
+        return self.module._parameters[self.tensor]
 
     @property
     def grad(self) -> torch.Tensor | None:
-        return self.module._parameters["weight"].grad
+        return self.module._parameters[self.tensor].grad
 
     param = weight  # the parameter a backend's slice belongs to (a layer is its own slice)
-    tensor: ClassVar[str] = "weight"  # its name in the module, as a Slice names its parameter
 
     def part(self, t: torch.Tensor | None) -> torch.Tensor | None:
         """A tensor shaped like the parameter (its momentum buffer), as this slice sees it: whole."""

@@ -8,13 +8,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # bottom to top, as in the README; a module may import its own layer's modules and any below
 LAYERS = [
-    ["units", "capture", "hyper", "table", "timing", "guard", "atomic", "ops", "models", "data", "plots",
+    ["units", "exact", "capture", "hyper", "table", "timing", "guard", "atomic", "ops", "models", "data", "plots",
      "kernels", "kernels.greg_step", "groups.registry", "job.checkpoints"],
-    ["result", "groups.values"],
+    ["result", "groups.values", "groups.stored"],
     ["masks", "refusals", "groups.walk"],
     ["backend.base", "backend.eager", "backend.fallback", "backend.cpp", "backend.triton", "backend",
      "schedule", "budget", "compaction", "sparse", "groups.layers", "groups.norms", "groups.arithmetic",
-     "groups.shapes", "groups.reductions", "groups.single", "groups"],
+     "groups.shapes", "groups.reductions", "groups.attention", "groups.single", "groups"],
     ["slices"],
     ["plan"],
     ["regularizer", "inner", "engine"],

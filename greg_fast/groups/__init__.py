@@ -35,15 +35,16 @@ from __future__ import annotations
 import torch.nn as nn
 
 # the family files register their rules in the op table when imported
-from . import arithmetic, layers, norms, reductions, shapes  # noqa: F401
+from . import arithmetic, attention, layers, norms, reductions, shapes  # noqa: F401
 from .single import Consumer, LayerDeps, analyze_layers  # noqa: F401  (the single-layer view)
 from .walk import Group, collect_groups, unfiltered, walk_model
 
 
-def analyze_groups(model: nn.Module, example_inputs: tuple) -> tuple[list[Group], dict[str, str]]:
+def analyze_groups(model: nn.Module, example_inputs: tuple, heads: str = "dims") -> tuple[list[Group], dict[str, str]]:
     """Every channel group of ``model`` (prunable or not, with the reason), in the order of their
-    first producer; and why, for each conv/linear that runs but whose filters are in no group."""
-    analysis = walk_model(model, example_inputs)
+    first producer; and why, for each conv/linear that runs but whose filters are in no group.
+    ``heads``: attention heads keep their number and lose the same dims ("dims"), or go whole ("whole")."""
+    analysis = walk_model(model, example_inputs, heads)
     groups = collect_groups(analysis)
     with_filters = {k.module for g in groups for k in g.members if k.role == "filter"}
     return groups, {n: unfiltered(n, analysis.shared) for n in analysis.layers if n not in with_filters}

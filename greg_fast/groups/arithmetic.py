@@ -7,7 +7,7 @@ import torch.fx as fx
 
 from ..capture import describe
 from .registry import register, register_fallback
-from .values import Val, broadcast, meta_shape, varies
+from .values import Val, broadcast, meta_shape, op_name, varies
 from .walk import Walk
 
 
@@ -109,6 +109,21 @@ def addcmul(a: Walk, node: fx.Node, args: dict):
     if not isinstance(product, Val):
         return product
     return binary(a, node, args["self"], product, "add")
+
+
+@register("new_zeros", "new_ones", "new_empty", "new_full", "new_empty_strided")
+def new_tensor(a: Walk, node: fx.Node, args: dict):
+    """A tensor of written size that reads only its input's dtype and device: no channels."""
+    return a.none(node)
+
+
+@register("zeros_like", "ones_like", "full_like", "empty_like", "rand_like", "randn_like", x=0)
+def like(a: Walk, node: fx.Node, args: dict, x: Val):
+    """A tensor of its input's shape: the same channels (its width follows the cut); zeros stay zero."""
+    if op_name(node) == "zeros_like":
+        return Val(x.ids, torch.zeros_like(x.lost))
+    return a.lose(x, torch.ones_like(x.ids, dtype=torch.bool), f"{describe(node)} fills the channels with values "
+                                                               "that are not zero")
 
 
 _ELEMENTWISE_SEEN: dict = {}

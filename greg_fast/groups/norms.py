@@ -1,5 +1,5 @@
 """Norms: per-channel ones (BatchNorm, InstanceNorm) cut their weight, bias and statistics with each
-channel; those whose statistics span the channels (LayerNorm, GroupNorm) are approximate."""
+channel; those whose statistics span the channels (LayerNorm, GroupNorm) keep the original count."""
 from __future__ import annotations
 
 import torch
@@ -39,14 +39,15 @@ def batch_norm(a: Walk, node: fx.Node, args: dict, x: Val):
     return (out,) + a.none_like(meta)[1:] if isinstance(meta, (tuple, list)) else out
 
 
-def normalized_together(a: Walk, node: fx.Node, args: dict, x: Val, ids: torch.Tensor):
-    """A norm whose statistics span the channels ``ids`` (LayerNorm, GroupNorm): approximate, as the
-    compacted model normalizes over the kept channels only; its weight and bias go with them."""
-    a.mark_approximate(ids, f"{describe(node)} normalizes channels together: the compacted model normalizes "
-                            "over the kept ones only, so it does not compute exactly what the masked model does")
-    a.consume(x)  # its statistics read every entry
+def normalized_together(a: Walk, node: fx.Node, args: dict, x: Val, axis: int, op: str):
+    """A norm whose statistics span the channels along ``axis`` (LayerNorm, GroupNorm): exact with
+    the original count (:mod:`greg_fast.exact`), since a removed channel is a zero in the masked
+    model's statistics; its weight and bias go with the channels and zero a removed one's output."""
+    ids = along(x.ids, axis)
+    a.consume(x)  # its statistics read every entry: a removed channel must be exactly zero there
+    a.count(node, op, axis, ids)
     tensors = [a.val(args[t]) for t in ("weight", "bias") if isinstance(a.val(args[t]), Val)]
-    for v in tensors:  # zeroed at a removed channel: its output is then exactly 0
+    for v in tensors:
         if not a.param_member(v, ids, "norm", True):
             return a.unsupported(node)
     if not tensors:
@@ -56,35 +57,33 @@ def normalized_together(a: Walk, node: fx.Node, args: dict, x: Val, ids: torch.T
 
 @register("layer_norm", x="input")
 def layer_norm(a: Walk, node: fx.Node, args: dict, x: Val):
-    """LayerNorm over the last axis. Over the channels it is approximate: the compacted model
-    normalizes over fewer channels than the masked one (where a removed channel is a zero in the
-    statistics), so these channels are cut only by plans that ask for approximate groups."""
+    """LayerNorm over the last axis: over the channels, exact with the original count."""
     if len(args["normalized_shape"]) != 1:
         return a.unsupported(node, f"{describe(node)} normalizes channels together over several axes")
     ids = along(x.ids, x.ids.dim() - 1)
-    if ids is None or (bool((ids < 0).any()) and bool((ids >= 0).any())):
-        return a.unsupported(node, f"{describe(node)} normalizes channels together with entries that cannot be cut")
+    if ids is None:
+        return a.unsupported(node, f"{describe(node)} normalizes channels that differ along other axes")
     if not bool((ids >= 0).any()):
         return a.none(node)  # no prunable channel in what it normalizes
-    return normalized_together(a, node, args, x, ids)
+    return normalized_together(a, node, args, x, x.ids.dim() - 1, "layer_norm")
 
 
 @register("group_norm", x="input")
 def group_norm(a: Walk, node: fx.Node, args: dict, x: Val):
-    """GroupNorm over the channels (axis 1): approximate, as LayerNorm; each group must keep as many
-    channels as the others, so the same position in every group goes together (as in a grouped conv)."""
+    """GroupNorm over the channels (axis 1): exact with the original count per group; each group
+    must keep as many channels as the others, so the same position in every group goes together
+    (as in a grouped conv)."""
     groups = args["num_groups"]
     ids = along(x.ids, 1) if x.ids.dim() > 1 else None
     if ids is None or isinstance(groups, fx.Node) or ids.numel() % groups:
         return a.unsupported(node, f"{describe(node)} does not normalize over the channels' axis")
-    if bool((ids < 0).any()) and bool((ids >= 0).any()):
-        return a.unsupported(node, f"{describe(node)} normalizes channels together with entries that cannot be cut")
     if not bool((ids >= 0).any()):
         return a.none(node)
     by_group = ids.view(groups, -1)
     a.join(by_group, by_group[:1].expand_as(by_group),
+           strict=f"{describe(node)} normalizes channels in groups beside entries that cannot be cut",
            via=f"{describe(node)} (GroupNorm, {groups} groups: the same position in every group goes together)")
-    return normalized_together(a, node, args, x, ids)
+    return normalized_together(a, node, args, x, 1, "group_norm")
 
 
 @register("native_group_norm", "_weight_norm", "_weight_norm_interface")

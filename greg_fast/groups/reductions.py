@@ -1,5 +1,6 @@
 """Reductions, pooling, interpolation and softmax: fine over axes the channels do not vary along;
-over the channels a sum is exact, a mean approximate, the rest unsupported."""
+over the channels a sum is exact, a mean exact with the original count (over the channels alone; else
+approximate), the rest unsupported."""
 from __future__ import annotations
 
 import torch
@@ -7,7 +8,7 @@ import torch.fx as fx
 
 from ..capture import describe
 from .registry import register
-from .values import Val, meta_shape, op_name
+from .values import Val, along, meta_shape, op_name
 from .walk import Walk
 
 _ZERO_OF_ZEROS = {"mean", "sum", "amax", "amin", "max", "min", "linalg_vector_norm", "norm", "std", "var"}
@@ -54,6 +55,11 @@ def reduce(a: Walk, node: fx.Node, args: dict, x: Val):
         exact = name in ("sum", "linalg_vector_norm", "norm")  # a zero adds nothing
         if exact:
             a.consume(x)
+            return a.none(node)
+        line = along(x.ids, channels[0]) if name == "mean" and dims == channels == [channels[0]] else None
+        if line is not None:  # a mean over the channels alone (ConvNeXt-V2's GRN): exact with the original count
+            a.consume(x)
+            a.count(node, "mean", channels[0], line)
             return a.none(node)
         if name in ("mean", "var", "std"):
             a.mark_approximate(x.ids, f"{describe(node)} averages over the channels: the compacted model "

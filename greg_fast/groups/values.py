@@ -22,6 +22,7 @@ class Val:
     lost: torch.Tensor  # int32, same shape: 0 while a removed element's entry is exactly zero, else a reason
     sources: frozenset = frozenset()  # parameters/buffers it is computed from alone (none for activations)
     pos: torch.Tensor | None = None   # a view of one parameter: the flat index of each entry in it
+    view_of: fx.Node | None = None    # a view of one parameter: the view that wrote its sizes (stored widths)
 
     @property
     def param(self) -> str | None:

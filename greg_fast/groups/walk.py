@@ -10,9 +10,10 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from ..capture import describe, emitter, export
+from ..capture import describe, emitter, export, module_path
 from ..units import MemberKey
 from .registry import METADATA, MOVEMENT, SHAPE_OF, Rule, rule_for
+from .stored import width_source
 from .values import NONE, Val, bind, meta_shape, move, op_name, unique_pairs, varies, writes_first_argument
 
 
@@ -37,8 +38,8 @@ class Walk:
     marked them, the tensor axes they touch (``members``) and every node's :class:`Val`. Rules are
     handed the walk (as torch's fake kernels are handed the fake mode) and act through its methods."""
 
-    def __init__(self, model: nn.Module, ep: torch.export.ExportedProgram):
-        self.model, self.ep = model, ep
+    def __init__(self, model: nn.Module, ep: torch.export.ExportedProgram, heads: str = "dims"):
+        self.model, self.ep, self.heads = model, ep, heads
         sig = ep.graph_signature
         self.fqn = {**sig.inputs_to_parameters, **sig.inputs_to_buffers}  # placeholder -> name
         self.values = (dict(model.named_parameters(remove_duplicate=False))  # tied ones under every name
@@ -143,16 +144,24 @@ class Walk:
             for e, r in unique_pairs(v.ids[bad], v.lost[bad]).tolist():
                 self.frozen.setdefault(e, self.reasons[r])
 
-    def member(self, module: str, tensor: str, axis: int, role: str, masked: bool, ids: torch.Tensor) -> None:
-        key = MemberKey(module, tensor, axis, role, masked)
+    def member(self, module: str, tensor: str, axis: int, role: str, masked: bool, ids: torch.Tensor,
+               **count) -> None:
+        key = MemberKey(module, tensor, axis, role, masked, **count)
         if key in self.members:
             self.join(self.members[key], ids, via=f"`{module}.{tensor}`, read twice")
         else:
             self.members[key] = ids
 
+    def count(self, node: fx.Node, op: str, axis: int, ids: torch.Tensor) -> None:
+        """``node`` reads the channels ``ids`` (every entry along ``axis``) as a count: after the cut,
+        the module that emitted it computes with the original width (:mod:`greg_fast.exact`)."""
+        if bool((ids >= 0).any()):
+            self.member(module_path(node), "", axis, "count", False, ids, op=op, width=ids.numel())
+
     def param_member(self, p: Val, ids: torch.Tensor, role: str, masked: bool) -> bool:
         """A parameter (or a view of one) read entry by entry beside channels ``ids`` (broadcast to
-        its shape): cut it along them. False if its entries do not line up with whole channels."""
+        its shape): cut it along them, on the one axis of the parameter whose index says the channel
+        (a layer scale's only axis, a position embedding's last). False if there is none."""
         live = ids >= 0
         if not bool(live.any()):
             return True
@@ -160,19 +169,37 @@ class Walk:
         if name is None or name in self.shared:
             return False
         t = self.values[name]
-        big = [d for d, s in enumerate(t.shape) if s > 1]
-        if len(big) != 1 or big[0] > 1:  # compaction cuts rows or columns of one axis
-            return False
-        n, step = t.shape[big[0]], math.prod(t.shape[big[0] + 1:])
-        at = torch.full((n,), NONE, dtype=torch.int64)
-        coord = (p.pos.expand(ids.shape) // step) % n
-        pairs = unique_pairs(coord.reshape(-1), ids.reshape(-1))
-        at[pairs[:, 0]] = pairs[:, 1]
-        if len(pairs) != n or bool((at < 0).any() and live.any()):  # one channel per entry, every entry one
-            return False
-        module, _, tensor = name.rpartition(".")
-        self.member(module, tensor, big[0], role, masked, at)
-        return True
+        flat = p.pos.expand(ids.shape).reshape(-1)
+        for axis in (d for d, s in enumerate(t.shape) if s > 1):
+            n, step = t.shape[axis], math.prod(t.shape[axis + 1:])
+            pairs = unique_pairs((flat // step) % n, ids.reshape(-1))
+            if len(pairs) != n or bool((pairs[:, 1] < 0).any()):  # one channel per index, every index one
+                continue
+            at = torch.full((n,), NONE, dtype=torch.int64)
+            at[pairs[:, 0]] = pairs[:, 1]
+            module, _, tensor = name.rpartition(".")
+            self.member(module, tensor, axis, role, masked, at)
+            if p.view_of is not None:  # a view at written sizes (timm's ``scale.view(self.shape)``)
+                view_pos = self.env[p.view_of].pos
+                coord = (view_pos // step) % n
+                along_cut = [d for d in range(coord.dim()) if varies(coord, d)]
+                if len(along_cut) == 1:
+                    line = at[coord.movedim(along_cut[0], -1).reshape(-1, coord.shape[along_cut[0]])[0]]
+                    self.stored_width(p.view_of, along_cut[0], line)
+            return True
+        return False
+
+    def stored_width(self, node: fx.Node, axis: int, line: torch.Tensor, written: list | None = None,
+                     index: int = 0, probe: bool = False) -> str | None:
+        """``node`` writes the size of its ``axis`` (entry ``index`` of its ``written`` sizes), which holds
+        the channels ``line``: when an attribute of the module that emitted it gives that size, the
+        cut updates it (a "width" member; returns how it is read, :func:`~.stored.width_source`).
+        ``probe``: only say how, recording nothing."""
+        path = module_path(node)
+        spec = width_source(self.model.get_submodule(path), node, line.numel(), written, index)
+        if spec is not None and not probe:
+            self.member(path, "", axis, "width", False, line, op=spec, width=line.numel())
+        return spec
 
     # ---- values ----
     def none(self, node) -> object:
@@ -260,6 +287,7 @@ class Walk:
         src = operands[0]
         if len(operands) == 1 and src.pos is not None and name in MOVEMENT:
             out.pos = move(node, name, src.pos)
+            out.view_of = node if name in ("view", "_unsafe_view", "reshape") else src.view_of
         return out
 
 
@@ -311,8 +339,8 @@ def collect_groups(walk: Walk) -> list[Group]:
     return [g for _, g in sorted(out, key=lambda x: x[0])]
 
 
-def walk_model(model: nn.Module, example_inputs: tuple) -> Walk:
-    walk = Walk(model, export(model, example_inputs))
+def walk_model(model: nn.Module, example_inputs: tuple, heads: str = "dims") -> Walk:
+    walk = Walk(model, export(model, example_inputs), heads)
     walk.run()
     return walk
 

@@ -85,7 +85,7 @@ class Run:
         args = self.args
         ratios = stage_ratios(self.model, args.stage_ratios) if args.stage_ratios is not None else None
         target = target_from_args(args)
-        kwargs = dict(granularity=args.granularity, coupled=coupled(args), approximate=args.approximate,
+        kwargs = dict(granularity=args.granularity, coupled=coupled(args), approximate=args.approximate, heads=args.heads,
                       ratios=ratios, skip=args.skip or (), example_inputs=self.example, round_to=args.round_to)
         if target is None:
             return make_plan(self.model, args.ratio, **kwargs)
@@ -99,7 +99,7 @@ class Run:
 
     def _resume(self) -> None:
         # runs started before coupled groups existed planned single layers: --no-coupled resumes them
-        saved = {"coupled": False, "approximate": False, "penalize": "filters", **{k: None for k in BUDGET_FLAGS},
+        saved = {"coupled": False, "approximate": False, "heads": "dims", "penalize": "filters", **{k: None for k in BUDGET_FLAGS},
                  "latency_batch_size": 64, **self.checkpoint["identity"]}
         diff = settings_diff(saved, identity(self.args))
         if diff:

@@ -1,0 +1,130 @@
+"""Attention and the residual stream around it, on small transformers written here (timm's and
+torchvision's run in test_timm_zoo and below): heads cut as dims or whole, stored widths, the class
+token and position embedding cut with the stream, LayerNorm and the fused attention's scale kept
+at the masked model's count, and growing regularization over heads on every backend."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+
+import greg_fast as gf
+from greg_fast.backend import backends
+
+from test_compact import assert_same_outputs
+from test_groups import one_step, random_group_masks
+from test_user_models import randomize
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, heads, fused):
+        super().__init__()
+        self.num_heads, self.head_dim, self.fused = heads, dim // heads, fused
+        self.scale = self.head_dim ** -0.5
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        if self.fused:
+            x = F.scaled_dot_product_attention(q, k, v)  # derives its scale from the head size
+        else:
+            x = ((q * self.scale) @ k.transpose(-2, -1)).softmax(-1) @ v
+        return self.proj(x.transpose(1, 2).reshape(B, N, self.num_heads * self.head_dim))
+
+
+class TinyViT(nn.Module):
+    def __init__(self, fused=True, dim=16, heads=4, depth=2):
+        super().__init__()
+        self.patch = nn.Conv2d(3, dim, 4, stride=4)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.randn(1, 5, dim))
+        self.blocks = nn.ModuleList()
+        for _ in range(depth):
+            self.blocks.append(nn.ModuleDict(dict(norm1=nn.LayerNorm(dim), attn=Attention(dim, heads, fused),
+                                                  norm2=nn.LayerNorm(dim), fc1=nn.Linear(dim, 2 * dim),
+                                                  fc2=nn.Linear(2 * dim, dim))))
+        self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, 3)
+
+    def forward(self, x):
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], 1) + self.pos_embed
+        for b in self.blocks:
+            x = x + b["attn"](b["norm1"](x))
+            x = x + b["fc2"](F.gelu(b["fc1"](b["norm2"](x))))
+        return self.head(self.norm(x)[:, 0])
+
+
+X = torch.randn(3, 3, 8, 8)
+
+
+def compacted(model, plan, ratio, seed=0):
+    masks = random_group_masks(plan, ratio, seed)
+    masked, masked_plan = copy.deepcopy((model, plan))
+    gf.apply_masks(masked, masks, masked_plan)
+    small, small_plan = copy.deepcopy((masked, masked_plan))
+    gf.compact(small, masks, small_plan, verify=False)
+    return masked, small
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("heads", ["dims", "whole"])
+def test_attention_heads_stream_and_norms_compact_to_what_the_masked_model_computes(fused, heads, tmp_path):
+    model = randomize(TinyViT(fused)).eval()
+    plan = gf.plan(model, 0.5, example_inputs=X[:1], heads=heads)
+    assert list(plan.excluded) == ["head"]  # everything but the classifier's outputs
+    stream, attn = plan["patch"], plan["blocks.0.attn.qkv"]
+    assert {k.tensor for k in stream.members if k.module == ""} == {"cls_token", "pos_embed"}
+    assert attn.n_groups == (4 if heads == "whole" else 4)  # 4 heads, or 4 dims in every head
+    for ratio in (0.3, 0.7):
+        masked, small = compacted(model, plan, ratio)
+        assert_same_outputs(masked, small, X)
+        a = small.blocks[0]["attn"]
+        assert a.qkv.out_features == 3 * a.num_heads * a.head_dim
+        assert (a.head_dim if heads == "whole" else a.num_heads) == 4  # the other one follows the cut
+        assert small.pos_embed.shape[-1] == small.patch.out_channels == small.blocks[0]["norm1"].normalized_shape[0]
+        gf.save(small, tmp_path / "m.pt")
+        assert_same_outputs(small, gf.load(tmp_path / "m.pt", model=TinyViT(fused)).eval(), X)
+        assert_same_outputs(small, torch.export.export(small, (X,)).module(), X)
+
+
+def test_the_fused_attention_keeps_its_original_scale_after_the_head_dims_are_cut():
+    model = randomize(TinyViT(fused=True)).eval()
+    plan = gf.plan(model, 0.5, example_inputs=X[:1])
+    masked, small = compacted(model, plan, 0.5)
+    (count,) = [c for c in small.blocks[0]["attn"].greg_counts if c.op == "scaled_dot_product_attention"]
+    assert count.width == 4 and count.kept == small.blocks[0]["attn"].head_dim < 4
+    small.blocks[0]["attn"].greg_counts = []  # without it, the scale follows the smaller head size
+    with torch.no_grad():
+        assert not torch.allclose(masked(X), small(X), atol=1e-4)
+
+
+@pytest.mark.parametrize("heads", ["dims", "whole"])
+def test_growing_regularization_penalizes_a_head_as_one_group_on_every_backend(heads):
+    model = randomize(TinyViT()).train()
+    planned = (model, gf.plan(model, 0.5, example_inputs=X[:1], heads=heads))
+    ref = one_step(planned, X, "eager", "filters", False)
+    for backend in ("cpp", "triton"):
+        if backends(torch.device("cpu"))[backend] != "available":
+            continue
+        params, masks, scores = one_step(planned, X, backend, "filters", False)
+        for a, b in zip(ref[0], params):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+        assert all(torch.equal(masks[k], ref[1][k]) for k in masks)
+        for k in scores:
+            torch.testing.assert_close(scores[k], ref[2][k], rtol=1e-5, atol=1e-7)
+    layer = planned[1]["blocks.0.attn.qkv"]
+    assert ref[2][layer.name].shape == (4,)  # one score per head (or per dim of every head)
+
+
+def test_torchvision_vision_transformer_plans_and_compacts_exactly():
+    torch.manual_seed(0)
+    model = randomize(torchvision.models.VisionTransformer(image_size=16, patch_size=8, num_layers=2, num_heads=2,
+                                                            hidden_dim=16, mlp_dim=32, num_classes=3)).eval()
+    x = torch.randn(2, 3, 16, 16)
+    plan = gf.plan(model, 0.5, example_inputs=x[:1])
+    assert plan.pruned
+    for ratio in (0.3, 0.7):
+        assert_same_outputs(*compacted(model, plan, ratio), x)
