@@ -16,6 +16,7 @@ import copy
 import datetime
 import json
 import re
+import resource
 import signal
 import time
 from collections import Counter
@@ -31,7 +32,7 @@ from greg_fast.table import format_table
 
 ZOO = ("resnet18", "resnet50", "wide_resnet50_2", "resnext50_32x4d", "vgg16_bn", "mobilenet_v2",
        "mobilenet_v3_large", "efficientnet_b0", "densenet121", "googlenet", "regnet_y_400mf", "convnext_tiny",
-       "squeezenet1_0", "shufflenet_v2_x1_0", "resnet56", "vgg19_bn_cifar")
+       "squeezenet1_0", "shufflenet_v2_x1_0", "resnet56", "vgg19_bn_cifar", "vit_b_16", "swin_t")
 TIMM = ("efficientnet_b0", "tf_efficientnet_b0", "mobilenetv3_large_100", "regnety_002", "densenet121",
         "inception_v3", "darknet53", "cspresnet50", "repvgg_a0", "resnetv2_50", "resnetv2_50x1_bit",
         "nf_resnet26", "vgg11_bn", "convnextv2_atto", "dpn68", "skresnet18", "mixnet_s", "ghostnet_100",
@@ -42,7 +43,9 @@ ATTENTION = ("vit_tiny_patch16_224", "swin_tiny_patch4_window7_224", "convnext_a
              "edgenext_xx_small", "res2net50_14w_8s", "mixnet_s", "dpn68", "cspresnet50", "skresnet18",
              "deit_tiny_distilled_patch16_224", "pvt_v2_b0", "coatnet_nano_rw_224", "maxvit_nano_rw_256",
              "tiny_vit_5m_224", "efficientvit_b0", "fastvit_t8", "caformer_s18", "repvit_m1")
-TORCH_PRUNING_LIMIT_S = 300  # it runs for minutes on some channel-attention nets: past this, "no answer"
+INPUT = {"maxvit_nano_rw_256": 256}  # models built for another input size than --size
+TORCH_PRUNING_LIMIT_S = 300
+TORCH_PRUNING_MEMORY_GB = 8  # more address space than the run holds before it  # it runs for minutes on some channel-attention nets: past this, "no answer"
 
 
 def removed(before: tuple[int, int], after: tuple[int, int]) -> tuple[float, float]:
@@ -107,10 +110,11 @@ def why_excluded(plan: gf.Plan) -> Counter:
 
 def build(name: str, timm_zoo: bool) -> nn.Module:
     torch.manual_seed(0)
-    if not timm_zoo:
+    if not timm_zoo and name in models.names():
         return models.create(name, 1000 if name in models._TORCHVISION else 10).eval()
     import timm
-    model = timm.create_model(name, pretrained=False).eval()
+    import torchvision
+    model = (timm.create_model(name, pretrained=False) if timm_zoo else getattr(torchvision.models, name)()).eval()
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():  # random statistics and affine terms: a wrong cut shows
         for m in model.modules():
@@ -127,6 +131,11 @@ def build(name: str, timm_zoo: bool) -> nn.Module:
             if p.dim() == 1 and p.numel() and float(p.abs().max()) < 1e-3:
                 p.copy_(torch.rand(p.shape, generator=g) + 0.5)
     return model
+
+
+def _address_space() -> int:
+    """Bytes of virtual memory this process holds (Linux)."""
+    return int(Path("/proc/self/statm").read_text().split()[0]) * resource.getpagesize()
 
 
 class _NoAnswer(Exception):
@@ -153,12 +162,14 @@ def torch_pruning_row(model: nn.Module, x: torch.Tensor, ratio: float, heads: st
     start = time.perf_counter()
     previous = signal.signal(signal.SIGALRM, _alarm)
     signal.alarm(TORCH_PRUNING_LIMIT_S)
+    limits = resource.getrlimit(resource.RLIMIT_AS)  # it took 20 GiB on coatnet_nano: a MemoryError instead
+    resource.setrlimit(resource.RLIMIT_AS, (_address_space() + (TORCH_PRUNING_MEMORY_GB << 30), limits[1]))
     try:
         pruner = tp.pruner.MetaPruner(model, x, importance=tp.importance.MagnitudeImportance(p=1),
                                       pruning_ratio=ratio, ignored_layers=[classifier], **settings)
         pruner.step()
         seconds = time.perf_counter() - start
-        for m in model.modules():  # as its ViT example does after the step
+        for m in model.modules() if heads is not None else ():  # as its ViT example does after the step
             if getattr(m, "qkv", None) in num_heads:
                 m.num_heads = pruner.num_heads[m.qkv]
                 m.head_dim = m.qkv.out_features // (3 * m.num_heads)
@@ -168,6 +179,7 @@ def torch_pruning_row(model: nn.Module, x: torch.Tensor, ratio: float, heads: st
     except Exception as err:  # report it, as the issue's table does
         return {"error": f"{type(err).__name__}: {str(err)[:120]}"}
     finally:
+        resource.setrlimit(resource.RLIMIT_AS, limits)
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
     return {"params_removed": params, "flops_removed": flops, "seconds": seconds}
@@ -193,48 +205,9 @@ def attention_table(rows: list[dict]) -> str:
     return format_table(table, right=tuple(range(1, 11)))
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ratio", type=float, default=0.5)
-    p.add_argument("--size", type=int, default=None,
-                   help="input size of the ImageNet models (default 224, timm's 160; CIFAR ones: 32)")
-    p.add_argument("--timm", action="store_true", help="timm's convnets (pip install timm) instead of torchvision's")
-    p.add_argument("--attention", action="store_true",
-                   help="timm's attention, hybrid and norm-over-channels models and the convnets whose modules "
-                        "store their widths (default size 224)")
-    p.add_argument("--models", default=None, help="comma-separated names (default: the whole list)")
-    p.add_argument("--out", default=str(Path(__file__).parent / "results"))
-    args = p.parse_args(argv)
-    args.timm = args.timm or args.attention
-    zoo = ATTENTION if args.attention else TIMM if args.timm else ZOO
-    args.models = args.models or ",".join(zoo)
-    args.size = args.size or (160 if args.timm and not args.attention else 224)
-    device = torch.device("cpu")
-    slug = "".join(c if c.isalnum() else "-" for c in timing.device_name(device)).strip("-").lower()
-    kind = "-attention" if args.attention else "-timm" if args.timm else ""
-    stem = f"zoo{kind}-{slug}-{datetime.date.today().isoformat()}"
-    out = Path(args.out)
-    earlier = out / f"{stem}.json"  # a run on some models updates today's table
-    rows = json.loads(earlier.read_text())["rows"] if earlier.exists() else []
-    for name in args.models.split(","):
-        model = build(name, args.timm)
-        size = args.size if args.timm or name in models._TORCHVISION else 32
-        x = torch.randn(1, 3, size, size)
-        coupled, plan = greg_fast_row(model, x, args.ratio, True)
-        row = {"model": name, "input": size, "coupled": coupled, "layers": greg_fast_row(model, x, args.ratio, False)[0],
-               "excluded": why_excluded(plan).most_common()}
-        if any("approximate=True" in reason for reason in plan.excluded.values()):
-            row["approximate"] = greg_fast_row(model, x, args.ratio, True, approximate=True)[0]
-        if args.attention and "approximate" not in row:  # what approximate=True (torch's own norms) gives
-            row["approximate"] = greg_fast_row(model, x, args.ratio, True, approximate=True)[0]
-        try:
-            row["torch_pruning"] = torch_pruning_row(model, x, args.ratio)
-            if args.attention:
-                row["torch_pruning_heads"] = {h: torch_pruning_row(model, x, args.ratio, h) for h in ("dims", "whole")}
-        except ImportError:
-            row["torch_pruning"] = {"error": "Torch-Pruning not installed (pip install -e '.[bench]')"}
-        print(json.dumps(row), flush=True)
-        rows = [r for r in rows if r["model"] != name] + [row]
+def write_results(rows: list[dict], args, zoo: tuple, device: torch.device, out: Path, stem: str) -> str:
+    """The table of ``rows``, written with them to ``out/stem``.md and .json (after every model: a run
+    stopped midway keeps what it measured)."""
     rows.sort(key=lambda r: zoo.index(r["model"]) if r["model"] in zoo else len(zoo))
     meta = {"ratio": args.ratio, "device": timing.device_name(device), "torch": torch.__version__,
             "date": datetime.date.today().isoformat()}
@@ -276,6 +249,56 @@ def main(argv=None) -> int:
               f"torch.utils.flop_counter; {meta['device']}, torch {meta['torch']}, Torch-Pruning "
               f"{meta.get('torch_pruning', '-')}, {meta['date']}.\n\n")
     (out / f"{stem}.md").write_text(header + text + "\n")
+    return text
+
+
+def main(argv=None) -> int:
+    global TORCH_PRUNING_LIMIT_S
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ratio", type=float, default=0.5)
+    p.add_argument("--size", type=int, default=None,
+                   help="input size of the ImageNet models (default 224, timm's 160; CIFAR ones: 32)")
+    p.add_argument("--timm", action="store_true", help="timm's convnets (pip install timm) instead of torchvision's")
+    p.add_argument("--attention", action="store_true",
+                   help="timm's attention, hybrid and norm-over-channels models and the convnets whose modules "
+                        "store their widths (default size 224)")
+    p.add_argument("--models", default=None, help="comma-separated names (default: the whole list)")
+    p.add_argument("--tp-limit", type=int, default=TORCH_PRUNING_LIMIT_S,
+                   help=f"seconds Torch-Pruning gets per run before it counts as no answer (default {TORCH_PRUNING_LIMIT_S})")
+    p.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = p.parse_args(argv)
+    TORCH_PRUNING_LIMIT_S = args.tp_limit
+    args.timm = args.timm or args.attention
+    zoo = ATTENTION if args.attention else TIMM if args.timm else ZOO
+    args.models = args.models or ",".join(zoo)
+    args.size = args.size or (160 if args.timm and not args.attention else 224)
+    device = torch.device("cpu")
+    slug = "".join(c if c.isalnum() else "-" for c in timing.device_name(device)).strip("-").lower()
+    kind = "-attention" if args.attention else "-timm" if args.timm else ""
+    stem = f"zoo{kind}-{slug}-{datetime.date.today().isoformat()}"
+    out = Path(args.out)
+    earlier = out / f"{stem}.json"  # a run on some models updates today's table
+    rows = json.loads(earlier.read_text())["rows"] if earlier.exists() else []
+    for name in args.models.split(","):
+        model = build(name, args.timm)
+        size = INPUT.get(name, args.size if args.timm or name not in models.names() or name in models._TORCHVISION else 32)
+        x = torch.randn(1, 3, size, size)
+        coupled, plan = greg_fast_row(model, x, args.ratio, True)
+        row = {"model": name, "input": size, "coupled": coupled, "layers": greg_fast_row(model, x, args.ratio, False)[0],
+               "excluded": why_excluded(plan).most_common()}
+        if any("approximate=True" in reason for reason in plan.excluded.values()):
+            row["approximate"] = greg_fast_row(model, x, args.ratio, True, approximate=True)[0]
+        if args.attention and "approximate" not in row:  # what approximate=True (torch's own norms) gives
+            row["approximate"] = greg_fast_row(model, x, args.ratio, True, approximate=True)[0]
+        try:
+            row["torch_pruning"] = torch_pruning_row(model, x, args.ratio)
+            if args.attention:
+                row["torch_pruning_heads"] = {h: torch_pruning_row(model, x, args.ratio, h) for h in ("dims", "whole")}
+        except ImportError:
+            row["torch_pruning"] = {"error": "Torch-Pruning not installed (pip install -e '.[bench]')"}
+        print(json.dumps(row), flush=True)
+        rows = [r for r in rows if r["model"] != name] + [row]
+        text = write_results(rows, args, zoo, device, out, stem)
     print(text)
     return 0
 

@@ -185,7 +185,7 @@ class Walk:
                 along_cut = [d for d in range(coord.dim()) if varies(coord, d)]
                 if len(along_cut) == 1:
                     line = at[coord.movedim(along_cut[0], -1).reshape(-1, coord.shape[along_cut[0]])[0]]
-                    self.stored_width(p.view_of, along_cut[0], line)
+                    self.stored_width(p.view_of, along_cut[0], line, list(view_pos.shape), along_cut[0])
             return True
         return False
 
