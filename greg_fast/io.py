@@ -16,7 +16,7 @@ import torch.nn as nn
 from . import models
 from .atomic import save_atomic
 from .compaction import set_widths
-from .groups.stored import set_attribute
+from .groups.stored import set_attribute, stored_of
 from .exact import OPS, Count, counts_of, keep_counts
 from .capture import LAYER_TYPES, NORM_TYPES, unwrap
 
@@ -41,8 +41,7 @@ def save(model: nn.Module, path: str | Path, *, masks: Mapping[str, torch.Tensor
            "model_class": type(model).__name__,
            "input_size": list(getattr(model, "greg_input_size", [])),
            "widths": widths(model), "counts": counts_of(model),
-           "stored": {n: {k: list(v) if isinstance(v, tuple) else v for k, v in m.greg_stored.items()}
-                      for n, m in model.named_modules() if getattr(m, "greg_stored", None)},
+           "stored": stored_of(model),
            "state_dict": model.state_dict(),
            "masks": {k: v.cpu() for k, v in (masks or {}).items()}}
     save_atomic(obj, Path(path))

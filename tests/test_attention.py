@@ -77,7 +77,7 @@ def test_attention_heads_stream_and_norms_compact_to_what_the_masked_model_compu
     assert list(plan.excluded) == ["head"]  # everything but the classifier's outputs
     stream, attn = plan["patch"], plan["blocks.0.attn.qkv"]
     assert {k.tensor for k in stream.members if k.module == ""} == {"cls_token", "pos_embed"}
-    assert attn.n_groups == (4 if heads == "whole" else 4)  # 4 heads, or 4 dims in every head
+    assert attn.n_groups == 4  # 4 heads, or 4 dims in every head
     for ratio in (0.3, 0.7):
         masked, small = compacted(model, plan, ratio)
         assert_same_outputs(masked, small, X)

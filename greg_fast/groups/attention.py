@@ -14,7 +14,7 @@ import torch.fx as fx
 
 from ..capture import describe
 from .registry import register
-from .values import Val, meta_shape
+from .values import Val, line, meta_shape
 from .walk import Walk
 
 
@@ -32,9 +32,9 @@ def _contract(a: Walk, node: fx.Node, left: Val, right: Val, left_line: torch.Te
            via=f"{describe(node)} (attention: a query dim goes with the key dim it meets)")
 
 
-def _through(v: Val, line: torch.Tensor, axis: int, shape: tuple) -> Val:
+def _through(v: Val, ids: torch.Tensor, axis: int, shape: tuple) -> Val:
     """The output of a product over ``v``'s token ``axis``: ``v``'s channels, the same for every row."""
-    return Val(line.expand(shape).contiguous(), v.lost.amax(axis, keepdim=True).expand(shape).contiguous())
+    return Val(ids.expand(shape).contiguous(), v.lost.amax(axis, keepdim=True).expand(shape).contiguous())
 
 
 @register("scaled_dot_product_attention", x="query", activation=True)
@@ -46,12 +46,12 @@ def attention(a: Walk, node: fx.Node, args: dict, q: Val):
     if isinstance(mask, Val) and bool((mask.ids >= 0).any()):
         return a.unsupported(node, f"{describe(node)} takes its mask from the channels")
     lines = [_per_token(x, x.ids.dim() - 2) for x in (q, k, v)]
-    if any(line is None for line in lines) or lines[0].shape != lines[1].shape:
+    if any(t is None for t in lines) or lines[0].shape != lines[1].shape:
         return a.unsupported(node, f"{describe(node)} reads channels that differ from token to token")
     _contract(a, node, q, k, lines[0], lines[1])
     if args.get("scale") is None and a.heads == "dims":  # derived from the head size: keep the original
         # after the cut (whole heads keep their size; head 0's dims stand for every head's)
-        a.count(node, "scaled_dot_product_attention", q.ids.dim() - 1, lines[0].reshape(-1, q.ids.shape[-1])[0])
+        a.count(node, "scaled_dot_product_attention", q.ids.dim() - 1, line(lines[0], q.ids.dim() - 1))
     return _through(v, lines[2], v.ids.dim() - 2, meta_shape(node.meta["val"]))
 
 
@@ -70,10 +70,10 @@ def matmul(a: Walk, node: fx.Node, args: dict):
     if all(has) and left_k is not None and right_k is not None:  # channels on the contracted axis
         _contract(a, node, left, right, left_k, right_k.transpose(-1, -2))
         return a.none(node)
-    if has == [False, True] and (line := _per_token(right, right.ids.dim() - 2)) is not None:
-        return _through(right, line, right.ids.dim() - 2, shape)
-    if has == [True, False] and (line := _per_token(left, left.ids.dim() - 1)) is not None:
-        return _through(left, line, left.ids.dim() - 1, shape)
+    if has == [False, True] and (cols := _per_token(right, right.ids.dim() - 2)) is not None:
+        return _through(right, cols, right.ids.dim() - 2, shape)
+    if has == [True, False] and (rows := _per_token(left, left.ids.dim() - 1)) is not None:
+        return _through(left, rows, left.ids.dim() - 1, shape)
     if not any(has):
         return a.none(node)
     return a.unsupported(node, f"{describe(node)} multiplies channels in a way greg_fast does not follow")

@@ -8,7 +8,7 @@ import torch.fx as fx
 from ..capture import describe, module_path
 from .registry import MOVEMENT, register
 from .stored import bound_source
-from .values import Val, move, op_name
+from .values import Val, line, move, op_name
 from .walk import Walk
 
 
@@ -36,8 +36,7 @@ def movement(a: Walk, node: fx.Node, args: dict, x: Val):
             # export writes a size computed from the input's shape (``C // paths``) as a number: assume
             # the innermost channel axis follows the pruned width, and let plan() confirm it by trial
             inner = literal[-1]
-            line = ids.movedim(inner, -1).reshape(-1, ids.shape[inner])[0]
-            held = a.stored_width(node, inner, line, written, inner)
+            held = a.stored_width(node, inner, line(ids, inner), written, inner)
             a.mark_speculative(ids, f"{describe(node)} reshapes the channel axis to the size {written[inner]}, " + (
                 f"which it reads from `{module_path(node)}.{held}`, updated by the cut" if held else
                 f"which no attribute of `{module_path(node)}` holds, and which the compacted model may not follow "
@@ -62,16 +61,10 @@ def _stored_bound(a: Walk, node: fx.Node, args: dict, x: Val, dim: int) -> bool:
     spec = bound_source(a.model.get_submodule(module_path(node)), node, point)
     if spec is None:
         return False
-    line = _line(x.ids.narrow(dim, 0, point), dim)
-    a.member(module_path(node), "", dim, "width", False, line, op=spec, width=point)
+    a.member(module_path(node), "", dim, "width", False, line(x.ids.narrow(dim, 0, point), dim), op=spec, width=point)
     a.mark_speculative(x.ids, f"{describe(node)} slices the channels at {point}, read from "
                               f"`{module_path(node)}.{spec}`, updated by the cut")
     return True
-
-
-def _line(ids: torch.Tensor, axis: int) -> torch.Tensor:
-    """The ids along ``axis`` at index 0 of every other axis."""
-    return ids.movedim(axis, -1).reshape(-1, ids.shape[axis])[0]
 
 
 def _whole_heads(a: Walk, node: fx.Node, ids: torch.Tensor, written: list, varying: list, literal: list) -> bool:
@@ -79,10 +72,10 @@ def _whole_heads(a: Walk, node: fx.Node, ids: torch.Tensor, written: list, varyi
     head_dim)``) lets its outermost axis whose size an attribute gives follow the cut, and joins the
     channels along every other axis (a head's q, k, v and dims go together). False where no axis's
     size comes from an attribute."""
-    heads = next((d for d in literal if a.stored_width(node, d, _line(ids, d), written, d, probe=True)), None)
+    heads = next((d for d in literal if a.stored_width(node, d, line(ids, d), written, d, probe=True)), None)
     if heads is None:
         return False
-    held = a.stored_width(node, heads, _line(ids, heads), written, heads)
+    held = a.stored_width(node, heads, line(ids, heads), written, heads)
     a.mark_speculative(ids, f"{describe(node)} reshapes the channels into {written[heads]} heads, read from "
                             f"`{module_path(node)}.{held}`, updated by the cut")
     for d in varying:
@@ -119,10 +112,10 @@ def _stream_parameters(a: Walk, vals: list[Val], dim: int) -> list[Val]:
     acts = [v for v in vals if not v.sources and bool((v.ids >= 0).any())]
     if not acts or a.varies(acts[0].ids, dim):
         return vals
-    line = acts[0].ids.narrow(dim, 0, 1)
+    stream = acts[0].ids.narrow(dim, 0, 1)
     out = []
     for v in vals:
-        ids = line.expand(v.ids.shape) if v.sources and v.pos is not None else None
+        ids = stream.expand(v.ids.shape) if v.sources and v.pos is not None else None
         if ids is not None and a.param_member(v, ids, "param", True):
             v = Val(ids.contiguous(), torch.zeros_like(v.lost))
         out.append(v)
@@ -134,9 +127,9 @@ def _stored_sizes(a: Walk, node: fx.Node, dim: int, pieces_ids) -> str | None:
     attribute, or None when some piece's size comes from none."""
     written, found = [p.shape[dim] for p in pieces_ids], []
     for i, p in enumerate(pieces_ids):
-        line = p.movedim(dim, -1).reshape(-1, p.shape[dim])[0]
-        if bool((line >= 0).any()):
-            found.append(a.stored_width(node, dim, line, written, i))
+        ids = line(p, dim)
+        if bool((ids >= 0).any()):
+            found.append(a.stored_width(node, dim, ids, written, i))
     return found[0] if found and all(found) else None
 
 

@@ -110,3 +110,10 @@ def set_attribute(module: nn.Module, spec: str, value: int) -> None:
         value = value * int(k)
     setattr(module, name, value)
     module.greg_stored = {**getattr(module, "greg_stored", {}), name: value}
+
+
+def stored_of(model: nn.Module) -> dict[str, dict]:
+    """``{module name: {attribute: value}}`` for every attribute a cut set (what a saved model records,
+    so that :func:`set_attribute` can set it again on load; tuples as lists)."""
+    return {name: {k: list(v) if isinstance(v, tuple) else v for k, v in m.greg_stored.items()}
+            for name, m in model.named_modules() if getattr(m, "greg_stored", None)}

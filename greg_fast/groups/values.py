@@ -52,6 +52,11 @@ def along(ids: torch.Tensor, dim: int) -> torch.Tensor | None:
     return rows[0].clone() if bool((rows == rows[0]).all()) else None
 
 
+def line(ids: torch.Tensor, axis: int) -> torch.Tensor:
+    """The ids along ``axis`` at index 0 of every other axis."""
+    return ids.movedim(axis, -1).reshape(-1, ids.shape[axis])[0]
+
+
 def broadcast(ids: torch.Tensor, shape: tuple, d: int) -> bool:
     """Whether a tensor of ``ids``' shape is broadcast along axis ``d`` of the result ``shape``."""
     pad = len(shape) - ids.dim()

@@ -14,7 +14,7 @@ from ..capture import describe, emitter, export, module_path
 from ..units import MemberKey
 from .registry import METADATA, MOVEMENT, SHAPE_OF, Rule, rule_for
 from .stored import width_source
-from .values import NONE, Val, bind, meta_shape, move, op_name, unique_pairs, varies, writes_first_argument
+from .values import NONE, Val, bind, line, meta_shape, move, op_name, unique_pairs, varies, writes_first_argument
 
 
 @dataclass
@@ -184,21 +184,21 @@ class Walk:
                 coord = (view_pos // step) % n
                 along_cut = [d for d in range(coord.dim()) if varies(coord, d)]
                 if len(along_cut) == 1:
-                    line = at[coord.movedim(along_cut[0], -1).reshape(-1, coord.shape[along_cut[0]])[0]]
-                    self.stored_width(p.view_of, along_cut[0], line, list(view_pos.shape), along_cut[0])
+                    self.stored_width(p.view_of, along_cut[0], at[line(coord, along_cut[0])], list(view_pos.shape),
+                                      along_cut[0])
             return True
         return False
 
-    def stored_width(self, node: fx.Node, axis: int, line: torch.Tensor, written: list | None = None,
+    def stored_width(self, node: fx.Node, axis: int, channels: torch.Tensor, written: list | None = None,
                      index: int = 0, probe: bool = False) -> str | None:
         """``node`` writes the size of its ``axis`` (entry ``index`` of its ``written`` sizes), which holds
-        the channels ``line``: when an attribute of the module that emitted it gives that size, the
+        the channels ``channels``: when an attribute of the module that emitted it gives that size, the
         cut updates it (a "width" member; returns how it is read, :func:`~.stored.width_source`).
         ``probe``: only say how, recording nothing."""
         path = module_path(node)
-        spec = width_source(self.model.get_submodule(path), node, line.numel(), written, index)
+        spec = width_source(self.model.get_submodule(path), node, channels.numel(), written, index)
         if spec is not None and not probe:
-            self.member(path, "", axis, "width", False, line, op=spec, width=line.numel())
+            self.member(path, "", axis, "width", False, channels, op=spec, width=channels.numel())
         return spec
 
     # ---- values ----
