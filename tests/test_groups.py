@@ -558,3 +558,35 @@ def test_ops_the_table_does_not_know_freeze_what_they_read_instead_of_crashing(n
         assert "conv" in planned
     masks = {l.name: torch.arange(l.n_groups) % 2 == 0 for l in plan.layers}
     gf.compact(model, masks, plan)  # verify=True: exact on the example input
+
+
+class Rolled(nn.Module):  # Swin's shifted windows: a roll along space; along the channels it cannot follow
+    def __init__(self, dims):
+        super().__init__()
+        self.dims = dims
+        self.conv, self.mid, self.head = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        y = torch.relu(self.conv(x))
+        return self.head(self.mid(torch.roll(y, shifts=(1,) * len(self.dims), dims=self.dims)))
+
+
+@pytest.mark.parametrize("dims", [(2, 3), (1,)])
+def test_a_roll_along_space_keeps_the_channels_and_one_along_them_excludes_them(dims):
+    model, x = randomize(Rolled(dims)).eval(), torch.randn(2, 3, 6, 6)
+    plan = gf.plan(model, 0.5, example_inputs=x[:1])
+    if dims == (1,):
+        assert "rolls the channel axis" in plan.excluded["conv"]
+    else:
+        assert "conv" in {l.name for l in plan.pruned}
+    for ratio in (0.3, 0.7):
+        assert_same_outputs(*exact_pair(model, plan, ratio), x)
+
+
+def exact_pair(model, plan, ratio):
+    masks = random_group_masks(plan, ratio)
+    masked, masked_plan = copy.deepcopy((model, plan))
+    gf.apply_masks(masked, masks, masked_plan)
+    small, small_plan = copy.deepcopy((masked, masked_plan))
+    gf.compact(small, masks, small_plan, verify=False)
+    return masked, small

@@ -86,6 +86,16 @@ def _whole_heads(a: Walk, node: fx.Node, ids: torch.Tensor, written: list, varyi
     return True
 
 
+@register("roll", x=0)
+def roll(a: Walk, node: fx.Node, args: dict, x: Val):
+    """A shift along token or spatial axes (Swin's shifted windows) moves the entries with their
+    channels; along the channels, a written shift would line up other channels after the cut."""
+    dims = args.get("dims") or []
+    if not dims or any(a.varies(x.ids, d % x.ids.dim()) for d in dims):
+        return a.unsupported(node, f"{describe(node)} rolls the channel axis by a written shift")
+    return Val(node.target(x.ids, *node.args[1:], **node.kwargs), node.target(x.lost, *node.args[1:], **node.kwargs))
+
+
 @register("split", "split_with_sizes", "unbind", "chunk", x=0)
 def split(a: Walk, node: fx.Node, args: dict, x: Val):
     pieces_ids = node.target(x.ids, *node.args[1:], **node.kwargs)
