@@ -29,6 +29,7 @@ import greg_fast as gf
 from greg_fast import bench, models, timing
 from greg_fast.plan import count_flops
 from greg_fast.table import format_table
+from greg_fast.ties import tied_counts
 
 ZOO = ("resnet18", "resnet50", "wide_resnet50_2", "resnext50_32x4d", "vgg16_bn", "mobilenet_v2",
        "mobilenet_v3_large", "efficientnet_b0", "densenet121", "googlenet", "regnet_y_400mf", "convnext_tiny",
@@ -83,12 +84,10 @@ def greg_fast_row(model: nn.Module, x: torch.Tensor, ratio: float, coupled: bool
 
 
 def random_masks(plan: gf.Plan, ratio: float) -> dict:
-    """Each group keeps each channel with probability 1 - ratio (at least one)."""
+    """Each group loses ``ratio`` of its channels, drawn at random (tied groups: in their tie's proportion)."""
     g = torch.Generator().manual_seed(1)
-    masks = {l.name: torch.rand(l.n_groups, generator=g) >= ratio for l in plan.layers}
-    for m in masks.values():
-        m[0] |= not bool(m.any())
-    return masks
+    counts = tied_counts(plan.layers, plan.ties, {l.name: gf.n_prune_for(ratio, l.n_groups) for l in plan.layers})
+    return {l.name: torch.randperm(l.n_groups, generator=g) >= counts[l.name] for l in plan.layers}
 
 
 def float64_change(model: nn.Module, masks: dict, plan: gf.Plan, x: torch.Tensor) -> float:

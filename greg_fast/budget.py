@@ -31,6 +31,7 @@ import torch.nn as nn
 
 from .masks import keep_strongest
 from .timing import alternate, ratio_spread, synchronize
+from .ties import expand, root_levels
 from .units import n_prune_for
 
 TARGET_KINDS = ("flops", "params", "latency")
@@ -167,7 +168,8 @@ class Budget:
 
     def units(self, plan) -> list:
         """The units this budget may cut (in plan order): those it allocates and those given a ratio."""
-        return [u for u in plan.layers if len(self.levels.get(u.name, ())) > 1 or self.fixed.get(u.name)]
+        cut = {n for n in self.levels if len(self.levels[n]) > 1} | {n for n, c in self.fixed.items() if c}
+        return [u for u in plan.layers if u.name in cut or plan.ties.get(u.name, ("",))[0] in cut]
 
     def goal(self) -> tuple[str, float]:
         """What an allocation must keep at most: the target, or for latency the FLOPs of the
@@ -184,6 +186,8 @@ class Budget:
             if name not in full:
                 raise ValueError(f"checkpoint allocates {name!r}, which is not a unit of this plan: it was saved "
                                  "for another model or plan")
+            if name in plan.ties:  # follows its root: checked below
+                continue
             allowed = self.levels.get(name)
             if (allowed is None and c != self.fixed.get(name, 0)) or (allowed is not None and c not in allowed):
                 raise ValueError(f"checkpoint removes {c} groups of {name!r}, which this plan's budget does not "
@@ -191,6 +195,15 @@ class Budget:
                                  "it was saved for a plan with other settings")
             full[name] = c
         full.update(self.fixed)
+        try:
+            full = expand(plan.ties, {n: c for n, c in full.items() if n not in plan.ties})
+        except ValueError as err:
+            raise ValueError(f"checkpoint's allocation does not fit this plan: {err}") from None
+        bad = next((n for n in plan.ties if n in counts and counts[n] != full[n]), None)
+        if bad is not None:
+            raise ValueError(f"checkpoint removes {counts[bad]} groups of {bad!r}, but its tie to "
+                             f"{plan.ties[bad][0]!r} (one stored width) asks for {full[bad]}: it was saved for "
+                             "another plan")
         kind, keep = self.goal()
         got = plan.kept_fraction(full)[kind]
         if got > keep * (1 + 1e-9):
@@ -258,14 +271,19 @@ def plan_to(plan, target: Target | None, allocation: str, max_ratio: float, roun
         if small is not None:
             raise ValueError(f"ratios prune {small.name!r} ({small.n_groups} channels), which round_to={round_to} "
                              "keeps whole (it cannot keep a multiple of it): lower round_to or drop that ratio")
-    fixed = {u.name: rounded(u.n_prune, levels(u.n_groups, u.n_groups - 1, round_to)) for u in units
-             if target is None or u.name in given}
-    plan.set_counts({u.name: fixed.get(u.name, 0) for u in units})
+    def allowed(cap) -> dict[str, Sequence[int]]:  # a root of tied units: the levels its followers allow too
+        own = {u.name: levels(u.n_groups, cap(u), round_to) for u in units}
+        return {n: root_levels(plan.ties, n, own) for n in own if n not in plan.ties}
+
+    whole = allowed(lambda u: u.n_groups - 1)
+    fixed = {u.name: rounded(u.n_prune, whole[u.name]) for u in units
+             if u.name in whole and (target is None or u.name in given)}
+    plan.set_counts({n: fixed.get(n, 0) for n in whole})
     if target is None:
         return
-    plan.budget = Budget(target, allocation, max_ratio, round_to, fixed=fixed, levels={
-        u.name: levels(u.n_groups, n_prune_for(max_ratio, u.n_groups), round_to) for u in units
-        if u.name not in given})
+    capped = allowed(lambda u: n_prune_for(max_ratio, u.n_groups))
+    plan.budget = Budget(target, allocation, max_ratio, round_to, fixed=fixed,
+                         levels={n: v for n, v in capped.items() if n not in given})
     allocate(plan, scorer=scorer, compactor=compactor)
 
 

@@ -47,9 +47,9 @@ def _kept(masks: Mapping[str, torch.Tensor], plan: Plan, role: str) -> dict[tupl
     keeps: dict[tuple[str, str, int, int], torch.Tensor] = {}
     for layer in plan.layers:
         mask = masks.get(layer.name)
-        if mask is None or bool(mask.all()) or layer.granularity == "weight":
-            continue
-        removed = ~mask.reshape(-1).cpu()
+        if layer.granularity == "weight" or (role != "width" and (mask is None or bool(mask.all()))):
+            continue  # a width: every group that gives it counts, cut or not
+        removed = torch.zeros(layer.n_groups, dtype=torch.bool) if mask is None else ~mask.reshape(-1).cpu()
         for key, positions in layer.members.items():
             if key.role == role:
                 keep = keeps.setdefault((key.module, key.op, key.axis, key.width), torch.ones(key.width, dtype=torch.bool))
@@ -71,7 +71,11 @@ def stored_widths(masks: Mapping[str, torch.Tensor], plan: Plan) -> dict[str, di
     attributes (``num_heads``, ``shape[0]``) after the cut (the plan's "width" members)."""
     out: dict[str, dict[str, int]] = {}
     for (module, spec, _, width), kept in _kept(masks, plan, "width").items():
-        if kept != width:
+        if out.get(module, {}).get(spec, kept) != kept:  # two groups (or axes) that give one width: a tie broken
+            raise ValueError(f"the masks leave `{module}.{spec}` two different widths ({out[module][spec]} and "
+                             f"{kept}): the groups that give it must lose channels in the proportion plan.ties "
+                             "states (plan.set_counts and GrowingReg keep it)")
+        if kept != width or spec in out.get(module, {}):
             out.setdefault(module, {})[spec] = kept
     return out
 

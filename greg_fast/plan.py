@@ -6,6 +6,8 @@ from typing import Mapping, Sequence
 
 import torch
 import torch.nn as nn
+import torch.utils._pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from .budget import ALLOCATIONS, DEFAULT_MAX_RATIO, check_round_to, check_timeable, parse_target, plan_to
@@ -14,6 +16,7 @@ from .compaction import compacted_copy, compaction_error
 from .groups import LayerDeps, analyze_groups, analyze_layers
 from .result import Plan
 from .slices import plan_scores
+from .ties import Ties, find_ties, root_levels, tied_counts
 from .units import GRANULARITIES, HEADS, LayerPlan, MemberKey, n_prune_for
 
 def _unread(name: str, modules: Mapping[str, nn.Module]) -> str:
@@ -84,19 +87,47 @@ def _default_inputs(model: nn.Module) -> tuple:
     return (torch.zeros(1, *size, device=p.device, dtype=p.dtype),)
 
 
-def count_flops(model: nn.Module, example_inputs: tuple) -> tuple[dict[str, int], int]:
-    """FLOPs of one eval-mode forward (``torch.utils.flop_counter``): per module name, and in all."""
-    was_training = model.training
+class _FlopsByParameter(TorchDispatchMode):
+    """Inside a FlopCounterMode: the FLOPs of every op that reads a weight, by that weight
+    (``{(module, tensor): FLOPs}``; the op's count is what the counter adds while it runs)."""
+
+    def __init__(self, model: nn.Module, counter: FlopCounterMode):
+        super().__init__()
+        self.counter, self.found = counter, {}
+        self.owner = {}
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                module, _, tensor = name.rpartition(".")
+                self.owner.setdefault(p.untyped_storage().data_ptr(), (module, tensor))
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        before = self.counter.get_total_flops()
+        out = func(*args, **(kwargs or {}))
+        added = self.counter.get_total_flops() - before
+        if added:
+            for t in pytree.tree_leaves((args, kwargs)):
+                at = self.owner.get(t.untyped_storage().data_ptr()) if isinstance(t, torch.Tensor) else None
+                if at is not None:
+                    self.found[at] = self.found.get(at, 0) + added
+                    break
+        return out
+
+
+def count_flops(model: nn.Module, example_inputs: tuple) -> tuple[dict[tuple[str, str], int], int]:
+    """FLOPs of one eval-mode forward (``torch.utils.flop_counter``): of the ops that read each weight
+    (``{(module, tensor): FLOPs}``, wherever the op runs: MultiheadAttention's ``out_proj.weight``
+    is read by its parent's forward), and in all. MultiheadAttention's fused inference path is
+    turned off meanwhile: the counter does not know its op."""
+    was_training, fastpath = model.training, torch.backends.mha.get_fastpath_enabled()
     model.eval()
+    torch.backends.mha.set_fastpath_enabled(False)
     try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter, _FlopsByParameter(model, counter) as by:
             model(*example_inputs)
     finally:
         model.train(was_training)
-    prefix = type(model).__name__ + "."
-    per_module = {k[len(prefix):]: sum(v.values()) for k, v in counter.get_flop_counts().items()
-                  if k.startswith(prefix)}
-    return per_module, counter.get_total_flops()
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+    return by.found, counter.get_total_flops()
 
 
 API_NAMES = {"granularity": "granularity", "coupled": "coupled=True", "not_coupled": "coupled=False",
@@ -237,29 +268,32 @@ def plan(model: nn.Module, ratio: float | None = None, *, granularity: str = "fi
     return result
 
 
-def _trial_masks(units: Sequence[LayerPlan]) -> dict[str, torch.Tensor]:
+def _trial_masks(units: Sequence[LayerPlan], ties: Ties) -> dict[str, torch.Tensor]:
     """Masks that remove a different share of each unit (10-90%, spread over its channels): two widths
-    that must agree but come from different groups then differ, as they may after training."""
+    that must agree but come from different groups then differ, as they may after training. Tied
+    units (:mod:`greg_fast.ties`) lose the counts their tie asks for, their channels drawn apart."""
     g = torch.Generator().manual_seed(0)
+    shares = {u.name: min(u.n_groups - 1, max(1, round(u.n_groups * (0.1 + (i * 0.618034) % 0.8))))
+              for i, u in enumerate(units)}
+    counts = tied_counts(units, ties, shares, some=True)
     masks = {}
-    for i, u in enumerate(units):
-        n_removed = min(u.n_groups - 1, max(1, round(u.n_groups * (0.1 + (i * 0.618034) % 0.8))))
+    for u in units:
         keep = torch.ones(u.n_groups, dtype=torch.bool)
-        keep[torch.randperm(u.n_groups, generator=g)[:n_removed]] = False
+        keep[torch.randperm(u.n_groups, generator=g)[:counts[u.name]]] = False
         masks[u.name] = keep
     return masks
 
 
-def _confirm(model, layers, excluded, pending, layer_flops, total, example_inputs) -> list[LayerPlan]:
+def _confirm(model, layers, excluded, pending, ties, layer_flops, total, example_inputs) -> list[LayerPlan]:
     """Keep the groups whose cut a trial compaction of a copy shows exact on the example inputs
     (approximate groups: that it runs); the others go to ``excluded`` with the reason ``pending`` gives
     (``{name: what the cut rests on}``: a width export wrote as a number, an op that keeps its
     original count, a stored width) or the trial's. The groups that rest on one op are tried
-    together, since cutting any of them changes that op's width; all at once first, then halves of
-    the failing ones, down to the op or the group."""
+    together, since cutting any of them changes that op's width, and so are tied groups (``ties``);
+    all at once first, then halves of the failing ones, down to the op or the group."""
     def error(units, precise=True):
         trial = Plan(model, units, {}, layer_flops, total)
-        return compaction_error(model, _trial_masks(units), trial, example_inputs,
+        return compaction_error(model, _trial_masks(units, trial.ties), trial, example_inputs,
                                 exact=not any(u.approximate for u in units), precise=precise)
 
     def failing(bundles) -> dict[str, str]:  # the search, in the model's own precision
@@ -273,11 +307,13 @@ def _confirm(model, layers, excluded, pending, layer_flops, total, example_input
         return found or {u.name: e for b in bundles for u in b}  # only together: all of them
 
     failed = {}
+    root = {l.name: ties.get(l.name, (l.name,))[0] for l in layers}
+    approximated = {l.name: bool(l.approximate) for l in layers}
     for approximate in (False, True):
         by_op: dict[str, list[LayerPlan]] = {}
         for l in layers:
-            if l.n_groups > 1 and bool(l.approximate) == approximate:
-                by_op.setdefault(pending.get(l.name, l.name), []).append(l)
+            if l.n_groups > 1 and approximated[root[l.name]] == approximate:
+                by_op.setdefault(pending.get(root[l.name], root[l.name]), []).append(l)
         bundles = list(by_op.values())
         if bundles and error([u for b in bundles for u in b]) is not None:
             failed.update(failing(bundles))
@@ -374,7 +410,8 @@ def _coupled_units(model, example_inputs, ratio, ratios, skip, modules, approxim
             view=(1, n, 1), norms=list(dict.fromkeys(k.module for k in members if k.role == "norm")),
             consumers=list(dict.fromkeys(k.module for k in members if k.role == "input")),
             members=members, coupled=True, approximate=approximated, tensor=filters[0].tensor))
-    layers = _confirm(model, layers, excluded, pending, *flops, example_inputs)
+    layers, ties = _tie(layers, excluded, given_units)
+    layers = _confirm(model, layers, excluded, pending, ties, *flops, example_inputs)
     # every conv/linear weight accounted for: a producer of an excluded group is excluded by name too
     planned = {k.module for l in layers for k in l.members}
     for g in groups:
@@ -387,6 +424,34 @@ def _coupled_units(model, example_inputs, ratio, ratios, skip, modules, approxim
         if isinstance(m, LAYER_TYPES) and name not in planned and name not in excluded:
             excluded[name] = unfiltered.get(name) or _unread(name, modules)
     return layers, excluded
+
+
+def _tie(layers: list[LayerPlan], excluded: dict[str, str], given: set[str]) -> tuple[list[LayerPlan], Ties]:
+    """Give tied groups (one stored width: :mod:`greg_fast.ties`) counts in their tie's proportion, at
+    the root's ratio (a ratio given to any of them: one set has one ratio); exclude those that no
+    common count fits."""
+    ties, conflicts = find_ties(layers)
+    by_name = {l.name: l for l in layers}
+    for root in dict.fromkeys(r for r, _ in ties.values()):
+        tied = [root] + [n for n, (r, _) in ties.items() if r == root]
+        ratios = {by_name[n].ratio for n in tied if n in given} or {by_name[root].ratio}
+        if len(ratios) > 1:
+            raise ValueError(f"groups {tied[0]!r} and {tied[1]!r} give one stored width, so they lose channels "
+                             f"together, but ratios give them different values ({sorted(ratios)}); give them one")
+        r = ratios.pop()
+        levels = root_levels(ties, root, {n: range(by_name[n].n_groups) for n in tied})
+        if len(levels) < 2:
+            conflicts.update({n: "it gives a stored width with other groups, and no count above 0 leaves them "
+                                 "equal widths" for n in tied})
+            continue
+        if given & set(tied):
+            given.update(tied)
+        counts = tied_counts([by_name[n] for n in tied], ties, {root: n_prune_for(r, by_name[root].n_groups)})
+        for n in tied:
+            by_name[n].n_prune, by_name[n].ratio = counts[n], r
+    excluded.update(conflicts)
+    kept = [l for l in layers if l.name not in conflicts]
+    return kept, {n: t for n, t in ties.items() if n not in conflicts}
 
 
 def stage_ratios(model: nn.Module, stages: Sequence[float]) -> dict[str, float]:

@@ -8,6 +8,7 @@ import torch.nn as nn
 
 from .capture import unwrap
 from .table import format_table
+from .ties import expand, find_ties
 from .units import LayerPlan
 
 
@@ -16,7 +17,7 @@ class Plan:
     (``{name: reason}``); ``print(plan)`` shows the table with parameter and FLOP totals."""
 
     def __init__(self, model: nn.Module, layers: list[LayerPlan], excluded: dict[str, str],
-                 layer_flops: dict[str, int], total_flops: int, example_inputs: tuple = ()):
+                 layer_flops: dict[tuple[str, str], int], total_flops: int, example_inputs: tuple = ()):
         self.model_class = type(model).__name__
         self.example_inputs = example_inputs  # what compact(verify=True) runs through the model
         self.layers = layers
@@ -26,6 +27,7 @@ class Plan:
         self.total_params = sum(p.numel() for p in model.parameters())
         self._modules = dict(model.named_modules())
         self._shapes = {l.name: tuple(l.weight.shape) for l in layers}
+        self.ties = find_ties(layers)[0]  # units whose counts follow another's (greg_fast.ties)
         self._cost = self._compute_cost()  # of the model as planned, whatever happens to it later
         self.compacted = False  # set by compact(): the plan then describes the model as it was
         self.budget = None      # a target's allocation rules (greg_fast.budget.Budget), if planned to one
@@ -84,8 +86,10 @@ class Plan:
                 "flops_after": self.total_flops - round(removed_flops)}
 
     def set_counts(self, counts: Mapping[str, int]) -> None:
-        """Give the named units new counts of removed groups (an allocation); costs follow."""
+        """Give the named units new counts of removed groups (an allocation); costs follow, and so do
+        the units tied to them (raises where ``counts`` breaks a tie)."""
         self.check_current()
+        counts = expand(self.ties, counts)
         for l in self.layers:
             if l.name in counts:
                 l.n_prune = int(counts[l.name])
@@ -95,7 +99,7 @@ class Plan:
     def kept_fraction(self, counts: Mapping[str, int]) -> dict[str, float]:
         """The fractions of the model's FLOPs and parameters kept if the units lose ``counts``
         groups (the others none)."""
-        params, flops = self._removed(self.layers, counts)
+        params, flops = self._removed(self.layers, expand(self.ties, counts))
         return {"flops": 1 - flops / max(self.total_flops, 1), "params": 1 - params / max(self.total_params, 1)}
 
     def _removed(self, units: Sequence[LayerPlan], counts: Mapping[str, int] | None = None) -> tuple[float, float]:
@@ -121,8 +125,7 @@ class Plan:
             t = getattr(self._modules[module], tensor)
             if isinstance(t, nn.Parameter):
                 params += t.numel() * (1 - fraction)
-            if tensor == "weight":
-                flops += self._layer_flops.get(module, 0) * (1 - fraction)
+            flops += self._layer_flops.get((module, tensor), 0) * (1 - fraction)
         return params, flops
 
     def __repr__(self) -> str:

@@ -3,6 +3,7 @@ torchvision's run in test_timm_zoo and below): heads cut as dims or whole, store
 token and position embedding cut with the stream, LayerNorm and the fused attention's scale kept
 at the masked model's count, and growing regularization over heads on every backend."""
 import copy
+from fractions import Fraction
 
 import pytest
 import torch
@@ -125,6 +126,28 @@ def test_torchvision_vision_transformer_plans_and_compacts_exactly():
                                                             hidden_dim=16, mlp_dim=32, num_classes=3)).eval()
     x = torch.randn(2, 3, 16, 16)
     plan = gf.plan(model, 0.5, example_inputs=x[:1])
-    assert plan.pruned
+    assert list(plan.excluded) == ["heads.head"]  # the stream and the attention too: they share embed_dim
+    attention = [f"encoder.layers.encoder_layer_{i}.self_attention" for i in (0, 1)]
+    assert plan.ties == {a: ("conv_proj", Fraction(1, 2)) for a in attention}  # 2 heads: 2 stream channels per dim
+    assert [plan[a].n_prune for a in attention] == [4, 4] and plan["conv_proj"].n_prune == 8
     for ratio in (0.3, 0.7):
-        assert_same_outputs(*compacted(model, plan, ratio), x)
+        masked, small = compacted(model, plan, ratio)
+        assert_same_outputs(masked, small, x)
+        mha = small.encoder.layers[0].self_attention
+        assert mha.embed_dim == small.hidden_dim == mha.head_dim * 2 < 16
+
+
+def test_tied_groups_keep_their_proportion_under_a_budget_and_a_mask_that_breaks_it_is_refused():
+    model = torchvision.models.VisionTransformer(image_size=16, patch_size=8, num_layers=2, num_heads=2,
+                                                 hidden_dim=16, mlp_dim=32, num_classes=3).eval()
+    x = torch.randn(1, 3, 16, 16)
+    plan = gf.plan(model, example_inputs=x, target={"flops": 0.6}, round_to=2)
+    for name, (root, r) in plan.ties.items():
+        assert plan[name].n_prune == plan[root].n_prune * r and plan[root].n_prune % 4 == 0
+    assert plan.cost()["flops_after"] <= 0.6 * plan.cost()["flops_before"]
+    with pytest.raises(ValueError, match="proportion"):
+        plan.set_counts({"conv_proj": 4, "encoder.layers.encoder_layer_0.self_attention": 1})
+    masks = {l.name: torch.ones(l.n_groups, dtype=torch.bool) for l in plan.layers}
+    masks["conv_proj"][:4] = False  # the stream alone: MultiheadAttention's embed_dim would disagree
+    with pytest.raises(ValueError, match="embed_dim` two different widths"):
+        gf.compact(*copy.deepcopy((model, masks, plan)))

@@ -11,6 +11,7 @@ import torchvision
 import greg_fast as gf
 from greg_fast import models
 from greg_fast.backend import backends
+from greg_fast.ties import tied_counts
 from greg_fast.units import MemberKey
 from greg_fast.plan import count_flops
 
@@ -21,8 +22,10 @@ X8 = torch.zeros(1, 3, 8, 8)
 
 
 def random_group_masks(plan, ratio, seed=0):
+    """Each unit loses ``ratio`` of its groups at random (tied units: in their tie's proportion)."""
     g = torch.Generator().manual_seed(seed)
-    return {l.name: torch.randperm(l.n_groups, generator=g) >= gf.n_prune_for(ratio, l.n_groups) for l in plan.layers}
+    counts = tied_counts(plan.layers, plan.ties, {l.name: gf.n_prune_for(ratio, l.n_groups) for l in plan.layers})
+    return {l.name: torch.randperm(l.n_groups, generator=g) >= counts[l.name] for l in plan.layers}
 
 
 def exact_after_compaction(model, x, ratio, plan=None):
@@ -200,6 +203,7 @@ ZOO = {
     "mobilenet_v2": {}, "mobilenet_v3_large": {}, "efficientnet_b0": {}, "densenet121": {},
     "googlenet": dict(aux_logits=False, init_weights=True), "regnet_y_400mf": {}, "convnext_tiny": {},
     "squeezenet1_0": {}, "shufflenet_v2_x1_0": {}, "resnet56": None, "vgg19_bn_cifar": None,
+    "vit_b_16": dict(image_size=64), "swin_t": {},  # MultiheadAttention (stream and heads tied); shifted windows
 }
 
 
@@ -212,7 +216,8 @@ def zoo_model(name):
 
 # more models of families the default run covers (resnet18/resnext, vgg19_bn_cifar, timm's mobilenetv3,
 # efficientnet, regnety): under the zoo marker, which .ci/run runs after the default run
-BREADTH = {"resnet50", "wide_resnet50_2", "vgg16_bn", "mobilenet_v3_large", "efficientnet_b0", "regnet_y_400mf"}
+BREADTH = {"resnet50", "wide_resnet50_2", "vgg16_bn", "mobilenet_v3_large", "efficientnet_b0", "regnet_y_400mf",
+           "vit_b_16", "swin_t"}  # attention: test_attention's models in the default run
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.zoo) if n in BREADTH else n for n in ZOO])

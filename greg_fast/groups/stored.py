@@ -9,6 +9,8 @@ compaction, and :func:`set_attribute` applies it.
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import re
 
 import torch.fx as fx
@@ -35,10 +37,11 @@ def _arguments(text: str) -> list[str]:
     return []
 
 
-def size_argument(node: fx.Node, index: int, count: int) -> str | None:
-    """The code the line that emitted ``node`` passes as size ``index`` of ``count`` (one size, or
-    the one size of an equal split), or None when the line does not say."""
-    line = (node.meta.get("stack_trace") or "").rstrip().rpartition("\n")[2]
+def size_argument(node: fx.Node, index: int, count: int, line: str | None = None) -> str | None:
+    """The code the line that emitted ``node`` (or ``line``) passes as size ``index`` of ``count`` (one
+    size, or the one size of an equal split), or None when the line does not say."""
+    if line is None:
+        line = (node.meta.get("stack_trace") or "").rstrip().rpartition("\n")[2]
     for called in _CALLED_AS.get(op_name(node) or "", ()):
         at = line.rfind(called + "(")
         if at < 0:
@@ -70,21 +73,41 @@ def _int(module: nn.Module, name: str | None):
     return value if type(value) is int else None
 
 
+def _read(module: nn.Module, text: str, size: int) -> str | None:
+    """``text`` (``self.name``, ``self.name // k``) as an attribute spec when it gives ``size``."""
+    read = _READ.fullmatch(text)
+    if read is None:
+        return None
+    name, k = read.group(1), int(read.group(2) or _int(module, read.group(3)) or 0)
+    value = _int(module, name)
+    if value is not None and (value == size if not read.group(2) and not read.group(3) else
+                              k > 0 and value % k == 0 and value // k == size):
+        return name if not k else f"{name}//{k}"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _source_lines(code) -> tuple[str, ...]:
+    """The source of a class or function, line by line (none where Python cannot find it)."""
+    try:
+        return tuple(inspect.getsource(code).splitlines())
+    except (OSError, TypeError):
+        return ()
+
+
 def width_source(module: nn.Module, node: fx.Node, size: int, written: list | None, index: int) -> str | None:
     """How ``module`` gives ``node`` its size ``size`` (entry ``index`` of the ``written`` sizes): an
     attribute ``"name"``, an entry ``"name[i]"`` of a tuple or list, or ``"name//k"``; None when no
-    attribute does (the code computes it otherwise)."""
+    attribute does (the code computes it otherwise). Where the emitting line does not say (the op
+    runs in a method forward calls), the calls of that op in the module's class that pass one
+    attribute giving the size say it; failing those, the one attribute of that value (of several,
+    the one forward reads)."""
     text = size_argument(node, index, len(written)) if written is not None else None
     if text is not None:
-        read = _READ.fullmatch(text)
-        if read is None:
-            return None  # computed from something else (the input's shape, a number)
-        name, k = read.group(1), int(read.group(2) or _int(module, read.group(3)) or 0)
-        value = _int(module, name)
-        if value is not None and (value == size if not read.group(2) and not read.group(3) else
-                                  k > 0 and value % k == 0 and value // k == size):
-            return name if not k else f"{name}//{k}"
-        if value is not None or not isinstance(vars(module).get(name), (tuple, list)):
+        spec = _read(module, text, size)
+        if spec is not None or _READ.fullmatch(text) is None:
+            return spec  # an attribute, or computed from something else (the input's shape, a number)
+        if not isinstance(vars(module).get(_READ.fullmatch(text).group(1)), (tuple, list)):
             return None
     plain = [(k, v) for k, v in vars(module).items() if not k.startswith("_") and k != "training"]
     for k, v in plain:
@@ -92,10 +115,16 @@ def width_source(module: nn.Module, node: fx.Node, size: int, written: list | No
             return f"{k}[{index}]"
     if text is not None:
         return None
-    for k, v in plain:
-        if type(v) is int and v == size:
-            return k
-    return None
+    if written is not None:
+        in_class = {_read(module, t, size) for line in _source_lines(type(module))
+                    if (t := size_argument(node, index, len(written), line)) is not None} - {None}
+        if len(in_class) == 1:
+            return in_class.pop()
+    by_value = [k for k, v in plain if type(v) is int and v == size]
+    if len(by_value) > 1:  # several of that value (MultiheadAttention's embed_dim, kdim, vdim): those forward reads
+        read = set(re.findall(r"\bself\.(\w+)", "\n".join(_source_lines(type(module).forward))))
+        by_value = [k for k in by_value if k in read]
+    return by_value[0] if len(by_value) == 1 else None
 
 
 def set_attribute(module: nn.Module, spec: str, value: int) -> None:
