@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import copy
 import math
-import statistics
-import time
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
@@ -30,7 +28,7 @@ import torch
 import torch.nn as nn
 
 from .masks import keep_strongest
-from .timing import alternate, ratio_spread, synchronize
+from .timing import speedup
 from .ties import expand, root_levels
 from .units import n_prune_for
 
@@ -398,24 +396,10 @@ def check_timeable(model: nn.Module, example_inputs: tuple, batch_size: int) -> 
 
 def measure_speedup(dense: nn.Module, pruned: nn.Module, inputs: tuple, seconds: float = 1.0,
                     rounds: int | None = None, warmup: int = 1) -> dict:
-    """Dense and pruned timed in alternation (one call each per round, so that load on a shared
-    machine hits both alike) for about ``seconds`` or for ``rounds`` rounds: median times and the
-    median and 10th-90th percentile of the per-round speed-up."""
+    """Dense and pruned timed in alternation (:func:`greg_fast.timing.speedup`), without autograd."""
     device = next(dense.parameters()).device
-    calls = {"dense": lambda: dense(*inputs), "pruned": lambda: pruned(*inputs)}
     with torch.no_grad():
-        if rounds is None:
-            synchronize(device)
-            start = time.perf_counter()
-            for fn in calls.values():  # warm-up, and the size of a round
-                fn()
-            synchronize(device)
-            per_round = max(time.perf_counter() - start, 1e-6)
-            rounds = max(5, min(200, int(seconds / per_round)))
-        times = alternate(calls, rounds, device, warmup=warmup)
-    speedup, spread = ratio_spread(times["dense"], times["pruned"])
-    return {"dense_ms": 1e3 * statistics.median(times["dense"]), "pruned_ms": 1e3 * statistics.median(times["pruned"]),
-            "speedup": speedup, "speedup_p10_p90": spread, "rounds": rounds}
+        return speedup(lambda: dense(*inputs), lambda: pruned(*inputs), device, seconds, rounds, warmup)
 
 
 def _latency_prefix(plan, units, steps, scores, compactor: Compactor, seconds: float = 1.0) -> int:

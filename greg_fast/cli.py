@@ -1,8 +1,9 @@
-"""The ``greg-fast`` command: ``prune``, ``demo``, ``compare``, ``recipes``, ``info`` and ``bench``."""
+"""The ``greg-fast`` command: ``prune``, ``demo``, ``compare``, ``export``, ``recipes``, ``info`` and ``bench``."""
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import platform
 import sys
@@ -11,6 +12,9 @@ from pathlib import Path
 import torch
 
 from . import __version__, compare, data, job, models
+from .atomic import write_text_atomic
+from .export import export_and_measure, format_latency
+from .io import load as load_model
 from .backend import ENV_VAR, auto_choice, backends
 from .hyper import METHODS, Hyper
 from . import bench
@@ -54,7 +58,14 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
                    help="the paper's settings for a model (see `greg-fast recipes`); explicit flags override them")
     p.add_argument("--model", choices=models.names())
     p.add_argument("--data", choices=data.DATASETS)
-    p.add_argument("--data-dir", default=None, help="folder of cifar10/cifar100/imagefolder data")
+    p.add_argument("--data-dir", default=None,
+                   help="folder of cifar10/cifar100 (the python version, or train/ and test/ or val/ image "
+                        "folders) or imagefolder data")
+    p.add_argument("--image-size", type=int, default=None, metavar="PIXELS",
+                   help="resize the images to this (default: their own size; imagefolder of mixed sizes: 224)")
+    p.add_argument("--normalize", default=None, metavar="STATS",
+                   help="'data' (the training split's statistics; the default, but for imagefolder), 'imagenet' "
+                        "(imagefolder's default; what pretrained ImageNet weights expect) or 'M,M,M/S,S,S'")
     p.add_argument("--method", choices=METHODS)
     p.add_argument("--granularity", default="filter", choices=GRANULARITIES)
     p.add_argument("--coupled", action=argparse.BooleanOptionalAction, default=None,
@@ -96,9 +107,12 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
                        help=f"{f.metadata['help']} (default {f.default:g})")
     s.add_argument("--lr-reg", type=float, default=1e-3, help="SGD lr while regularizing (default 1e-3)")
     t = p.add_argument_group("training")
-    dense = t.add_mutually_exclusive_group()
-    dense.add_argument("--pretrain-epochs", type=int, default=0, help="train the dense model this long first")
-    dense.add_argument("--checkpoint", default=None, help="dense weights (state_dict or greg-fast model.pt)")
+    t.add_argument("--pretrain-epochs", type=int, default=0,
+                   help="train the dense model this long first (from --checkpoint's weights where given)")
+    t.add_argument("--checkpoint", default=None,
+                   help="dense weights saved by any code: a state_dict, or a dict holding one under 'state_dict', "
+                        "'model', ...; wrapper prefixes (module., _orig_mod.) are stripped and layers named "
+                        "otherwise but of the same shapes in order are renamed (said on stderr)")
     t.add_argument("--lr-pretrain", type=float, default=0.1, help="peak lr of the cosine pretraining")
     t.add_argument("--finetune-epochs", type=int)
     t.add_argument("--lr-ft", help="fine-tune lr schedule 'epoch:lr,...', e.g. 0:0.01,60:0.001,90:1e-4")
@@ -113,6 +127,10 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
                      help="time budget of the whole measurement, split over the batch sizes; each takes at "
                           "least 5 rounds (default 20)")
     lat.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
+    p.add_argument("--export", choices=("onnx",), default=None,
+                   help="at the end, write model.onnx (checked in ONNX Runtime; the export is tried on the dense "
+                        "model before training) and time dense vs pruned in ONNX Runtime at --latency-batch-sizes "
+                        "(summary.json: onnx)")
     p.add_argument("--out", help="output folder")
     p.add_argument("--resume", default=None, metavar="DIR", help="continue the run whose --out is DIR")
     p.add_argument("--checkpoint-every", type=int, default=500, metavar="STEPS",
@@ -160,6 +178,27 @@ def _prune_args(prune: argparse.ArgumentParser, argv, defaults=None, resumable=F
     if missing:
         prune.error(f"missing {'; '.join(missing)} (or a --recipe that sets some of them: greg-fast recipes)")
     return args
+
+
+def export_command(args) -> None:
+    """``greg-fast export``: the model file of a run (a zoo model) as ONNX, with dense-vs-pruned latency in
+    ONNX Runtime (the dense architecture is built afresh: its latency does not depend on its weights)."""
+    path = Path(args.path)
+    model_file = path / "model.pt" if path.is_dir() else path
+    if not model_file.is_file():
+        raise FileNotFoundError(f"{model_file}: no such file (give a greg-fast prune run's folder or its model.pt)")
+    pruned = load_model(model_file)
+    if getattr(pruned, "greg_arch", None) is None:
+        raise ValueError(f"{model_file} holds a model greg_fast cannot build by itself: export it from Python with "
+                         "greg_fast.export.export_onnx(model, path, example)")
+    arch = pruned.greg_arch
+    dense = models.create(arch["name"], arch["num_classes"], in_channels=arch["in_channels"])
+    out = Path(args.out) if args.out else model_file.with_suffix(".onnx")
+    result = export_and_measure(pruned, dense, torch.zeros(1, *pruned.greg_input_size), out, args.batch_sizes,
+                                args.seconds)
+    write_text_atomic(out.with_suffix(".json"), json.dumps(result, indent=2))
+    print(f"wrote {out} (ONNX Runtime equals PyTorch to {result['max_rel_diff']:.1e}) and {out.with_suffix('.json')}")
+    print(format_latency(result))
 
 
 def info() -> None:
@@ -210,6 +249,12 @@ def main(argv=None) -> int:
                         "groups (default %(default)s)")
     b.add_argument("--device", default="cpu")
     b.add_argument("--out", default="bench/results", help="folder of the results JSON")
+    ex = sub.add_parser("export", help="ONNX of a pruned model, checked in ONNX Runtime, and its latency there "
+                                       "against the dense architecture's")
+    ex.add_argument("path", help="a greg-fast prune run's folder, or a model.pt it wrote")
+    ex.add_argument("--out", default=None, help="the ONNX file (default: model.onnx beside model.pt)")
+    ex.add_argument("--batch-sizes", type=_int_list, default=[1, 8], metavar="B,B", help="timed (default 1,8)")
+    ex.add_argument("--seconds", type=float, default=20.0, help="time budget of the measurement (default 20)")
     args = parser.parse_args(argv)
 
     if args.command == "info":
@@ -229,6 +274,13 @@ def main(argv=None) -> int:
         records = bench.run_set(device, args.models.split(","), progress=lambda s: print("timing", s, file=sys.stderr))
         print(bench.table(records))
         print(f"wrote {bench.write_results(records, Path(args.out), device)}")
+        return 0
+    if args.command == "export":
+        try:
+            export_command(args)
+        except (ValueError, RuntimeError, ImportError, FileNotFoundError) as err:
+            print(f"greg-fast: error: {err}", file=sys.stderr)
+            return 2
         return 0
     run = job.run
     if args.command == "demo":

@@ -127,8 +127,9 @@ class Compare:
         return a
 
     def _dense(self, seed: int, bar) -> tuple[Path, float]:
-        """Seed ``seed``'s dense weights (pretrained once, or --checkpoint) and the pretraining seconds."""
-        if self.args.checkpoint is not None:
+        """Seed ``seed``'s dense weights (pretrained once, from --checkpoint where given, or --checkpoint as
+        it is without --pretrain-epochs) and the pretraining seconds."""
+        if self.args.checkpoint is not None and not self.args.pretrain_epochs:
             return Path(self.args.checkpoint), 0.0
         folder = self.out / f"seed{seed}" / "dense"
         path, info = folder / "dense.pt", folder / "dense.json"

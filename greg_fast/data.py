@@ -1,7 +1,9 @@
-"""Datasets: scikit-learn's digits (built in, the default), CIFAR-10/100 and ImageNet-style folders.
+"""Datasets: scikit-learn's digits (built in, the default), CIFAR-10/100 and image folders.
 
-Nothing is downloaded: CIFAR is read from the standard python-pickle folder, ImageNet-style data
-from ``train/`` and ``val/`` class folders.
+Nothing is downloaded: CIFAR is read from the standard python-pickle folder or from an image tree
+(``train/`` and ``test/`` or ``val/`` with one folder per class, as the JPEG copies come), decoded
+into memory; any other tree of class folders is ``imagefolder``, streamed at the images' own size
+unless an ``image_size`` is given.
 """
 from __future__ import annotations
 
@@ -28,14 +30,49 @@ class Data:
     augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None
 
 
-def load(name: str, data_dir: str | Path | None = None) -> Data:
+NORMALIZE = ("data", "imagenet")  # or "m1,m2,m3/s1,s2,s3"
+IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+_SAMPLED = 2000  # images whose statistics stand for a streamed data set's
+
+
+def load(name: str, data_dir: str | Path | None = None, *, image_size: int | None = None,
+         normalize: str | None = None) -> Data:
+    """The data set ``name``. ``image_size``: resize to it (default: the images' own size; an image
+    folder whose images differ in size: 224, ImageNet's crops). ``normalize``: ``"data"`` (the
+    training split's per-channel statistics: the default, but for ``imagefolder``), ``"imagenet"``
+    (the default for ``imagefolder``; what torchvision's and timm's pretrained weights expect) or
+    ``"m1,m2,m3/s1,s2,s3"``."""
+    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1):
+        raise ValueError(f"image size must be a positive integer (pixels), got {image_size!r}")
     if name == "digits":
-        return _digits()
+        return _digits(image_size, normalize)
     if name in ("cifar10", "cifar100"):
-        return _cifar(name, _need_dir(name, data_dir))
+        return _cifar(name, _need_dir(name, data_dir), image_size, normalize)
     if name == "imagefolder":
-        return _imagefolder(_need_dir(name, data_dir))
+        return _imagefolder(_need_dir(name, data_dir), image_size, normalize)
     raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+
+
+def parse_normalize(normalize: str, channels: int) -> str | tuple[tuple[float, ...], tuple[float, ...]]:
+    """``"data"``, or (mean, std) per channel from ``"imagenet"`` or ``"m1,m2,m3/s1,s2,s3"``."""
+    if normalize == "data":
+        return "data"
+    if normalize == "imagenet":
+        stats = IMAGENET_STATS
+    else:
+        try:
+            stats = tuple(tuple(float(v) for v in part.split(",")) for part in normalize.split("/"))
+        except ValueError:
+            stats = ()
+        if len(stats) != 2:
+            raise ValueError(f"--normalize must be 'data', 'imagenet' or 'MEAN/STD' with one number per "
+                             f"channel (e.g. 0.49,0.48,0.45/0.25,0.24,0.26), got {normalize!r}")
+        if min(stats[1]) <= 0:
+            raise ValueError(f"--normalize {normalize!r}: a standard deviation must be positive")
+    if any(len(v) != channels for v in stats):
+        raise ValueError(f"--normalize {normalize!r} gives {len(stats[0])} means and {len(stats[1])} deviations; "
+                         f"the images have {channels} channel(s)")
+    return stats
 
 
 def _need_dir(name: str, data_dir) -> Path:
@@ -47,25 +84,35 @@ def _need_dir(name: str, data_dir) -> Path:
     return path
 
 
-def _normalize(train: torch.Tensor, test: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    mean = train.mean(dim=(0, 2, 3), keepdim=True)
-    std = train.std(dim=(0, 2, 3), keepdim=True)
+def _normalize(train: torch.Tensor, test: torch.Tensor, normalize: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+    stats = parse_normalize(normalize or "data", train.shape[1])
+    if stats == "data":
+        mean, std = train.mean(dim=(0, 2, 3), keepdim=True), train.std(dim=(0, 2, 3), keepdim=True)
+    else:
+        mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in stats)
     return (train - mean) / std, (test - mean) / std
 
 
-def _digits() -> Data:
+def _resized(x: torch.Tensor, image_size: int | None) -> torch.Tensor:
+    if image_size is None or tuple(x.shape[2:]) == (image_size, image_size):
+        return x
+    return torch.nn.functional.interpolate(x, size=(image_size, image_size), mode="bilinear", antialias=True,
+                                           align_corners=False)
+
+
+def _digits(image_size: int | None, normalize: str | None) -> Data:
     """1,797 8x8 grey images of handwritten digits shipped with scikit-learn; a fixed stratified
     80/20 split (the same on every machine)."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
     bunch = load_digits()
-    x = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    x = _resized(torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0, image_size)
     y = torch.tensor(bunch.target, dtype=torch.int64)
     tr, te = train_test_split(np.arange(len(y)), test_size=0.2, random_state=0, stratify=bunch.target)
-    xtr, xte = _normalize(x[tr], x[te])
+    xtr, xte = _normalize(x[tr], x[te], normalize)
     return Data("digits", torch.utils.data.TensorDataset(xtr, y[tr]),
-                torch.utils.data.TensorDataset(xte, y[te]), 10, 1, augment=_shift(1))
+                torch.utils.data.TensorDataset(xte, y[te]), 10, 1, augment=_shift(max(1, x.shape[-1] // 8)))
 
 
 _CIFAR_FILES = {
@@ -74,49 +121,133 @@ _CIFAR_FILES = {
 }
 
 
-def _cifar(name: str, root: Path) -> Data:
+def _cifar(name: str, root: Path, image_size: int | None, normalize: str | None) -> Data:
     folder, train_files, test_files, label_key, classes = _CIFAR_FILES[name]
     base = root / folder if (root / folder).is_dir() else root
     missing = [f for f in train_files + test_files if not (base / f).is_file()]
-    if missing:
+    if missing and _splits(root, required=False) is not None:
+        (xtr, ytr), (xte, yte), found = _decoded_tree(root)
+        if found != classes:
+            raise ValueError(f"{name} from the image tree {str(root)!r}: {found} class folders, {name} has {classes}")
+    elif missing:
         raise FileNotFoundError(
             f"{name} not found under {str(root)!r}: expected the python version's folder "
-            f"'{folder}/' with {', '.join(train_files + test_files)} (missing: {', '.join(missing)})")
-
-    def read(files):
-        xs, ys = [], []
-        for f in files:
-            with open(base / f, "rb") as fh:
-                try:
-                    entry = pickle.load(fh, encoding="bytes")
-                    xs.append(np.asarray(entry[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-                    ys.append(np.asarray(entry[label_key], dtype=np.int64))
-                except Exception as err:
-                    raise ValueError(f"{base / f} is not a {name} python-pickle batch: {err}") from err
-        return torch.from_numpy(np.concatenate(xs)).float() / 255, torch.from_numpy(np.concatenate(ys))
-
-    (xtr, ytr), (xte, yte) = read(train_files), read(test_files)
-    xtr, xte = _normalize(xtr, xte)
+            f"'{folder}/' with {', '.join(train_files + test_files)} (missing: {', '.join(missing)}), or an image "
+            "tree: train/ and test/ (or val/) with one folder per class")
+    else:
+        (xtr, ytr), (xte, yte) = (_read_pickles(base, name, files, label_key) for files in (train_files, test_files))
+    xtr, xte = _normalize(_resized(xtr, image_size), _resized(xte, image_size), normalize)
     return Data(name, torch.utils.data.TensorDataset(xtr, ytr), torch.utils.data.TensorDataset(xte, yte),
-                classes, 3, augment=_crop_flip(4))
+                classes, 3, augment=_crop_flip(max(1, xtr.shape[-1] // 8)))
 
 
-def _imagefolder(root: Path) -> Data:
-    import torchvision.transforms as T
+def _read_pickles(base: Path, name: str, files: list[str], label_key: bytes) -> tuple[torch.Tensor, torch.Tensor]:
+    xs, ys = [], []
+    for f in files:
+        with open(base / f, "rb") as fh:
+            try:
+                entry = pickle.load(fh, encoding="bytes")
+                xs.append(np.asarray(entry[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+                ys.append(np.asarray(entry[label_key], dtype=np.int64))
+            except Exception as err:
+                raise ValueError(f"{base / f} is not a {name} python-pickle batch: {err}") from err
+    return torch.from_numpy(np.concatenate(xs)).float() / 255, torch.from_numpy(np.concatenate(ys))
+
+
+def _splits(root: Path, required: bool = True) -> tuple[Path, Path] | None:
+    """``root/train`` and ``root/val`` or ``root/test``."""
+    test = next((root / s for s in ("val", "test") if (root / s).is_dir()), None)
+    if (root / "train").is_dir() and test is not None:
+        return root / "train", test
+    if not required:
+        return None
+    raise FileNotFoundError(f"an image folder needs {str(root / 'train')!r} and {str(root / 'val')!r} (or "
+                            f"{str(root / 'test')!r}), each with one folder per class")
+
+
+def _folders(root: Path):
+    """The ImageFolder pair of ``root``'s splits, checked: the same classes, at least 2."""
     from torchvision.datasets import ImageFolder
 
-    for split in ("train", "val"):
-        if not (root / split).is_dir():
-            raise FileNotFoundError(f"imagefolder expects {str(root / split)!r} with one folder per class")
-    norm = T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
-    train = ImageFolder(root / "train", T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(),
-                                                    T.ToTensor(), norm]))
-    test = ImageFolder(root / "val", T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(), norm]))
+    train_dir, test_dir = _splits(root)
+    try:
+        train, test = ImageFolder(train_dir), ImageFolder(test_dir)
+    except (FileNotFoundError, RuntimeError) as err:  # no class folders, or no images in one
+        raise ValueError(f"image folder {str(root)!r}: {err}") from err
     if train.classes != test.classes:
-        raise ValueError(f"train and val folders under {str(root)!r} have different classes")
+        raise ValueError(f"{train_dir.name}/ and {test_dir.name}/ under {str(root)!r} have different class folders: "
+                         f"{train.classes[:5]} vs {test.classes[:5]}")
     if len(train.classes) < 2:
-        raise ValueError(f"imagefolder {str(root)!r} has {len(train.classes)} class folder(s): classification "
+        raise ValueError(f"image folder {str(root)!r} has {len(train.classes)} class folder(s): classification "
                          "needs at least 2 (every model would score 100%)")
+    return train, test
+
+
+def _decoded(dataset) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every image of an ImageFolder as one uint8-range float tensor (all of one size) and the labels."""
+    import torchvision.transforms.functional as TF
+
+    xs, sizes = [], set()
+    for path, _ in dataset.samples:
+        try:
+            image = TF.pil_to_tensor(dataset.loader(path))
+        except Exception as err:
+            raise ValueError(f"{path}: not a readable image ({type(err).__name__}: {err})") from err
+        xs.append(image)
+        sizes.add(tuple(image.shape))
+        if len(sizes) > 1:
+            raise ValueError(f"{path} is {tuple(image.shape)} (channels, height, width), the images before it "
+                             f"{tuple(xs[0].shape)}: a tree decoded into memory needs one size")
+    return torch.stack(xs).float() / 255, torch.tensor(dataset.targets, dtype=torch.int64)
+
+
+def _decoded_tree(root: Path):
+    train, test = _folders(root)
+    return _decoded(train), _decoded(test), len(train.classes)
+
+
+def _own_size(*datasets) -> tuple[int, int] | None:
+    """The images' (height, width) where all of them have one (read from every file's header, which
+    also names a file that is not an image before any training)."""
+    from PIL import Image
+
+    sizes = set()
+    for path in (p for d in datasets for p, _ in d.samples):
+        try:
+            with Image.open(path) as image:
+                sizes.add(image.size[::-1])
+        except Exception as err:
+            raise ValueError(f"{path}: not a readable image ({type(err).__name__}: {err})") from err
+    return sizes.pop() if len(sizes) == 1 else None
+
+
+def _imagefolder(root: Path, image_size: int | None, normalize: str | None) -> Data:
+    """A tree of class folders, streamed: at ``image_size`` or the images' own (random crop with padding
+    and a flip for training), or where they differ at 224 (random resized crop / resize and center crop)."""
+    import torchvision.transforms as T
+
+    train, test = _folders(root)
+    own = _own_size(train, test)  # read even with image_size: it checks every file
+    own = own if image_size is None else None
+    if own is not None or image_size is not None and image_size <= 64:  # small images: pad and crop
+        size = own or (image_size, image_size)
+        resize = [T.Resize(min(size)), T.CenterCrop(size)]  # (at their own size: for an image of another)
+        train_t = resize + [T.RandomCrop(size, padding=max(1, min(size) // 8)), T.RandomHorizontalFlip()]
+        test_t = list(resize)
+    else:
+        size = image_size or 224
+        train_t = [T.RandomResizedCrop(size), T.RandomHorizontalFlip()]
+        test_t = [T.Resize(round(size / 0.875)), T.CenterCrop(size)]
+    stats = parse_normalize(normalize or "imagenet", 3)
+    if stats == "data":
+        sample = torch.utils.data.Subset(train, torch.randperm(len(train), generator=torch.Generator().manual_seed(0))
+                                         [:_SAMPLED].tolist())
+        train.transform = T.Compose(test_t + [T.ToTensor()])
+        x = torch.stack([image for image, _ in sample])
+        stats = (x.mean(dim=(0, 2, 3)).tolist(), x.std(dim=(0, 2, 3)).tolist())
+    norm = T.Normalize(*stats)
+    train.transform = T.Compose(train_t + [T.ToTensor(), norm])
+    test.transform = T.Compose(test_t + [T.ToTensor(), norm])
     return Data("imagefolder", train, test, len(train.classes), 3)
 
 

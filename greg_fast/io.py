@@ -76,6 +76,8 @@ def load(path: str | Path, map_location="cpu", *, model: nn.Module | None = None
     except RuntimeError as err:
         raise ValueError(f"{path}: weights do not fit the described architecture: {err}") from err
     model.greg_masks = obj["masks"]
+    if obj.get("input_size"):  # the input it was planned and trained on
+        model.greg_input_size = tuple(obj["input_size"])
     return model.to(map_location)
 
 

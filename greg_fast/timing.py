@@ -95,6 +95,26 @@ def ratio_spread(numerators: list[float], denominators: list[float]) -> tuple[fl
     return statistics.median(ratios), [ratios[len(ratios) // 10], ratios[-1 - len(ratios) // 10]]
 
 
+def speedup(dense: Callable[[], None], pruned: Callable[[], None], device: torch.device, seconds: float = 1.0,
+            rounds: int | None = None, warmup: int = 1) -> dict:
+    """Two calls timed in alternation (one each per round, so that load on a shared machine hits
+    both alike) for about ``seconds`` or for ``rounds`` rounds: median times and the median and
+    10th-90th percentile of the per-round speed-up."""
+    calls = {"dense": dense, "pruned": pruned}
+    if rounds is None:
+        synchronize(device)
+        start = time.perf_counter()
+        for fn in calls.values():  # warm-up, and the size of a round
+            fn()
+        synchronize(device)
+        per_round = max(time.perf_counter() - start, 1e-6)
+        rounds = max(5, min(200, int(seconds / per_round)))
+    times = alternate(calls, rounds, device, warmup=warmup)
+    median, spread = ratio_spread(times["dense"], times["pruned"])
+    return {"dense_ms": 1e3 * statistics.median(times["dense"]), "pruned_ms": 1e3 * statistics.median(times["pruned"]),
+            "speedup": median, "speedup_p10_p90": spread, "rounds": rounds}
+
+
 def kernel_seconds(fn: Callable[[], None], device: torch.device, calls: int = 20) -> float:
     """GPU time per call of ``fn``: the durations of the kernels (and copies) it runs, read from
     torch.profiler, without the host's share. Set beside the wall time of the same provider it

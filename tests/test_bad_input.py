@@ -88,8 +88,8 @@ def test_unknown_model_dataset_or_method_is_named(tmp_path, capsys, flag, value)
 def test_job_counts_steps_with_non_finite_gradients(tmp_path, monkeypatch):
     original = datasets._digits
 
-    def poisoned():
-        d = original()
+    def poisoned(*args):
+        d = original(*args)
         d.train.tensors[0][5, 0, 4, 4] = float("nan")  # one bad image: its batch's gradient is NaN
         return d
     monkeypatch.setattr(datasets, "_digits", poisoned)

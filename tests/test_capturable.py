@@ -284,3 +284,40 @@ def test_the_cpp_step_ops_have_fake_kernels_that_pass_torchs_op_checks():
     from torch._library import simple_registry
     for name in ("scores_", "penalty_", "fused_sgd_"):
         assert simple_registry.singleton.find(f"greg_fast::{name}").fake_impl.kernel is not None, name
+
+
+def test_under_inductor_the_step_equals_eager_to_float_rounding():
+    """The default backend generates its own kernels (fused multiply-adds, other orders of summation):
+    the parameters then agree to float32 rounding, not bit for bit (torch's own compiled SGD does
+    the same), and the schedule's decisions are the same."""
+    torch._dynamo.reset()
+    runs = pair("greg1", "eager", False)
+    compiled = torch.compile(runs[1][1].step)  # inductor
+    batches = make_batches()
+    worst = 0.0
+    for i in range(12):
+        for j, (model, greg) in enumerate(runs):
+            backward(model, greg, batches[i % len(batches)])
+            (compiled if j else greg.step)()
+        for a, b in zip(runs[0][0].parameters(), runs[1][0].parameters()):
+            worst = max(worst, float((a - b).abs().max() / a.abs().max().detach()))
+        assert runs[0][1].phase == runs[1][1].phase and runs[0][1].lambdas() == runs[1][1].lambdas()
+    assert worst < 1e-5  # float32 rounding of the weights (1e-7 a step here), not bit for bit
+    assert all(torch.equal(m, runs[1][1].masks()[k]) for k, m in runs[0][1].masks().items())
+    torch._dynamo.reset()
+
+
+def test_a_compiled_model_recompiles_after_compact_and_computes_the_small_model():
+    torch._dynamo.reset()
+    model = SmallNet().eval()
+    x = torch.randn(2, 3, 8, 8)
+    plan = gf.plan(model, 0.5, example_inputs=x[:1])
+    compiled = torch.compile(model, backend="aot_eager")
+    compiled(x)
+    masks = {l.name: torch.arange(l.n_groups) % 2 == 0 for l in plan.layers}
+    gf.compact(model, masks, plan)
+    frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    with torch.no_grad():
+        assert torch.equal(compiled(x), model(x))  # its guards on the weights' shapes fail: compiled again
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > frames
+    torch._dynamo.reset()

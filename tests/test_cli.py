@@ -140,7 +140,7 @@ def test_cli_errors_are_clear(tmp_path, capsys):
     cmd = ["prune", "--method", "l1", *TINY, "--out", str(tmp_path / "d")]
     cmd[cmd.index("--pretrain-epochs"):cmd.index("--pretrain-epochs") + 2] = ["--checkpoint", str(tmp_path / "bad.pt")]
     assert main(cmd) == 2
-    assert "does not match model CifarResNet" in capsys.readouterr().err
+    assert "does not fit CifarResNet" in capsys.readouterr().err
 
 
 def test_unstructured_run_keeps_masks_and_exports_packed_weights(tmp_path):
@@ -165,6 +165,24 @@ def test_checkpoint_starts_from_given_dense_weights(tmp_path):
     s = json.loads((tmp_path / "from_ckpt" / "summary.json").read_text())
     assert s["wall_time_s"]["pretrain"] < first["wall_time_s"]["pretrain"] + 5
     assert "pretrain" not in [json.loads(l)["stage"] for l in (tmp_path / "from_ckpt" / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_checkpoint_from_other_code_is_trained_further_dense(tmp_path, capsys):
+    dense = gf.models.create("resnet20", in_channels=1)
+    sd = {"module." + k.replace("fc.", "linear."): v for k, v in dense.state_dict().items()}
+    torch.save({"state_dict": sd, "epoch": 200}, tmp_path / "foreign.th")
+    out, s = run(tmp_path, "l1", "--checkpoint", str(tmp_path / "foreign.th"))  # TINY: --pretrain-epochs 1
+    err = capsys.readouterr().err
+    assert "stripped the prefix 'module.'" in err and "renamed linear.* -> fc.*" in err
+    stages = [json.loads(line)["stage"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert stages.count("pretrain") == 1  # an epoch of dense training after loading
+    model = gf.models.create("resnet20", in_channels=1)
+    gf.load_weights(model, tmp_path / "foreign.th")
+    data = gf.data.load("digits")
+    with torch.no_grad():
+        x, y = data.test.tensors
+        as_given = 100 * float((model.eval()(x).argmax(1) == y).float().mean())
+    assert abs(s["dense"]["test_acc"] - as_given) > 5, (s["dense"]["test_acc"], as_given)
 
 
 def test_info_lists_versions_and_backends(capsys):
@@ -279,12 +297,13 @@ def test_bad_budget_flags_fail_before_any_work(tmp_path, capsys, flags, message)
     assert not (out / "checkpoints").exists() or not list((out / "checkpoints").glob("*.pt"))
 
 
-def test_a_model_that_shrinks_the_images_to_one_pixel_is_warned_about(tmp_path):
-    args = [*TINY, "--out", str(tmp_path / "r50")]
+def test_a_model_that_shrinks_the_images_to_one_pixel_is_refused_with_a_size_that_fits(tmp_path, capsys):
+    args = [*TINY, "--out", str(tmp_path / "r18")]
     args[args.index("resnet20")] = "resnet18"
-    with pytest.warns(UserWarning, match=r"shrinks the 8x8 images of --data digits to 1x1 before 11 of its "
-                                         r"convolutions with kernels over 1x1 \(from `layer2.0.conv2` on\)"):
-        assert main(["prune", "--method", "greg1", *args]) == 0
+    assert main(["prune", "--method", "greg1", *args]) == 2
+    assert ("shrinks the 8x8 images of --data digits to 1x1 before 11 of its convolutions with kernels over 1x1 "
+            "(from `layer2.0.conv2` on): they would see mostly padding. Use --image-size 64 or more") in capsys.readouterr().err
+    assert not (tmp_path / "r18").exists()
     assert not models.collapsed_convs(models.create("resnet20"), (torch.zeros(1, 3, 8, 8),))  # made for small images
 
 

@@ -93,3 +93,80 @@ def test_the_loader_takes_its_workers_from_the_cpus_this_process_may_use(monkeyp
     assert not [w for w in recwarn if "worker" in str(w.message)]  # the DataLoader's "4 workers on 2 CPUs"
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0}, raising=False)
     assert loader_workers() == 0  # one CPU: load in the training process
+
+
+def image_tree(root, size=(12, 12), classes=("cat", "dog"), per_class=3, test="test", sizes=None):
+    """train/ and ``test``/ with ``per_class`` PNGs of ``size`` (height, width) per class."""
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for split in ("train", test):
+        for c in classes:
+            (root / split / c).mkdir(parents=True)
+            for i in range(per_class):
+                h, w = (sizes or {}).get((split, c, i), size)
+                Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / split / c / f"{i}.png")
+    return root
+
+
+@pytest.mark.parametrize("test_split", ["test", "val"])
+def test_an_image_folder_is_read_at_the_images_own_size(tmp_path, test_split):
+    d = data.load("imagefolder", image_tree(tmp_path, (12, 20), test=test_split))
+    assert d.num_classes == 2 and len(d.train) == 6 and len(d.test) == 6
+    assert d.train[0][0].shape == d.test[0][0].shape == (3, 12, 20)
+    assert data.load("imagefolder", tmp_path, image_size=8).train[0][0].shape == (3, 8, 8)
+    assert data.load("imagefolder", tmp_path, image_size=96).test[0][0].shape == (3, 96, 96)
+
+
+def test_images_of_several_sizes_default_to_imagenets_crops(tmp_path):
+    d = data.load("imagefolder", image_tree(tmp_path, sizes={("train", "cat", 0): (30, 40)}))
+    assert d.train[0][0].shape == d.test[5][0].shape == (3, 224, 224)
+
+
+def test_normalization_is_the_datas_imagenets_or_given(tmp_path):
+    image_tree(tmp_path, per_class=20)
+    raw = data.load("imagefolder", tmp_path, normalize="0,0,0/1,1,1").test
+    x = torch.stack([raw[i][0] for i in range(len(raw))])
+    assert 0 <= float(x.min()) and float(x.max()) <= 1  # the pixels as they are
+    imagenet = data.load("imagefolder", tmp_path).test[0][0]  # the default for image folders
+    mean, std = (torch.tensor(v).view(3, 1, 1) for v in data.IMAGENET_STATS)
+    torch.testing.assert_close(imagenet, (x[0] - mean) / std)
+    own = data.load("imagefolder", tmp_path, normalize="data").train
+    assert own.transform.transforms[-1].mean != list(data.IMAGENET_STATS[0])
+    for bad, message in (("imagenet,x", "must be 'data', 'imagenet' or 'MEAN/STD'"), ("0,0/1,1", "the images have 3"),
+                         ("0,0,0/1,0,1", "must be positive")):
+        with pytest.raises(ValueError, match=message):
+            data.load("imagefolder", tmp_path, normalize=bad)
+
+
+def test_cifar_reads_an_image_tree_into_memory(tmp_path):
+    classes = [f"c{i}" for i in range(10)]
+    d = data.load("cifar10", image_tree(tmp_path, (32, 32), classes=classes, per_class=1))
+    xtr, ytr = d.train.tensors
+    assert xtr.shape == (10, 3, 32, 32) and sorted(ytr.tolist()) == list(range(10))
+    torch.testing.assert_close(xtr.mean(dim=(0, 2, 3)), torch.zeros(3), atol=1e-5, rtol=0)  # the data's statistics
+    assert data.load("cifar10", tmp_path, normalize="imagenet").train.tensors[0].mean() > -3
+    with pytest.raises(ValueError, match="10 class folders, cifar100 has 100"):
+        data.load("cifar100", tmp_path)
+
+
+def test_image_trees_that_cannot_be_used_are_refused_before_any_training(tmp_path):
+    image_tree(tmp_path / "a")
+    (tmp_path / "a" / "train" / "cat" / "1.png").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match=r"1.png: not a readable image"):
+        data.load("imagefolder", tmp_path / "a")
+    with pytest.raises(ValueError, match=r"1.png: not a readable image"):
+        data.load("cifar10", tmp_path / "a")
+    (tmp_path / "b" / "train").mkdir(parents=True)
+    (tmp_path / "b" / "test").mkdir()
+    with pytest.raises(ValueError, match="Couldn't find any class folder"):
+        data.load("imagefolder", tmp_path / "b")
+    (tmp_path / "c" / "train").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="or .*test'.*one folder per class"):
+        data.load("imagefolder", tmp_path / "c")
+    image_tree(tmp_path / "d", classes=("cat", "dog"))
+    import shutil
+    shutil.rmtree(tmp_path / "d" / "test" / "dog")
+    with pytest.raises(ValueError, match="different class folders"):
+        data.load("imagefolder", tmp_path / "d")
+    with pytest.raises(ValueError, match="image size must be a positive integer"):
+        data.load("digits", image_size=0)

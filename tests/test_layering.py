@@ -8,7 +8,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # bottom to top, as in the README; a module may import its own layer's modules and any below
 LAYERS = [
-    ["units", "ties", "exact", "capture", "hyper", "table", "timing", "guard", "atomic", "ops", "models", "data", "plots",
+    ["units", "ties", "weights", "export", "exact", "capture", "hyper", "table", "timing", "guard", "atomic", "ops", "models", "data", "plots",
      "kernels", "kernels.greg_step", "groups.registry", "job.checkpoints"],
     ["result", "groups.values", "groups.stored"],
     ["masks", "refusals", "groups.walk"],

@@ -1,5 +1,5 @@
 """The job's checkpoints: what a resumed run needs besides tensors (:class:`RunState`), the newest
-checkpoint that loads, the settings a run was started with, and dense weights from --checkpoint."""
+checkpoint that loads, and the settings a run was started with."""
 from __future__ import annotations
 
 import sys
@@ -55,17 +55,3 @@ def stored_settings(out) -> dict:
     settings were stored give their identity)."""
     ckpt = load_latest(Path(out), "cpu", report=False)  # the run reports it
     return dict(ckpt.get("settings") or ckpt["identity"])
-
-
-def load_dense(model, path, device) -> None:
-    try:
-        obj = torch.load(path, map_location=device, weights_only=True)
-    except Exception as err:
-        raise ValueError(f"--checkpoint {path}: cannot be read as a weights-only torch file: {err}") from err
-    state_dict = obj.get("state_dict", obj) if isinstance(obj, dict) else None
-    if not isinstance(state_dict, dict):
-        raise ValueError(f"--checkpoint {path}: expected a state_dict or {{'state_dict': ...}}")
-    try:
-        model.load_state_dict(state_dict)
-    except RuntimeError as err:
-        raise ValueError(f"--checkpoint {path} does not match model {type(model).__name__}: {err}") from err

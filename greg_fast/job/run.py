@@ -4,9 +4,9 @@ interface (``greg-fast compare`` runs its jobs through them)."""
 from __future__ import annotations
 
 import json
+import sys
 import math
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -17,14 +17,16 @@ from ..atomic import save_atomic, write_text_atomic
 from ..budget import batch_inputs, measure_speedup, parse_target, target_from_args
 from ..compaction import compact, output_change
 from ..engine import GrowingReg
+from ..export import check_exportable, export_and_measure, format_latency
 from ..io import save as save_model
+from ..weights import load_weights
 from ..masks import apply_masks
 from ..plan import plan as make_plan, stage_ratios
 from ..recipes import RECIPES
 from ..sparse import pack_model
 from ..train import evaluate, lr_at, n_batches, parse_lr_schedule, resolve_device
 from . import report
-from .checkpoints import RunState, checkpoints, load_dense, load_latest
+from .checkpoints import RunState, checkpoints, load_latest
 from .loop import Tracer, init_distributed, train_stage
 from .settings import BUDGET_FLAGS, STORED, check_args, coupled, greg_kwargs, identity, settings_diff
 
@@ -49,20 +51,28 @@ class Run:
             raise FileExistsError(f"{self.out} holds checkpoints of a run: pass --resume {self.out} to continue "
                                   "it, or choose another --out")
         self.lr_ft = parse_lr_schedule(args.lr_ft)
-        self.data = datasets.load(args.data, args.data_dir)
+        self.data = datasets.load(args.data, args.data_dir, image_size=args.image_size, normalize=args.normalize)
         self.device, rank = init_distributed(resolve_device(args.device))
         self.main_rank = rank == 0
         torch.manual_seed(args.seed)
         self.model = models.create(args.model, self.data.num_classes, in_channels=self.data.in_channels).to(self.device)
+        if args.checkpoint is not None and args.resume is None:  # before anything is planned or trained
+            for note in load_weights(self.model, args.checkpoint, map_location=self.device, what=f"--checkpoint {args.checkpoint}"):
+                if rank == 0:
+                    print(f"greg-fast: --checkpoint: {note}", file=sys.stderr)
         self.example = (self.data.train[0][0].unsqueeze(0).to(self.device),)
         collapsed = models.collapsed_convs(self.model, self.example)
-        if collapsed and self.main_rank:
-            size = "x".join(map(str, self.example[0].shape[2:]))
-            warnings.warn(f"--model {args.model} shrinks the {size} images of --data {args.data} to 1x1 before {len(collapsed)} "
-                          f"of its convolutions with kernels over 1x1 (from `{collapsed[0]}` on): they see mostly "
-                          "padding, and accuracy may stay near chance. Use a model made for this image size "
-                          "(the CIFAR ResNets for 32x32 or smaller) or larger images", stacklevel=2)
+        if collapsed:
+            h, w = self.example[0].shape[2:]
+            fits = next((f for f in (2, 4, 8, 16, 32) if not models.collapsed_convs(
+                self.model, (self.example[0].new_zeros(1, self.example[0].shape[1], h * f, w * f),))), None)
+            raise ValueError(f"--model {args.model} shrinks the {h}x{w} images of --data {args.data} to 1x1 before "
+                             f"{len(collapsed)} of its convolutions with kernels over 1x1 (from `{collapsed[0]}` on): "
+                             "they would see mostly padding. Use " + (f"--image-size {max(h, w) * fits} or more, or "
+                             if fits else "") + "a model made for this image size (the CIFAR ResNets for 32x32 or smaller)")
         self.structured = args.granularity != "weight"
+        if getattr(args, "export", None) == "onnx" and self.main_rank:  # a failing export refused before training
+            check_exportable(self.model, self.example[0])
         self.state = RunState()
         self.checkpoint = load_latest(self.out, self.device) if args.resume is not None else None
         saved = self.checkpoint["state"]["results"].get("allocation") if self.checkpoint is not None else None
@@ -99,8 +109,9 @@ class Run:
 
     def _resume(self) -> None:
         # runs started before coupled groups existed planned single layers: --no-coupled resumes them
-        saved = {"coupled": False, "approximate": False, "heads": "dims", "penalize": "filters", **{k: None for k in BUDGET_FLAGS},
-                 "latency_batch_size": 64, **self.checkpoint["identity"]}
+        saved = {"coupled": False, "approximate": False, "heads": "dims", "image_size": None, "normalize": None,
+                 "penalize": "filters", **{k: None for k in BUDGET_FLAGS}, "latency_batch_size": 64,
+                 **self.checkpoint["identity"]}
         diff = settings_diff(saved, identity(self.args))
         if diff:
             raise ValueError(f"--resume {self.out}: the run was started with other settings: {diff}")
@@ -152,11 +163,9 @@ class Run:
 
     # ---- the stages ----
     def pretrain(self) -> None:
-        """Train the dense model (cosine schedule), or load it from --checkpoint."""
+        """Train the dense model (cosine schedule; from --checkpoint's weights where given, which the
+        set-up loaded), for --pretrain-epochs (none: the checkpoint as it is)."""
         args = self.args
-        if args.checkpoint is not None:
-            load_dense(self.model, args.checkpoint, self.device)
-            self.state.epoch = args.pretrain_epochs
         opt = torch.optim.SGD(self.model.parameters(), lr=args.lr_pretrain, momentum=args.momentum,
                               weight_decay=args.weight_decay, nesterov=True)
         self._restore(opt)
@@ -238,11 +247,16 @@ class Run:
         summary["steps_per_epoch"] = self.steps_per_epoch
         if args.recipe is not None:  # the paper's figures beside this run's
             summary["recipe"] = {"name": args.recipe, "paper": RECIPES[args.recipe].paper}
+        self.model.greg_input_size = tuple(self.example[0].shape[1:])  # what it was trained on (export's input)
         save_model(self.model, self.out / "model.pt", masks=None if self.structured else state.results["masks"])
         if not self.structured:  # unstructured: the kept weights in a compact format beside the dense file
             packed = pack_model(self.model, self._masks(), self.plan, "bitmap")
             save_atomic(packed, self.out / "sparse.pt")
             summary["sparse_bytes"] = {"dense": packed["bytes_dense"], "bitmap": packed["bytes_packed"]}
+        if getattr(args, "export", None) == "onnx":
+            summary["onnx"] = export_and_measure(self.model, dense_arch, self.example[0].cpu(), self.out / "model.onnx",
+                                                 args.latency_batch_sizes, args.latency_seconds)
+            self.say(format_latency(summary["onnx"]))
         write_text_atomic(self.out / "summary.json", json.dumps(summary, indent=2))
         plots.accuracy(state.records, self.out / "accuracy.png", summary["dense"]["test_acc"])
         print(report.format_table(summary))
