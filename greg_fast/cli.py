@@ -63,6 +63,9 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
                         "folders) or imagefolder data")
     p.add_argument("--image-size", type=int, default=None, metavar="PIXELS",
                    help="resize the images to this (default: their own size; imagefolder of mixed sizes: 224)")
+    for split in ("train", "test"):
+        p.add_argument(f"--{split}-subset", type=int, default=None, metavar="N",
+                       help=f"use N images of the {split} split, drawn at random once (the same in every run)")
     p.add_argument("--normalize", default=None, metavar="STATS",
                    help="'data' (the training split's statistics; the default, but for imagefolder), 'imagenet' "
                         "(imagefolder's default; what pretrained ImageNet weights expect) or 'M,M,M/S,S,S'")

@@ -7,6 +7,7 @@ unless an ``image_size`` is given.
 """
 from __future__ import annotations
 
+import dataclasses
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +52,25 @@ def load(name: str, data_dir: str | Path | None = None, *, image_size: int | Non
     if name == "imagefolder":
         return _imagefolder(_need_dir(name, data_dir), image_size, normalize)
     raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+
+
+def subset(data: Data, train: int | None = None, test: int | None = None) -> Data:
+    """``data`` with ``train`` / ``test`` images of each split, drawn at random once (the same on every
+    run; a split's statistics stay the whole split's)."""
+    splits = {}
+    for name, n in (("train", train), ("test", test)):
+        split = getattr(data, name)
+        if n is None:
+            splits[name] = split
+            continue
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= len(split):
+            raise ValueError(f"--{name}-subset must be between 1 and the {len(split)} images of the {name} split, "
+                             f"got {n!r}")
+        keep = torch.randperm(len(split), generator=torch.Generator().manual_seed(0))[:n].sort().values
+        in_memory = isinstance(split, torch.utils.data.TensorDataset)
+        splits[name] = (torch.utils.data.TensorDataset(*(t[keep] for t in split.tensors)) if in_memory
+                        else torch.utils.data.Subset(split, keep.tolist()))
+    return dataclasses.replace(data, **splits)
 
 
 def parse_normalize(normalize: str, channels: int) -> str | tuple[tuple[float, ...], tuple[float, ...]]:

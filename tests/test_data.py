@@ -170,3 +170,14 @@ def test_image_trees_that_cannot_be_used_are_refused_before_any_training(tmp_pat
         data.load("imagefolder", tmp_path / "d")
     with pytest.raises(ValueError, match="image size must be a positive integer"):
         data.load("digits", image_size=0)
+
+
+def test_a_subset_draws_the_same_images_every_time_and_refuses_impossible_sizes(tmp_path):
+    d = data.load("digits")
+    a, b = data.subset(d, 100, 50), data.subset(d, 100)
+    assert len(a.train) == len(b.train) == 100 and len(a.test) == 50 and len(b.test) == len(d.test)
+    assert torch.equal(a.train.tensors[0], b.train.tensors[0])
+    streamed = data.subset(data.load("imagefolder", image_tree(tmp_path, per_class=4)), 3, 2)
+    assert len(streamed.train) == 3 and streamed.test[1][0].shape == (3, 12, 12)
+    with pytest.raises(ValueError, match="--train-subset must be between 1 and the 1437 images"):
+        data.subset(d, 5000)

@@ -51,7 +51,8 @@ class Run:
             raise FileExistsError(f"{self.out} holds checkpoints of a run: pass --resume {self.out} to continue "
                                   "it, or choose another --out")
         self.lr_ft = parse_lr_schedule(args.lr_ft)
-        self.data = datasets.load(args.data, args.data_dir, image_size=args.image_size, normalize=args.normalize)
+        self.data = datasets.subset(datasets.load(args.data, args.data_dir, image_size=args.image_size,
+                                                  normalize=args.normalize), args.train_subset, args.test_subset)
         self.device, rank = init_distributed(resolve_device(args.device))
         self.main_rank = rank == 0
         torch.manual_seed(args.seed)
@@ -110,6 +111,7 @@ class Run:
     def _resume(self) -> None:
         # runs started before coupled groups existed planned single layers: --no-coupled resumes them
         saved = {"coupled": False, "approximate": False, "heads": "dims", "image_size": None, "normalize": None,
+                 "train_subset": None, "test_subset": None,
                  "penalize": "filters", **{k: None for k in BUDGET_FLAGS}, "latency_batch_size": 64,
                  **self.checkpoint["identity"]}
         diff = settings_diff(saved, identity(self.args))

@@ -20,7 +20,7 @@ CLI_NAMES = {"granularity": "--granularity", "coupled": "--coupled", "not_couple
 # Arguments that must agree between a run and its resume.
 HYPER_FIELDS = tuple(f.name for f in dataclasses.fields(Hyper))
 BUDGET_FLAGS = ("target_flops", "target_params", "target_latency", "allocation", "max_ratio", "round_to", "latency_batch_size")
-RUN_IDENTITY = ("model", "data", "image_size", "normalize", "method", "granularity", "coupled", "approximate", "heads", "penalize", "ratio", "stage_ratios",
+RUN_IDENTITY = ("model", "data", "image_size", "normalize", "train_subset", "test_subset", "method", "granularity", "coupled", "approximate", "heads", "penalize", "ratio", "stage_ratios",
                  "skip", *BUDGET_FLAGS, *HYPER_FIELDS,
                  "pretrain_epochs", "checkpoint", "finetune_epochs", "lr_ft", "lr_pretrain", "lr_reg",
                  "momentum", "weight_decay", "batch_size", "seed")
