@@ -66,19 +66,28 @@ def load(path: str | Path, map_location="cpu", *, model: nn.Module | None = None
             raise ValueError(f"{path} holds a {obj.get('model_class', 'custom')} model, which greg_fast cannot "
                              f"build by itself: pass a fresh instance, load(path, model={obj.get('model_class', 'MyNet')}(...))")
         model = models.create(arch["name"], arch["num_classes"], in_channels=arch["in_channels"])
-    model = unwrap(model)
-    resize(model, obj["widths"])
-    _resize_others(model, obj["state_dict"])
-    _keep_counts(model, obj.get("counts") or {}, path)
-    _set_stored(model, obj.get("stored") or {}, path)
-    try:
-        model.load_state_dict(obj["state_dict"])
-    except RuntimeError as err:
-        raise ValueError(f"{path}: weights do not fit the described architecture: {err}") from err
+    model = rebuild(unwrap(model), obj["state_dict"], obj["widths"], obj.get("counts") or {}, obj.get("stored") or {},
+                    path)
     model.greg_masks = obj["masks"]
     if obj.get("input_size"):  # the input it was planned and trained on
         model.greg_input_size = tuple(obj["input_size"])
     return model.to(map_location)
+
+
+def rebuild(model: nn.Module, state: Mapping[str, torch.Tensor], widths: Mapping[str, list[int]],
+            counts: Mapping[str, list], stored: Mapping[str, Mapping], path) -> nn.Module:
+    """Shrink a freshly built ``model`` to a compacted one's ``widths`` (and its other tensors to
+    ``state``'s shapes), give it the ``counts`` its exact ops keep and the ``stored`` widths its
+    modules read, and load ``state``. Raises ``ValueError`` naming ``path`` where they do not fit."""
+    resize(model, widths)
+    _resize_others(model, state)
+    _keep_counts(model, counts, path)
+    _set_stored(model, stored, path)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise ValueError(f"{path}: weights do not fit the described architecture: {err}") from err
+    return model
 
 
 def _keep_counts(model: nn.Module, saved: Mapping[str, list], path) -> None:

@@ -1,0 +1,84 @@
+"""Hugging Face models after compaction: a folder that loads back exactly.
+
+``transformers``' own ``from_pretrained`` builds the architecture the config describes, which a
+compacted model no longer has: it refuses the smaller weights, or with ``ignore_mismatched_sizes``
+loads a silently re-initialized model. :func:`save_pretrained` writes what ``model.save_pretrained``
+writes (``config.json``, ``model.safetensors``) and, beside them, ``greg_fast.json``: the pruned
+widths of every conv, linear and norm, the counts exact norms keep and the widths modules store.
+:func:`from_pretrained` builds the config's architecture, shrinks it to those widths and loads the
+weights, checked. ``pip install 'greg-fast[hf]'``.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch.nn as nn
+
+from .atomic import write_text_atomic
+from .capture import unwrap
+from .exact import counts_of
+from .groups.stored import stored_of
+from .io import rebuild, widths
+
+FORMAT = "greg_fast.hf/1"
+WIDTHS_FILE = "greg_fast.json"
+
+
+def _transformers():
+    try:
+        import transformers
+        from safetensors.torch import load_file
+    except ImportError as err:
+        raise ImportError(f"Hugging Face folders need transformers and safetensors ({err}): "
+                          "pip install 'greg-fast[hf]'") from None
+    return transformers, load_file
+
+
+def save_pretrained(model: nn.Module, folder: str | Path) -> Path:
+    """Write a (compacted) Hugging Face ``PreTrainedModel`` to ``folder``: its ``save_pretrained``
+    (config, safetensors weights) and ``greg_fast.json`` with the pruned widths. Returns the folder."""
+    _transformers()
+    model = unwrap(model)
+    if not hasattr(model, "save_pretrained") or not hasattr(model, "config"):
+        raise TypeError(f"save_pretrained needs a Hugging Face PreTrainedModel, got {type(model).__name__}; "
+                        "use greg_fast.save for other models")
+    folder = Path(folder)
+    model.save_pretrained(folder, safe_serialization=True)
+    record = {"format": FORMAT, "model_class": type(model).__name__, "widths": widths(model),
+              "counts": counts_of(model), "stored": stored_of(model)}
+    write_text_atomic(folder / WIDTHS_FILE, json.dumps(record, indent=1))  # last: the folder is complete
+    return folder
+
+
+def from_pretrained(folder: str | Path, model_class: type | None = None) -> nn.Module:
+    """The model :func:`save_pretrained` wrote to ``folder``: its class (``model_class``, or the one
+    ``greg_fast.json`` names) built from ``config.json``, shrunk to the saved widths, the weights
+    loaded (in eval mode). A folder without ``greg_fast.json`` (never compacted) loads as it is.
+    Raises ``ValueError`` where the widths file and the weights disagree."""
+    transformers, load_file = _transformers()
+    folder = Path(folder)
+    weights = folder / "model.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(f"{folder}: no model.safetensors (write the folder with greg_fast.hf.save_pretrained)")
+    record_file = folder / WIDTHS_FILE
+    record = json.loads(record_file.read_text()) if record_file.is_file() else None
+    if record is not None and (record.get("format") != FORMAT or "widths" not in record):
+        raise ValueError(f"{record_file}: not a greg_fast widths file (expected format {FORMAT!r})")
+    config = transformers.AutoConfig.from_pretrained(folder)
+    if model_class is None:
+        name = record["model_class"] if record else (config.architectures or [None])[0]
+        model_class = getattr(transformers, name or "", None)
+        if model_class is None:
+            raise ValueError(f"{folder}: cannot tell the model class ({name!r} is not one of transformers'): "
+                             "pass model_class=")
+    model = model_class(config)
+    state = load_file(str(weights))
+    if record is None:
+        model.load_state_dict(state)
+        return model.eval()
+    try:
+        return rebuild(model, state, record["widths"], record.get("counts") or {}, record.get("stored") or {},
+                       folder).eval()
+    except ValueError as err:
+        raise ValueError(f"{err} ({WIDTHS_FILE} does not describe model.safetensors: was one of them replaced?)") from None

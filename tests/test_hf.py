@@ -1,0 +1,71 @@
+"""Hugging Face's vision convnets (built from small configs, no weights): planned, compacted exactly,
+written with greg_fast.hf.save_pretrained and read back exactly with from_pretrained."""
+import copy
+import json
+
+import pytest
+import torch
+
+import greg_fast as gf
+from greg_fast import hf
+
+from test_groups import random_group_masks
+from test_user_models import randomize
+
+transformers = pytest.importorskip("transformers", reason="transformers is a test dependency")
+
+CONFIGS = {
+    "ResNetForImageClassification": ("ResNetConfig", dict(embedding_size=16, hidden_sizes=[16, 32, 32, 64],
+                                                          depths=[1, 1, 1, 1], num_labels=3)),
+    "ConvNextForImageClassification": ("ConvNextConfig", dict(hidden_sizes=[16, 32, 32, 64], depths=[1, 1, 1, 1],
+                                                              num_labels=3)),
+    "MobileNetV2ForImageClassification": ("MobileNetV2Config", dict(depth_multiplier=0.35, num_labels=3)),
+    "EfficientNetForImageClassification": ("EfficientNetConfig", dict(width_coefficient=1.0, depth_coefficient=0.2,
+                                                                      hidden_dim=1280, image_size=64, num_labels=3)),
+    "RegNetForImageClassification": ("RegNetConfig", dict(embedding_size=16, hidden_sizes=[16, 32, 32, 64],
+                                                          depths=[1, 1, 1, 1], groups_width=8, num_labels=3)),
+}
+X = torch.randn(2, 3, 64, 64)
+
+
+def logits(model, x=X):
+    with torch.no_grad():
+        return model.eval()(pixel_values=x).logits
+
+
+# ResNet and ConvNeXt in the default run; the others (depthwise, squeeze-excitation, grouped) under zoo
+BREADTH = {"MobileNetV2ForImageClassification", "EfficientNetForImageClassification", "RegNetForImageClassification"}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.zoo) if n in BREADTH else n for n in CONFIGS])
+def test_a_compacted_hugging_face_model_is_saved_and_loaded_back_exactly(tmp_path, name):
+    config_name, kwargs = CONFIGS[name]
+    torch.manual_seed(0)
+    model = randomize(getattr(transformers, name)(getattr(transformers, config_name)(**kwargs))).eval()
+    plan = gf.plan(model, 0.5, example_inputs=(X[:1],))
+    assert plan.pruned
+    masks = random_group_masks(plan, 0.5)
+    small, small_plan = copy.deepcopy((model, plan))
+    gf.compact(small, masks, small_plan)  # checks itself against the masked copy
+    hf.save_pretrained(small, tmp_path / "m")
+    assert {"config.json", "model.safetensors", "greg_fast.json"} <= {p.name for p in (tmp_path / "m").iterdir()}
+    loaded = hf.from_pretrained(tmp_path / "m")
+    assert type(loaded) is type(small) and torch.equal(logits(loaded), logits(small))
+    with pytest.raises(Exception):  # transformers' own loader builds the dense architecture
+        getattr(transformers, name).from_pretrained(tmp_path / "m")
+
+
+def test_a_widths_file_that_does_not_describe_the_weights_is_refused(tmp_path):
+    config_name, kwargs = CONFIGS["ResNetForImageClassification"]
+    model = transformers.ResNetForImageClassification(getattr(transformers, config_name)(**kwargs)).eval()
+    plan = gf.plan(model, 0.5, example_inputs=(X[:1],))
+    gf.compact(model, random_group_masks(plan, 0.5), plan)
+    hf.save_pretrained(model, tmp_path / "m")
+    record = json.loads((tmp_path / "m" / "greg_fast.json").read_text())
+    name = next(iter(record["widths"]))
+    record["widths"][name][0] += 1
+    (tmp_path / "m" / "greg_fast.json").write_text(json.dumps(record))
+    with pytest.raises(ValueError, match="greg_fast.json does not describe model.safetensors"):
+        hf.from_pretrained(tmp_path / "m")
+    with pytest.raises(TypeError, match="needs a Hugging Face PreTrainedModel"):
+        hf.save_pretrained(torch.nn.Linear(2, 2), tmp_path / "x")
