@@ -197,6 +197,12 @@ class GrowingReg(OptimizerWrapper):
     def phase(self) -> str:
         return self.schedule.phase
 
+    def max_steps(self) -> int:
+        """Steps from construction until ``done``: exact for L1 and wherever the magnitude ratio does
+        not stop growth before the ceiling (:meth:`Hyper.max_steps`), else an upper bound; a trainer's
+        ``max_steps`` for the regularization phase."""
+        return self._hyper.max_steps(self.method)
+
     @property
     def done(self) -> bool:
         return self.schedule.done

@@ -58,6 +58,17 @@ class Hyper:
         if method != "l1" and self.delta <= 0:
             raise ValueError(f"delta must be > 0 for {method}")
 
+    def max_steps(self, method: str) -> int:
+        """Optimizer steps from the start until the schedule is done if only the ceiling stops growth:
+        exact for L1 (none) and where no layer's magnitude ratio reaches ``mag_ratio_limit`` first,
+        else an upper bound (GReg-2: the pick phase, fixed, then growth)."""
+        if method == "l1":
+            return 0
+        picks = math.ceil(self.pick_ceiling / self.pick_delta - 1e-9) if method == "greg2" else 0
+        start = picks * self.pick_delta if method == "greg2" else 0.0
+        grows = math.floor((self.ceiling - start) / self.delta + 1e-9) + 1
+        return (picks + grows - 1) * self.interval + self.stabilize + 1
+
     def as_dict(self) -> dict:
         """Floats as floats (a setting given as the int 1 is stored as 1.0), for state_dicts."""
         return {f.name: (float(v) if f.type == "float" else v)

@@ -98,6 +98,24 @@ def test_stabilize_length(stabilize):
     assert seen.count("grow") == 2 * 2 + 1  # updates at 0, 2, 4 (λ 0.5, 1.0, 1.5 > 1)
 
 
+@pytest.mark.parametrize("method, hyper", [
+    ("l1", {}), ("greg1", dict(delta=0.01, interval=3, ceiling=0.05, stabilize=4)),
+    ("greg2", dict(delta=0.25, interval=2, ceiling=1.0, stabilize=3, pick_delta=0.1, pick_ceiling=0.2))])
+def test_max_steps_is_the_steps_until_done_when_the_ceiling_stops_growth(method, hyper):
+    net, _, greg = setup(method, mag_ratio_limit=1e12, **hyper)
+    batches, steps = make_batches(), 0
+    while not greg.done:
+        train_steps(net, greg, batches, 1, start=steps)
+        steps += 1
+    assert greg.max_steps() == steps
+    net, _, early = setup(method, mag_ratio_limit=1.0, **hyper)  # every ratio passes 1 at once
+    steps = 0
+    while not early.done:
+        train_steps(net, early, batches, 1, start=steps)
+        steps += 1
+    assert steps <= early.max_steps()  # an upper bound where magnitudes stop growth first
+
+
 def ratio_of(layer, kept):
     s = reference_scores(layer).double()
     return (s[kept].mean() / s[~kept].mean()).item()

@@ -45,12 +45,7 @@ def settings_diff(saved: dict, now: dict) -> str | None:
 
 def max_regularization_iterations(args) -> int:
     """Steps until ``done`` if only the ceiling stops growth (the magnitude ratio can stop it earlier)."""
-    if args.method == "l1":
-        return 0
-    picks = math.ceil(args.pick_ceiling / args.pick_delta - 1e-9) if args.method == "greg2" else 0
-    start = picks * args.pick_delta if args.method == "greg2" else 0.0
-    grows = math.floor((args.ceiling - start) / args.delta + 1e-9) + 1
-    return (picks + grows - 1) * args.interval + args.stabilize + 1
+    return Hyper.from_settings(args.method, **{k: getattr(args, k) for k in HYPER_FIELDS}).max_steps(args.method)
 
 
 def check_args(args) -> None:
