@@ -6,39 +6,38 @@ loads a silently re-initialized model. :func:`save_pretrained` writes what ``mod
 writes (``config.json``, ``model.safetensors``) and, beside them, ``greg_fast.json``: the pruned
 widths of every conv, linear and norm, the counts exact norms keep and the widths modules store.
 :func:`from_pretrained` builds the config's architecture, shrinks it to those widths and loads the
-weights, checked. ``pip install 'greg-fast[hf]'``.
+weights, checked. :class:`GRegTrainerCallback` does for ``transformers.Trainer`` what
+:class:`greg_fast.lightning.GRegCallback` does for Lightning. ``pip install 'greg-fast[hf]'``.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import torch
 import torch.nn as nn
+
+try:
+    import transformers
+    from safetensors.torch import load_file
+except ImportError as err:
+    raise ImportError(f"greg_fast.hf needs transformers and safetensors ({err}): pip install 'greg-fast[hf]'") from None
 
 from .atomic import write_text_atomic
 from .capture import unwrap
 from .exact import counts_of
 from .groups.stored import stored_of
+from .engine import GrowingReg
 from .io import rebuild, widths
+from .trainers import MakeOptimizer, finish_regularization
 
 FORMAT = "greg_fast.hf/1"
 WIDTHS_FILE = "greg_fast.json"
 
 
-def _transformers():
-    try:
-        import transformers
-        from safetensors.torch import load_file
-    except ImportError as err:
-        raise ImportError(f"Hugging Face folders need transformers and safetensors ({err}): "
-                          "pip install 'greg-fast[hf]'") from None
-    return transformers, load_file
-
-
 def save_pretrained(model: nn.Module, folder: str | Path) -> Path:
     """Write a (compacted) Hugging Face ``PreTrainedModel`` to ``folder``: its ``save_pretrained``
     (config, safetensors weights) and ``greg_fast.json`` with the pruned widths. Returns the folder."""
-    _transformers()
     model = unwrap(model)
     if not hasattr(model, "save_pretrained") or not hasattr(model, "config"):
         raise TypeError(f"save_pretrained needs a Hugging Face PreTrainedModel, got {type(model).__name__}; "
@@ -56,7 +55,6 @@ def from_pretrained(folder: str | Path, model_class: type | None = None) -> nn.M
     ``greg_fast.json`` names) built from ``config.json``, shrunk to the saved widths, the weights
     loaded (in eval mode). A folder without ``greg_fast.json`` (never compacted) loads as it is.
     Raises ``ValueError`` where the widths file and the weights disagree."""
-    transformers, load_file = _transformers()
     folder = Path(folder)
     weights = folder / "model.safetensors"
     if not weights.is_file():
@@ -82,3 +80,40 @@ def from_pretrained(folder: str | Path, model_class: type | None = None) -> nn.M
                        folder).eval()
     except ValueError as err:
         raise ValueError(f"{err} ({WIDTHS_FILE} does not describe model.safetensors: was one of them replaced?)") from None
+
+
+class GRegTrainerCallback(transformers.TrainerCallback):
+    """For ``transformers.Trainer(..., optimizers=(greg, scheduler))`` (the scheduler of the wrapper):
+    when the schedule is done, compact ``model`` (the module the plan was built for) in place and go
+    on training the smaller model in the same ``train()``, with GrowingReg's inner optimizer (its state
+    cut to the kept channels) or ``make_optimizer(params)``, and ``make_scheduler(optimizer)`` as the
+    LR scheduler (default: the learning rate stays where it is; HF's default linear decay would
+    otherwise have been planned over the whole run). Give ``max_steps`` =
+    ``greg.max_steps()`` + the fine-tune steps."""
+
+    def __init__(self, model: nn.Module, make_optimizer: MakeOptimizer | None = None, make_scheduler=None):
+        self.model, self.make_optimizer, self.make_scheduler = model, make_optimizer, make_scheduler
+        self.compacted = False
+
+    def on_step_end(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
+        if self.compacted:
+            return
+        greg = optimizer if isinstance(optimizer, GrowingReg) else getattr(optimizer, "optimizer", None)
+        if not isinstance(greg, GrowingReg):
+            raise TypeError("GRegTrainerCallback needs Trainer(optimizers=(greg_fast.GrowingReg(...), scheduler)), "
+                            f"got {type(greg).__name__}")
+        if not greg.done:
+            return
+        if greg is optimizer:
+            raise TypeError("the Trainer steps the GrowingReg itself (not accelerate's wrapper of it): the callback "
+                            "cannot hand it the small model's optimizer")
+        new = finish_regularization(greg, self.model, self.make_optimizer)
+        optimizer.optimizer = new  # the Trainer keeps stepping the same wrapper object
+        schedule = (self.make_scheduler(new) if self.make_scheduler is not None
+                    else torch.optim.lr_scheduler.LambdaLR(new, lambda step: 1.0))
+        if lr_scheduler is not None:
+            # the Trainer steps the object it holds, and no hook hands it another: that object becomes
+            # the new scheduler (accelerate's wrapper, if any, holds the one it steps in .scheduler)
+            held = getattr(lr_scheduler, "scheduler", lr_scheduler)
+            held.__class__, held.__dict__ = schedule.__class__, schedule.__dict__
+        self.compacted = True

@@ -33,8 +33,9 @@ def logits(model, x=X):
         return model.eval()(pixel_values=x).logits
 
 
-# ResNet and ConvNeXt in the default run; the others (depthwise, squeeze-excitation, grouped) under zoo
-BREADTH = {"MobileNetV2ForImageClassification", "EfficientNetForImageClassification", "RegNetForImageClassification"}
+# ResNet in the default run; the others (LayerNorm over channels, depthwise, squeeze-excitation, grouped) under zoo
+BREADTH = {"ConvNextForImageClassification", "MobileNetV2ForImageClassification", "EfficientNetForImageClassification",
+           "RegNetForImageClassification"}
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.zoo) if n in BREADTH else n for n in CONFIGS])
@@ -69,3 +70,38 @@ def test_a_widths_file_that_does_not_describe_the_weights_is_refused(tmp_path):
         hf.from_pretrained(tmp_path / "m")
     with pytest.raises(TypeError, match="needs a Hugging Face PreTrainedModel"):
         hf.save_pretrained(torch.nn.Linear(2, 2), tmp_path / "x")
+
+
+def test_the_trainer_callback_regularizes_then_compacts_and_fine_tunes_in_one_train(tmp_path):
+    from greg_fast import data as datasets
+
+    class Digits(torch.utils.data.Dataset):
+        def __init__(self, split):
+            self.x, self.y = split.tensors
+
+        def __len__(self):
+            return len(self.y)
+
+        def __getitem__(self, i):
+            return {"pixel_values": self.x[i].expand(3, 8, 8), "labels": self.y[i]}
+
+    config_name, kwargs = CONFIGS["ResNetForImageClassification"]
+    torch.manual_seed(0)
+    model = transformers.ResNetForImageClassification(getattr(transformers, config_name)(**{**kwargs, "num_labels": 10}))
+    plan = gf.plan(model, 0.5, example_inputs=(torch.randn(1, 3, 8, 8),))
+    greg = gf.GrowingReg(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), plan, method="greg1",
+                         delta=0.5, interval=1, stabilize=2)
+    schedule = torch.optim.lr_scheduler.LambdaLR(greg, lambda step: 1.0)  # of the wrapper
+    rates = []
+    callback = hf.GRegTrainerCallback(model, make_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda step: rates.append(step) or 0.1))
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=greg.max_steps() + 6,
+                                          per_device_train_batch_size=32, report_to=[], save_strategy="no",
+                                          logging_strategy="no", use_cpu=True, dataloader_num_workers=0)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=Digits(datasets.load("digits").train),
+                                   optimizers=(greg, schedule), callbacks=[callback])
+    trainer.train()
+    assert callback.compacted and trainer.state.global_step == greg.max_steps() + 6
+    assert sum(p.numel() for p in model.parameters()) == plan.cost()["params_after"]
+    assert len(rates) >= 6 and trainer.optimizer.optimizer is greg.optimizer  # fine-tuned by the inner SGD
+    assert greg.optimizer.param_groups[0]["lr"] == pytest.approx(0.005)

@@ -18,7 +18,7 @@ LAYERS = [
     ["slices"],
     ["plan"],
     ["regularizer", "inner", "engine"],
-    ["io", "hf", "train", "bench", "recipes"],
+    ["io", "hf", "trainers", "lightning", "train", "bench", "recipes"],
     ["job.settings", "job.loop", "job.report", "job.run", "job"],
     ["compare", "cli", ""],  # "": the package's __init__, the top
 ]

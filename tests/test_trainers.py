@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import greg_fast as gf
+from greg_fast import data as datasets
 
 timm = pytest.importorskip("timm", reason="timm is a test dependency")
 
@@ -28,3 +29,43 @@ def test_timms_factories_build_the_inner_optimizer_and_a_scheduler_of_the_wrappe
         lrs.append(opt.param_groups[0]["lr"])
     assert n == opt.max_steps() == 8 and lrs == sorted(lrs, reverse=True) and lrs[0] < 1e-3
     assert opt.optimizer.param_groups[0]["lr"] == lrs[-1]  # the wrapper's groups are the inner optimizer's
+
+
+def test_lightning_regularizes_then_compacts_and_fine_tunes_in_one_fit(tmp_path):
+    pl = pytest.importorskip("lightning.pytorch", reason="lightning is a test dependency")
+    from greg_fast.lightning import GRegCallback
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = gf.models.create("resnet20", in_channels=1)
+            self.plan = gf.plan(self.net, 0.5, example_inputs=torch.randn(1, 1, 8, 8))
+
+        def training_step(self, batch, _):
+            x, y = batch
+            return torch.nn.functional.cross_entropy(self.net(x), y)
+
+        def configure_optimizers(self):
+            sgd = torch.optim.SGD(self.net.parameters(), lr=0.05, momentum=0.9)
+            self.greg = gf.GrowingReg(sgd, self.plan, method="greg1", delta=0.5, interval=1, stabilize=2)
+            return {"optimizer": self.greg,
+                    "lr_scheduler": torch.optim.lr_scheduler.StepLR(self.greg, step_size=100)}  # of the wrapper
+
+    torch.manual_seed(0)
+    data = datasets.load("digits")
+    loader = torch.utils.data.DataLoader(data.train, batch_size=64, shuffle=True)
+    module = Module()
+    params_before = sum(p.numel() for p in module.net.parameters())
+    steps = []
+    callback = GRegCallback(module.net, make_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda step: steps.append(step) or 0.5))
+    regularize = module.configure_optimizers()["optimizer"].max_steps()
+    trainer = pl.Trainer(max_steps=regularize + 10, callbacks=[callback], logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(module, loader)
+    assert callback.compacted and trainer.global_step == regularize + 10
+    assert sum(p.numel() for p in module.net.parameters()) == module.plan.cost()["params_after"] < params_before
+    assert trainer.optimizers[0] is module.greg.optimizer and len(steps) >= 10  # the inner SGD, its own schedule
+    x, y = data.test.tensors
+    with torch.no_grad():
+        assert module.net.eval()(x).shape == (len(y), 10)
