@@ -300,7 +300,7 @@ def test_under_inductor_the_step_equals_eager_to_float_rounding():
             backward(model, greg, batches[i % len(batches)])
             (compiled if j else greg.step)()
         for a, b in zip(runs[0][0].parameters(), runs[1][0].parameters()):
-            worst = max(worst, float((a - b).abs().max() / a.abs().max().detach()))
+            worst = max(worst, float(((a - b).abs().max() / a.abs().max()).detach()))
         assert runs[0][1].phase == runs[1][1].phase and runs[0][1].lambdas() == runs[1][1].lambdas()
     assert worst < 1e-5  # float32 rounding of the weights (1e-7 a step here), not bit for bit
     assert all(torch.equal(m, runs[1][1].masks()[k]) for k, m in runs[0][1].masks().items())
