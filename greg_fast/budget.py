@@ -29,7 +29,7 @@ import torch.nn as nn
 
 from .masks import keep_strongest
 from .timing import speedup
-from .ties import expand, root_levels
+from .ties import expand, nearest, root_levels
 from .units import n_prune_for
 
 TARGET_KINDS = ("flops", "params", "latency")
@@ -121,11 +121,6 @@ def levels(n: int, cap: int, round_to: int | None) -> Sequence[int]:
         return range(cap + 1)
     widths = range(round_to * ((n - 1) // round_to), 0, -round_to)  # multiples of round_to below n
     return [0] + [n - k for k in widths if n - k <= cap]
-
-
-def rounded(count: int, allowed: Sequence[int]) -> int:
-    """The allowed count nearest to ``count`` (the smaller one on a tie)."""
-    return min(allowed, key=lambda a: (abs(a - count), a))
 
 
 @dataclass
@@ -274,7 +269,7 @@ def plan_to(plan, target: Target | None, allocation: str, max_ratio: float, roun
         return {n: root_levels(plan.ties, n, own) for n in own if n not in plan.ties}
 
     whole = allowed(lambda u: u.n_groups - 1)
-    fixed = {u.name: rounded(u.n_prune, whole[u.name]) for u in units
+    fixed = {u.name: nearest(whole[u.name], u.n_prune) for u in units
              if u.name in whole and (target is None or u.name in given)}
     plan.set_counts({n: fixed.get(n, 0) for n in whole})
     if target is None:

@@ -69,13 +69,14 @@ def counts(masks: Mapping[str, torch.Tensor], plan: Plan) -> dict[str, list[Coun
 def stored_widths(masks: Mapping[str, torch.Tensor], plan: Plan) -> dict[str, dict[str, int]]:
     """``{module name: {attribute: new value}}``: the widths a module's forward reads from its
     attributes (``num_heads``, ``shape[0]``) after the cut (the plan's "width" members)."""
+    seen: dict[tuple[str, str], int] = {}
     out: dict[str, dict[str, int]] = {}
     for (module, spec, _, width), kept in _kept(masks, plan, "width").items():
-        if out.get(module, {}).get(spec, kept) != kept:  # two groups (or axes) that give one width: a tie broken
-            raise ValueError(f"the masks leave `{module}.{spec}` two different widths ({out[module][spec]} and "
+        if seen.setdefault((module, spec), kept) != kept:  # two groups (or axes) that give one width: a tie broken
+            raise ValueError(f"the masks leave `{module}.{spec}` two different widths ({seen[module, spec]} and "
                              f"{kept}): the groups that give it must lose channels in the proportion plan.ties "
                              "states (plan.set_counts and GrowingReg keep it)")
-        if kept != width or spec in out.get(module, {}):
+        if kept != width:
             out.setdefault(module, {})[spec] = kept
     return out
 

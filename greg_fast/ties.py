@@ -50,12 +50,12 @@ def find_ties(units: Sequence[LayerPlan]) -> tuple[Ties, dict[str, str]]:
     for start in [u.name for u in units if u.name in edges]:
         if start in seen:
             continue
-        ratio, stack, via = {start: Fraction(1)}, [start], {}
+        ratio, stack = {start: Fraction(1)}, [start]
         while stack:
             a = stack.pop()
             for b, r, attribute in edges[a]:
                 if b not in ratio:
-                    ratio[b], via[b] = ratio[a] * r, attribute
+                    ratio[b] = ratio[a] * r
                     stack.append(b)
                 elif ratio[b] != ratio[a] * r:
                     module, name = attribute

@@ -4,8 +4,8 @@ interface (``greg-fast compare`` runs its jobs through them)."""
 from __future__ import annotations
 
 import json
-import sys
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -40,6 +40,21 @@ def run(args) -> dict:
     return job.finish()
 
 
+def _check_image_size(args, model: torch.nn.Module, example: torch.Tensor) -> None:
+    """Refuse a model that shrinks the data's images to 1x1 before convolutions with larger kernels
+    (an ImageNet network on 8x8 digits), naming an --image-size at which it does not."""
+    collapsed = models.collapsed_convs(model, (example,))
+    if not collapsed:
+        return
+    h, w = example.shape[2:]
+    fits = next((f for f in (2, 4, 8, 16, 32)
+                 if not models.collapsed_convs(model, (example.new_zeros(1, example.shape[1], h * f, w * f),))), None)
+    raise ValueError(f"--model {args.model} shrinks the {h}x{w} images of --data {args.data} to 1x1 before "
+                     f"{len(collapsed)} of its convolutions with kernels over 1x1 (from `{collapsed[0]}` on): they "
+                     "would see mostly padding. Use " + (f"--image-size {max(h, w) * fits} or more, or " if fits else "")
+                     + "a model made for this image size (the CIFAR ResNets for 32x32 or smaller)")
+
+
 class Run:
     """One ``greg-fast prune`` run: set-up (and resume) here, then one method per stage. ``state``
     (a :class:`RunState`) is all that a checkpoint holds besides tensors."""
@@ -58,19 +73,12 @@ class Run:
         torch.manual_seed(args.seed)
         self.model = models.create(args.model, self.data.num_classes, in_channels=self.data.in_channels).to(self.device)
         if args.checkpoint is not None and args.resume is None:  # before anything is planned or trained
-            for note in load_weights(self.model, args.checkpoint, map_location=self.device, what=f"--checkpoint {args.checkpoint}"):
+            for note in load_weights(self.model, args.checkpoint, map_location=self.device,
+                                     what=f"--checkpoint {args.checkpoint}"):
                 if rank == 0:
                     print(f"greg-fast: --checkpoint: {note}", file=sys.stderr)
         self.example = (self.data.train[0][0].unsqueeze(0).to(self.device),)
-        collapsed = models.collapsed_convs(self.model, self.example)
-        if collapsed:
-            h, w = self.example[0].shape[2:]
-            fits = next((f for f in (2, 4, 8, 16, 32) if not models.collapsed_convs(
-                self.model, (self.example[0].new_zeros(1, self.example[0].shape[1], h * f, w * f),))), None)
-            raise ValueError(f"--model {args.model} shrinks the {h}x{w} images of --data {args.data} to 1x1 before "
-                             f"{len(collapsed)} of its convolutions with kernels over 1x1 (from `{collapsed[0]}` on): "
-                             "they would see mostly padding. Use " + (f"--image-size {max(h, w) * fits} or more, or "
-                             if fits else "") + "a model made for this image size (the CIFAR ResNets for 32x32 or smaller)")
+        _check_image_size(args, self.model, self.example[0])
         self.structured = args.granularity != "weight"
         if getattr(args, "export", None) == "onnx" and self.main_rank:  # a failing export refused before training
             check_exportable(self.model, self.example[0])
