@@ -100,7 +100,8 @@ class Compare:
         self.groups = [[m if len(self.allocations) == 1 else f"{m}{AT}{a}" for m in self.methods]
                        for a in self.allocations]
         self.variants = [v for group in self.groups for v in group]
-        job.check_args(self._job_args(self.variants[0], 0, self.out / "check", args.finetune_epochs, args.lr_ft))
+        for variant in self.variants:  # every method's flags, before anything runs
+            job.check_args(self._job_args(variant, 0, self.out / "check", args.finetune_epochs, args.lr_ft))
         settings = self.out / SETTINGS_FILE
         identity = json.loads(json.dumps(_identity(args)))
         if settings.exists():
