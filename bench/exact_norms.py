@@ -12,17 +12,18 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
-import io
 import json
+import tempfile
 from pathlib import Path
 
 import torch
 
 import greg_fast as gf
 from greg_fast import timing
+from greg_fast.export import export_onnx, onnx_speedup
 from greg_fast.table import format_table
 
-from zoo import build
+from zoo import build, write_report
 
 
 def compacted_pair(name: str, size: int):
@@ -40,21 +41,13 @@ def compacted_pair(name: str, size: int):
     return out
 
 
-def onnx_session(model, x):
-    import onnxruntime as ort
-    buffer = io.BytesIO()
-    torch.onnx.export(model, (x,), buffer, dynamo=True)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
-    return ort.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="convnext_atto,vit_tiny_patch16_224,convnextv2_atto,poolformer_s12")
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--seconds", type=float, default=10.0, help="ONNX Runtime timing budget per model")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = p.parse_args(argv)
     cpu = torch.device("cpu")
@@ -68,15 +61,12 @@ def main(argv=None) -> int:
         row = {"model": name, "torch_ratio": timing.ratio_spread(seconds["exact"], seconds["approximate"]),
                "torch_exact_ms": 1e3 * sorted(seconds["exact"])[len(seconds["exact"]) // 2]}
         try:
-            sessions = {k: onnx_session(m, x) for k, m in pair.items()}
-            feed = x.numpy()
-            runs = {k: (lambda s=s: s.run(None, {s.get_inputs()[0].name: feed})) for k, s in sessions.items()}
-            ort_seconds = timing.alternate(runs, args.rounds, cpu)
-            with torch.no_grad():
-                ref = pair["exact"](x)
-            got = torch.from_numpy(runs["exact"]()[0])
-            row.update(ort_ratio=timing.ratio_spread(ort_seconds["exact"], ort_seconds["approximate"]),
-                       onnx_max_rel_diff=float((got - ref).abs().max() / ref.abs().max()))
+            with tempfile.TemporaryDirectory() as tmp:  # each export checked against PyTorch at this batch
+                checked = {k: export_onnx(m, Path(tmp) / f"{k}.onnx", x, batch_sizes=(args.batch,)) for k, m in pair.items()}
+                timed = onnx_speedup(checked["exact"]["path"], checked["approximate"]["path"], x, (args.batch,),
+                                     seconds=args.seconds)[f"batch{args.batch}"]
+            row.update(ort_ratio=[timed["speedup"], timed["speedup_p10_p90"]],
+                       onnx_max_rel_diff=checked["exact"]["max_rel_diff"])
         except ImportError as err:
             row["onnx"] = f"not measured: {err}"
         print(json.dumps(row), flush=True)
@@ -89,15 +79,11 @@ def main(argv=None) -> int:
         fmt = lambda rs: f"{rs[0]:.3f} [{rs[1][0]:.3f}, {rs[1][1]:.3f}]"  # noqa: E731
         table.append((r["model"], fmt(r["torch_ratio"]), fmt(r["ort_ratio"]) if "ort_ratio" in r else r.get("onnx", "-"),
                       f"{r['onnx_max_rel_diff']:.1e}" if "onnx_max_rel_diff" in r else "-"))
-    text = format_table(table)
-    slug = "".join(c if c.isalnum() else "-" for c in meta["device"]).strip("-").lower()
-    stem = Path(args.out) / f"exact-norms-{slug}-{meta['date']}"
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     header = (f"Compacted at ratio 0.5 (L1 picks), batch {args.batch} at {args.size}x{args.size}, {meta['device']}, "
               f"torch {meta['torch']}, {meta['date']}: forward time of the exact model over the same architecture "
               "with torch's own norms, timed in turns.\n\n")
-    stem.with_suffix(".md").write_text(header + text + "\n")
+    text = format_table(table)
+    write_report(args.out, "exact-norms", meta, rows, header, text)
     print(text)
     return 0
 

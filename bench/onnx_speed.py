@@ -23,7 +23,7 @@ from greg_fast.export import export_onnx, onnx_speedup
 from greg_fast.plan import count_flops
 from greg_fast.table import format_table
 
-from zoo import build
+from zoo import build, write_report
 
 
 def row(name: str, batch_sizes, seconds: float) -> dict:
@@ -68,15 +68,11 @@ def main(argv=None) -> int:
             cells.append(f"{t['dense_ms']:.3g} / {t['pruned_ms']:.3g}, {t['speedup']:.2f}x "
                          f"[{t['speedup_p10_p90'][0]:.2f}, {t['speedup_p10_p90'][1]:.2f}]")
         table.append((r["model"], f"{r['flops_ratio']:.2f}x fewer", *cells, f"{r['max_rel_diff']:.1e}"))
-    text = format_table(table)
-    slug = "".join(c if c.isalnum() else "-" for c in meta["device"]).strip("-").lower()
-    stem = Path(args.out) / f"onnx-speed-{slug}-{meta['date']}"
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     header = (f"ONNX Runtime {meta['onnxruntime']} (CPU, {meta['threads']} threads), {meta['device']}, torch "
               f"{meta['torch']}, {meta['date']}: compacted at ratio 0.5 (coupled groups, L1 picks), 224x224, dense and "
               "pruned timed in alternation (median, and the 10th-90th percentile of the per-round speed-up).\n\n")
-    stem.with_suffix(".md").write_text(header + text + "\n")
+    text = format_table(table)
+    write_report(args.out, "onnx-speed", meta, rows, header, text)
     print(text)
     return 0
 

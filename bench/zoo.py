@@ -107,6 +107,16 @@ def why_excluded(plan: gf.Plan) -> Counter:
     return kinds
 
 
+def write_report(out: str | Path, kind: str, meta: dict, rows: list[dict], header: str, table: str) -> Path:
+    """``<out>/<kind>-<device>-<date>.json`` (meta and rows) and ``.md`` (``header``, then ``table``):
+    the files of a bench that measures a list of models once. Returns the stem."""
+    stem = Path(out) / f"{kind}-{timing.device_slug(torch.device('cpu'))}-{meta['date']}"
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    stem.with_suffix(".md").write_text(header + table + "\n")
+    return stem
+
+
 def build(name: str, timm_zoo: bool) -> nn.Module:
     torch.manual_seed(0)
     if not timm_zoo and name in models.names():
@@ -272,9 +282,8 @@ def main(argv=None) -> int:
     args.models = args.models or ",".join(zoo)
     args.size = args.size or (160 if args.timm and not args.attention else 224)
     device = torch.device("cpu")
-    slug = "".join(c if c.isalnum() else "-" for c in timing.device_name(device)).strip("-").lower()
     kind = "-attention" if args.attention else "-timm" if args.timm else ""
-    stem = f"zoo{kind}-{slug}-{datetime.date.today().isoformat()}"
+    stem = f"zoo{kind}-{timing.device_slug(device)}-{datetime.date.today().isoformat()}"
     out = Path(args.out)
     earlier = out / f"{stem}.json"  # a run on some models updates today's table
     rows = json.loads(earlier.read_text())["rows"] if earlier.exists() else []

@@ -25,7 +25,7 @@ from .backend import backends
 from .engine import GrowingReg
 from .plan import Plan, plan
 from .table import format_table
-from .timing import alternate, copy_bandwidth, device_name, ratio_spread, time_call
+from .timing import alternate, copy_bandwidth, device_name, device_slug, ratio_spread, time_call
 
 MODELS = ("resnet56", "resnet50", "resnet152", "resnet50-coupled", "resnet50-coupled-group")
 COUPLED, GROUP = "-coupled", "-group"
@@ -286,8 +286,7 @@ def write_results(records: list[dict], directory: Path, device: torch.device) ->
     """The day's results file for this device; a run over some models replaces those models'
     records of the kinds it measured and keeps the others (ratios stay within one model's run)."""
     directory.mkdir(parents=True, exist_ok=True)
-    slug = "".join(c if c.isalnum() else "-" for c in device_name(device)).strip("-").lower()
-    path = directory / f"{slug}-{datetime.date.today().isoformat()}.json"
+    path = directory / f"{device_slug(device)}-{datetime.date.today().isoformat()}.json"
     records = with_ratios(records)
     ran = {(r.get("model"), r.get("kind")) for r in records}
     kept = [r for r in json.loads(path.read_text()) if (r.get("model"), r.get("kind")) not in ran] \

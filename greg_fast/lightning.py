@@ -11,6 +11,7 @@ regularization's scheduler is dropped. ``Trainer(max_steps=opt.max_steps() + fin
 from __future__ import annotations
 
 import lightning.pytorch as pl
+from lightning.pytorch.utilities.types import LRSchedulerConfig
 import torch.nn as nn
 
 from .engine import GrowingReg
@@ -40,7 +41,6 @@ class GRegCallback(pl.Callback):
         trainer.optimizers = [optimizer]
         schedulers = []
         if self.make_scheduler is not None:
-            from lightning.pytorch.utilities.types import LRSchedulerConfig
             schedulers = [LRSchedulerConfig(self.make_scheduler(optimizer), interval="step")]
         trainer.strategy.lr_scheduler_configs = schedulers
         self.compacted = True

@@ -22,6 +22,11 @@ def device_name(device: torch.device) -> str:
     return f"{model} ({torch.get_num_threads()} threads)"
 
 
+def device_slug(device: torch.device) -> str:
+    """:func:`device_name` as a file-name part (results files are named by device and date)."""
+    return "".join(c if c.isalnum() else "-" for c in device_name(device)).strip("-").lower()
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

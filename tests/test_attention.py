@@ -15,7 +15,7 @@ import greg_fast as gf
 from greg_fast.backend import backends
 
 from test_compact import assert_same_outputs
-from test_groups import one_step, random_group_masks
+from test_groups import exact_pair, one_step
 from test_user_models import randomize
 
 
@@ -61,15 +61,6 @@ class TinyViT(nn.Module):
 X = torch.randn(3, 3, 8, 8)
 
 
-def compacted(model, plan, ratio, seed=0):
-    masks = random_group_masks(plan, ratio, seed)
-    masked, masked_plan = copy.deepcopy((model, plan))
-    gf.apply_masks(masked, masks, masked_plan)
-    small, small_plan = copy.deepcopy((masked, masked_plan))
-    gf.compact(small, masks, small_plan, verify=False)
-    return masked, small
-
-
 @pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("heads", ["dims", "whole"])
 def test_attention_heads_stream_and_norms_compact_to_what_the_masked_model_computes(fused, heads, tmp_path):
@@ -80,7 +71,7 @@ def test_attention_heads_stream_and_norms_compact_to_what_the_masked_model_compu
     assert {k.tensor for k in stream.members if k.module == ""} == {"cls_token", "pos_embed"}
     assert attn.n_groups == 4  # 4 heads, or 4 dims in every head
     for ratio in (0.3, 0.7):
-        masked, small = compacted(model, plan, ratio)
+        masked, small = exact_pair(model, plan, ratio)
         assert_same_outputs(masked, small, X)
         a = small.blocks[0]["attn"]
         assert a.qkv.out_features == 3 * a.num_heads * a.head_dim
@@ -94,7 +85,7 @@ def test_attention_heads_stream_and_norms_compact_to_what_the_masked_model_compu
 def test_the_fused_attention_keeps_its_original_scale_after_the_head_dims_are_cut():
     model = randomize(TinyViT(fused=True)).eval()
     plan = gf.plan(model, 0.5, example_inputs=X[:1])
-    masked, small = compacted(model, plan, 0.5)
+    masked, small = exact_pair(model, plan, 0.5)
     (count,) = [c for c in small.blocks[0]["attn"].greg_counts if c.op == "scaled_dot_product_attention"]
     assert count.width == 4 and count.kept == small.blocks[0]["attn"].head_dim < 4
     small.blocks[0]["attn"].greg_counts = []  # without it, the scale follows the smaller head size
@@ -131,7 +122,7 @@ def test_torchvision_vision_transformer_plans_and_compacts_exactly():
     assert plan.ties == {a: ("conv_proj", Fraction(1, 2)) for a in attention}  # 2 heads: 2 stream channels per dim
     assert [plan[a].n_prune for a in attention] == [4, 4] and plan["conv_proj"].n_prune == 8
     for ratio in (0.3, 0.7):
-        masked, small = compacted(model, plan, ratio)
+        masked, small = exact_pair(model, plan, ratio)
         assert_same_outputs(masked, small, x)
         mha = small.encoder.layers[0].self_attention
         assert mha.embed_dim == small.hidden_dim == mha.head_dim * 2 < 16

@@ -1,6 +1,5 @@
 """ONNX export of compacted models (greg_fast.export, greg-fast export, prune --export onnx): checked in
 ONNX Runtime against PyTorch, exact norms included, and a failing export leaves no file."""
-import copy
 import json
 
 import pytest
@@ -11,7 +10,8 @@ import greg_fast as gf
 from greg_fast.cli import main
 from greg_fast.export import check_exportable, export_onnx, onnx_speedup
 
-from test_attention import TinyViT, compacted
+from test_attention import TinyViT
+from test_groups import exact_pair
 from test_cli import TINY
 from test_user_models import randomize
 
@@ -23,7 +23,7 @@ pytest.importorskip("onnxruntime", reason="onnx, onnxscript and onnxruntime are 
 def test_a_compacted_model_exports_and_onnx_runtime_computes_what_pytorch_does(tmp_path, build, x):
     model = randomize(build()).eval()
     plan = gf.plan(model, 0.5, example_inputs=x)
-    _, small = compacted(model, plan, 0.5)
+    _, small = exact_pair(model, plan, 0.5)
     result = export_onnx(small, tmp_path / "m.onnx", x, batch_sizes=(1, 3))
     assert result["max_rel_diff"] < 1e-5 and (tmp_path / "m.onnx").stat().st_size == result["bytes"]
     timed = onnx_speedup(tmp_path / "m.onnx", tmp_path / "m.onnx", x, batch_sizes=(2,), seconds=0.2)
