@@ -1,6 +1,8 @@
 """The benchmark plumbing (no timing assertions: speed is judged in bench/, not in tests)."""
 import json
 
+import pytest
+
 import torch
 
 from greg_fast import bench, timing
@@ -30,7 +32,7 @@ def test_bench_command_writes_records_with_bandwidth_fractions(tmp_path, monkeyp
     assert work.penalized * 2 == numel  # every conv of the plan halves its filters
     for r in records:  # penalty: r w, r grad, w grad of the selected half; fused SGD: 5 passes over all
         assert r["bytes"] == (5 * numel if "sgd" in r["provider"] else 3 * work.penalized) * 4
-        assert r["copy_fraction"] == r["bytes"] / r["seconds"] / (r["copy_gb_per_s"] * 1e9)
+        assert r["copy_fraction"] == pytest.approx(r["bytes"] / r["seconds"] / (r["copy_gb_per_s"] * 1e9), rel=1e-12)
         assert r["device"] and r["date"]
         baseline = {"penalty": "x_reference", "sgd": "x_torch_sgd"}[r["kind"]]
         assert r[baseline] == 1.0  # time_call is stubbed: every provider takes 1 ms
