@@ -81,10 +81,10 @@ class GrowingReg(OptimizerWrapper):
     never advance) ``step()`` raises. The check is the only host sync outside λ updates;
     ``nan_guard=False`` (e.g. under a GradScaler, which guards itself) makes ordinary steps sync-free.
 
-    For a coupled plan, ``penalize`` says what a group's λ applies to and its score averages over:
-    ``"filters"`` (its producers' and depthwise convs' filter rows: on an uncoupled layer exactly the
-    reference's method) or ``"group"`` (every parameter entry that goes with the channel: also
-    biases, BatchNorm weight and bias, layer scales and the consumers' columns).
+    ``penalize`` says what a unit's λ applies to and its score averages over: ``"filters"`` (a
+    group's producers' and depthwise convs' filter rows: on a single layer exactly the reference's
+    method) or ``"group"`` (every parameter entry that goes with the channel: also biases,
+    BatchNorm weight and bias, layer scales and the consumers' columns; of a single layer too).
 
     ``step(closure)`` evaluates the closure once for the schedule; an inner optimizer that needs
     the closure itself (LBFGS) gets one that adds the penalty to every re-evaluation (gradient

@@ -30,11 +30,6 @@ def check_arguments(optimizer, plan, max_skipped_in_a_row, penalize) -> None:
         raise ValueError(f"max_skipped_in_a_row must be an integer >= 1, got {max_skipped_in_a_row!r}")
     if penalize not in PENALIZE:
         raise ValueError(f"penalize must be one of {PENALIZE}, got {penalize!r}")
-    single = next((l.name for l in plan.layers if not l.coupled and l.granularity == "filter"), None)
-    if penalize == "group" and single is not None:  # it would penalize their filters alone: penalize="filters"
-        raise ValueError(f"penalize='group' penalizes the members of coupled channel groups (BatchNorm, biases, "
-                         f"consumers' columns), but {single!r} is a single layer (coupled=False, or stage ratios): "
-                         "plan coupled groups (plan(..., coupled=True), --coupled) or use penalize='filters'")
 
 
 def one_device(plan: Plan) -> torch.device:

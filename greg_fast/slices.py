@@ -1,8 +1,8 @@
 """What the backends see of a plan's units: the penalized slices, each with its unit's mask and λ.
 
-An uncoupled layer is its own slice, so a plan of layers passes through untouched (no copy, no
-gather per step). A coupled group is regularized through runs of rows or columns of several
-parameters (:meth:`greg_fast.units.LayerPlan.slices`); each slice reads its unit's kept mask through
+A layer penalized by its filters alone is its own slice, so a plan of such layers passes through
+untouched (no copy, no gather per step). A coupled group, or a layer penalized with everything its
+cut removes, is regularized through runs of rows or columns of several parameters (:meth:`greg_fast.units.LayerPlan.slices`); each slice reads its unit's kept mask through
 its channel index (gathered again only when a selection changed it) and its unit's two λ values.
 A unit's score per channel is the mean |w| over all its slices' entries of that channel, summed in
 a fixed order (one gather and one sum: the same picks every run). With ``whole`` (the fused SGD
@@ -32,7 +32,7 @@ class SliceMap:
         self.cache = cache
         per_unit = [u.slices(module_of, penalize) for u in self.units]
         self.slices = [s for slices in per_unit for s in slices]
-        self.identity = all(not u.coupled for u in self.units)
+        self.identity = all(s == [u] for u, s in zip(self.units, per_unit))  # every unit its own slice
         self._version = None
         self._kept: list[torch.Tensor] = []
         self._per_slice: dict[int, tuple] = {}

@@ -75,8 +75,9 @@ class LayerPlan:
         """What growing regularization penalizes and scores: the layer itself, or for a coupled
         group runs of rows/columns of its parameters (:class:`Slice`): its producers' filter rows
         (``penalize="filters"``), or every parameter entry it removes (``"group"``: consumers'
-        columns, biases, BatchNorm weight and bias, layer scales too)."""
-        if not self.coupled:
+        columns, biases, BatchNorm weight and bias, layer scales too; a single layer's filters
+        too: its bias, its BatchNorm's channels and its consumers' columns)."""
+        if not self.coupled and (penalize == "filters" or self.granularity != "filter"):
             return [self]
         if penalize not in self._slices:
             self._slices[penalize] = _group_slices(self, module_of, penalize)

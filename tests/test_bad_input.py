@@ -264,14 +264,3 @@ def test_ctrl_c_says_how_to_resume(tmp_path, capsys, monkeypatch):
     assert main(["prune", "--method", "greg1", *TINY, "--out", str(tmp_path / "o")]) == 130
     err = capsys.readouterr().err
     assert "interrupted" in err and f"--resume {tmp_path / 'o'}" in err and "Traceback" not in err
-
-
-def test_penalizing_whole_groups_of_single_layers_is_refused_not_silently_the_filters_alone(tmp_path, capsys):
-    model = gf.models.create("resnet20")
-    plan = gf.plan(model, 0.5, coupled=False)
-    with pytest.raises(ValueError, match="penalize='group' penalizes the members of coupled channel groups"):
-        gf.GrowingReg(torch.optim.SGD(model.parameters(), lr=0.1), plan, penalize="group")
-    args = ["prune", "--method", "greg1", *TINY, "--out", str(tmp_path / "g"), "--penalize", "group", "--no-coupled"]
-    assert main(args) == 2
-    assert "--penalize group penalizes the members of coupled channel groups" in capsys.readouterr().err
-    assert not (tmp_path / "g").exists()

@@ -207,6 +207,12 @@ def test_ratio_zero_runs_to_the_end_and_removes_nothing(tmp_path):
     assert (out / "model.pt").is_file()
 
 
+def test_single_layers_penalized_as_groups_say_so(tmp_path, capsys):
+    out, s = run(tmp_path, "greg1", "--no-coupled", "--penalize", "group")
+    assert s["coupled"] is False and s["penalize"] == "group" and s["layers_pruned"] == 9  # the inner convs
+    assert "pruned (greg1 filter, penalize group ratio 0.5)" in capsys.readouterr().out
+
+
 def test_a_run_from_before_coupled_groups_resumes_with_no_coupled(tmp_path, capsys):
     """Checkpoints written before --coupled existed planned single layers: resuming one names the
     flag that reproduces that plan, and with it the run goes on."""

@@ -263,16 +263,18 @@ def one_step(planned, x, backend, penalize, fused, method="greg1", device=torch.
             {k: v.cpu() for k, v in greg.scores().items()})
 
 
-@pytest.mark.parametrize("penalize,fused", [("filters", False), ("filters", True), ("group", False)])
 @pytest.mark.parametrize("method", ["greg1", "greg2"])
-@pytest.mark.parametrize("name", ["gated", "resnet20"])
+@pytest.mark.parametrize("name,penalize,fused", [
+    *((name, penalize, fused) for name in ("gated", "resnet20")
+      for penalize, fused in (("filters", False), ("filters", True), ("group", False))),
+    ("resnet20-layers", "group", False)])  # single layers penalized with all their cut removes
 def test_backends_regularize_groups_like_eager(name, method, penalize, fused):
     if name == "gated":
         model, x = randomize(Gated()).train(), torch.randn(4, 3, 8, 8)
     else:
         torch.manual_seed(0)
         model, x = models.create("resnet20"), torch.randn(4, 3, 16, 16)
-    planned = (model, gf.plan(model, 0.5, example_inputs=x[:1]))
+    planned = (model, gf.plan(model, 0.5, example_inputs=x[:1], coupled=name != "resnet20-layers"))
     refs = {}
     for backend in ("cpp", "triton"):  # triton on the GPU where there is one (the GPU check runs this)
         device = torch.device("cuda" if backend == "triton" and torch.cuda.is_available() else "cpu")
@@ -391,6 +393,40 @@ def test_penalize_group_also_shrinks_batchnorm_and_scores_count_it():
         else:
             assert not grads[penalize].any()
             torch.testing.assert_close(scores, rows.mean(1))
+
+
+def test_penalize_group_on_single_layers_penalizes_what_their_cut_removes():
+    """A single layer (the reference's stage lists) penalized as a group: its filters, its BatchNorm's
+    channels and its consumer's columns of the removed channels get λ·w, nothing else does."""
+    torch.manual_seed(0)
+    net = randomize(models.create("resnet20")).train()
+    plan = gf.plan(net, 0.5, coupled=False)
+    opt = torch.optim.SGD(net.parameters(), lr=0.0)
+    block = net.layer1[0]
+    for penalize in ("filters", "group"):
+        greg = gf.GrowingReg(opt, plan, method="greg1", penalize=penalize, delta=0.5, interval=1)
+        opt.zero_grad()
+        net(torch.randn(2, 3, 16, 16)).sum().backward()
+        before = {n: p.grad.clone() for n, p in net.named_parameters()}
+        greg.apply_penalty()
+        added = {n: p.grad - before[n] for n, p in net.named_parameters()}
+        removed = ~greg.masks()["layer1.0.conv1"]
+        expect = {"layer1.0.conv1.weight": (block.conv1.weight, 0)}
+        if penalize == "group":
+            expect |= {"layer1.0.bn1.weight": (block.bn1.weight, 0), "layer1.0.bn1.bias": (block.bn1.bias, 0),
+                       "layer1.0.conv2.weight": (block.conv2.weight, 1)}
+        for name, (w, axis) in expect.items():
+            shape = [1] * w.dim()
+            shape[axis] = -1
+            torch.testing.assert_close(added[name], 0.5 * w.detach() * removed.view(shape).float())
+        for name in ("layer1.0.bn2.weight", "conv1.weight", *(("layer1.0.bn1.weight",) if penalize == "filters" else ())):
+            assert not added[name].any(), name
+        # the score of a channel: mean |w| over what is penalized
+        parts = [block.conv1.weight.detach().abs().flatten(1)]
+        if penalize == "group":
+            parts += [block.bn1.weight.detach().abs()[:, None], block.bn1.bias.detach().abs()[:, None],
+                      block.conv2.weight.detach().abs().transpose(0, 1).flatten(1)]
+        torch.testing.assert_close(greg.scores()["layer1.0.conv1"], torch.cat(parts, 1).mean(1))
 
 
 class SigmoidDepthwise(nn.Module):  # a depthwise conv zeroes its removed channel whatever it reads

@@ -77,8 +77,7 @@ def target_summary(budget, summary: dict, timed: dict | None) -> dict:
 
 
 def format_table(s: dict) -> str:
-    unit = ("groups" + (", penalize group" if s.get("penalize") == "group" else "")) if s.get("coupled") \
-        else s["granularity"]
+    unit = ("groups" if s.get("coupled") else s["granularity"]) + (", penalize group" if s.get("penalize") == "group" else "")
     t = s.get("target")
     label = f"{s['method']} {unit} " + (f"ratio {s['ratio']}" if s["ratio"] is not None else
                                         f"stages {s['stage_ratios']}" if s["stage_ratios"] is not None else

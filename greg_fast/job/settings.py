@@ -83,9 +83,6 @@ def check_args(args) -> None:
     if args.checkpoint is not None and not Path(args.checkpoint).is_file():
         raise FileNotFoundError(f"--checkpoint {args.checkpoint}: no such file")
     Hyper.from_settings(**greg_kwargs(args))
-    if args.penalize == "group" and not coupled(args) and args.granularity == "filter":
-        raise ValueError("--penalize group penalizes the members of coupled channel groups: it needs --coupled "
-                         "(--stage-ratios and --no-coupled plan single layers, whose filters alone it would penalize)")
 
 
 def coupled(args) -> bool:
