@@ -95,6 +95,14 @@ class GRegTrainerCallback(transformers.TrainerCallback):
         self.model, self.make_optimizer, self.make_scheduler = model, make_optimizer, make_scheduler
         self.compacted = False
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        if args.world_size > 1:  # the loop holds its DDP wrapper in a local: no hook can wrap the small model
+            raise ValueError(f"GRegTrainerCallback compacts in place, which the Trainer's DistributedDataParallel "
+                             f"wrapper (world size {args.world_size}) cannot follow: it would go on syncing the "
+                             "parameters compaction replaced. Under DDP regularize with "
+                             "Trainer(max_steps=greg.max_steps()), compact (greg_fast.compact), and fine-tune with "
+                             "a new Trainer; or use Lightning's GRegCallback, which wraps the small model again")
+
     def on_step_end(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
         if self.compacted:
             return

@@ -5,7 +5,8 @@ model in place and goes on training it (fine-tuning) in the same ``fit``.
 it: Lightning checks that a scheduler belongs to the optimizer it steps). When ``opt.done``, the
 callback compacts the planned module (:func:`greg_fast.trainers.finish_regularization`) and gives
 the trainer the smaller model's optimizer and, with ``make_scheduler``, its LR scheduler; the
-regularization's scheduler is dropped. ``Trainer(max_steps=opt.max_steps() + fine-tune steps)``.
+regularization's scheduler is dropped. Under a DDP strategy the compacted module is wrapped again.
+``Trainer(max_steps=opt.max_steps() + fine-tune steps)``.
 ``pip install lightning``.
 """
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import lightning.pytorch as pl
 from lightning.pytorch.utilities.types import LRSchedulerConfig
 import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
 
 from .engine import GrowingReg
 from .trainers import MakeOptimizer, finish_regularization
@@ -43,6 +45,12 @@ class GRegCallback(pl.Callback):
         if self.make_scheduler is not None:
             schedulers = [LRSchedulerConfig(self.make_scheduler(optimizer), interval="step")]
         trainer.strategy.lr_scheduler_configs = schedulers
+        strategy = trainer.strategy
+        if isinstance(strategy.model, DistributedDataParallel):
+            # its reducer syncs the gradients of the parameters it was built with, which compaction
+            # replaced: wrap the compacted module again, as the strategy did at setup
+            strategy.model = strategy.lightning_module
+            strategy.configure_ddp()
         self.compacted = True
 
     def state_dict(self) -> dict:

@@ -2,6 +2,7 @@
 written with greg_fast.hf.save_pretrained and read back exactly with from_pretrained."""
 import copy
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -105,3 +106,12 @@ def test_the_trainer_callback_regularizes_then_compacts_and_fine_tunes_in_one_tr
     assert sum(p.numel() for p in model.parameters()) == plan.cost()["params_after"]
     assert len(rates) >= 6 and trainer.optimizer.optimizer is greg.optimizer  # fine-tuned by the inner SGD
     assert greg.optimizer.param_groups[0]["lr"] == pytest.approx(0.005)
+
+
+def test_the_trainer_callback_refuses_ddp_before_training():
+    """The Trainer's loop keeps its DDP wrapper where no callback reaches it: compacting under it would
+    leave DDP syncing the replaced parameters, so a world of 2 is refused at the start."""
+    callback = hf.GRegTrainerCallback(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="DistributedDataParallel wrapper \\(world size 2\\)"):
+        callback.on_train_begin(SimpleNamespace(world_size=2), None, None)
+    callback.on_train_begin(SimpleNamespace(world_size=1), None, None)

@@ -69,3 +69,26 @@ def test_lightning_regularizes_then_compacts_and_fine_tunes_in_one_fit(tmp_path)
     x, y = data.test.tensors
     with torch.no_grad():
         assert module.net.eval()(x).shape == (len(y), 10)
+
+
+def test_lightning_callback_under_ddp_wraps_the_compacted_model_again(tmp_path):
+    """Two gloo ranks under torchrun (tests/lightning_ddp.py): after compaction DDP syncs the small
+    model's gradients (the old wrapper would fail on parameters it no longer sees), so both ranks
+    fine-tune to the same weights; BatchNorm running statistics stay per rank, as DDP leaves them."""
+    pytest.importorskip("lightning.pytorch", reason="lightning is a test dependency")
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    script = Path(__file__).with_name("lightning_ddp.py")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script), str(tmp_path)], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    assert all(r["compacted"] for r in ranks) and ranks[0]["step"] == ranks[1]["step"]
+    state = ranks[0]["state"]
+    assert state["layer3.0.conv1.weight"].shape[0] == 32  # half of 64 went
+    for key, value in state.items():
+        if "running_" not in key and "num_batches" not in key:
+            assert torch.equal(value, ranks[1]["state"][key]), key
