@@ -82,7 +82,7 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--heads", default="dims", choices=HEADS,
                    help="attention: cut the same dims in every head (default), or whole heads")
     p.add_argument("--penalize", default="filters", choices=PENALIZE,
-                   help="what a coupled group's penalty applies to: its filter rows (the paper's method) or "
+                   help="what a unit's penalty applies to: its filter rows (the paper's method) or "
                         "every parameter entry removed with it (default filters)")
     ratio = p.add_mutually_exclusive_group()
     ratio.add_argument("--ratio", type=float, help="pruning ratio of every prunable layer, in [0, 1)")

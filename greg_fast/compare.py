@@ -12,7 +12,7 @@ summary.json, an unfinished one resumes from its checkpoints). Protocols:
   milestones stretched in proportion, so that no method wins by training longer.
 
 A method is ``l1``, ``greg1`` or ``greg2``, optionally with ``-group`` (``penalize="group"``: every
-slice of a coupled group is penalized, BatchNorm included).
+parameter entry a unit's cut removes is penalized, BatchNorm and the consumers' columns included).
 """
 from __future__ import annotations
 

@@ -17,6 +17,9 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
 from .engine import GrowingReg
+from .exact import counts_of
+from .groups.stored import stored_of
+from .io import rebuild, widths
 from .trainers import MakeOptimizer, finish_regularization
 
 
@@ -24,11 +27,60 @@ class GRegCallback(pl.Callback):
     """``model``: the module the plan was built for (the LightningModule or one of its submodules).
     ``make_optimizer(params)``: the fine-tune optimizer (default: GrowingReg's inner one, its state cut
     to the kept channels); ``make_scheduler(optimizer)``: an LR scheduler for it, stepped every step.
-    ``compacted`` says whether it has happened (a checkpoint saved after it holds the small model)."""
+    ``compacted`` says whether it has happened (a checkpoint saved after it holds the small model).
+
+    ``fit(ckpt_path=...)`` of a checkpoint saved after compaction shrinks ``model`` to the saved widths
+    before Lightning loads the weights, and fine-tunes on with ``make_optimizer`` (required then:
+    ``configure_optimizers`` builds a GrowingReg for the dense model) and ``make_scheduler``, whose
+    saved states Lightning restores. Lightning gives callbacks no hook before it loads the weights, so
+    for the fit the callback wraps the module's ``on_load_checkpoint`` and ``configure_optimizers``."""
 
     def __init__(self, model: nn.Module, make_optimizer: MakeOptimizer | None = None, make_scheduler=None):
         self.model, self.make_optimizer, self.make_scheduler = model, make_optimizer, make_scheduler
         self.compacted = False
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        load_hook, configure = pl_module.on_load_checkpoint, pl_module.configure_optimizers
+
+        def on_load_checkpoint(checkpoint):
+            self._shrink_to(checkpoint, pl_module)
+            load_hook(checkpoint)
+
+        def configure_optimizers():
+            if not self.compacted:
+                return configure()
+            optimizer = self.make_optimizer(list(self.model.parameters()))
+            if self.make_scheduler is None:
+                return optimizer
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.make_scheduler(optimizer),
+                                                             "interval": "step"}}
+
+        pl_module.on_load_checkpoint, pl_module.configure_optimizers = on_load_checkpoint, configure_optimizers
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        for hook in ("on_load_checkpoint", "configure_optimizers"):
+            pl_module.__dict__.pop(hook, None)
+
+    def _shrink_to(self, checkpoint: dict, pl_module: pl.LightningModule) -> None:
+        saved = checkpoint.get("callbacks", {}).get(self.state_key, {})
+        if not saved.get("compacted"):
+            return
+        where = "a checkpoint saved after compaction"
+        if self.make_optimizer is None:
+            raise ValueError(f"resuming {where} needs GRegCallback(make_optimizer=...) building the optimizer it "
+                             "fine-tuned with: configure_optimizers builds a GrowingReg for the dense model")
+        if (self.make_scheduler is None) != (not checkpoint.get("lr_schedulers")):
+            raise ValueError(f"{where} {'has' if checkpoint.get('lr_schedulers') else 'has no'} LR scheduler state: "
+                             f"give GRegCallback the make_scheduler it fine-tuned with")
+        prefix = next((f"{n}." if n else "" for n, m in pl_module.named_modules() if m is self.model), None)
+        if prefix is None:
+            raise ValueError("GRegCallback's model is not a submodule of the LightningModule being fitted")
+        state = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+        arch = saved["architecture"]
+        rebuild(self.model, state, arch["widths"], arch["counts"], arch["stored"], where)
+        self.compacted = True
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx):
         if self.compacted:
@@ -54,11 +106,10 @@ class GRegCallback(pl.Callback):
         self.compacted = True
 
     def state_dict(self) -> dict:
-        return {"compacted": self.compacted}
+        if not self.compacted:
+            return {"compacted": False}
+        return {"compacted": True, "architecture": {"widths": widths(self.model), "counts": counts_of(self.model),
+                                                    "stored": stored_of(self.model)}}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        if state_dict.get("compacted"):
-            raise ValueError("this checkpoint was saved after compaction: its weights are the small model's, which "
-                             "a fresh LightningModule does not have; load it with greg_fast.load or rebuild the "
-                             "small model first")
-
+        self.compacted = bool(state_dict.get("compacted"))

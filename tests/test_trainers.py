@@ -71,6 +71,56 @@ def test_lightning_regularizes_then_compacts_and_fine_tunes_in_one_fit(tmp_path)
         assert module.net.eval()(x).shape == (len(y), 10)
 
 
+def test_lightning_resumes_a_checkpoint_saved_after_compaction_bit_exactly(tmp_path):
+    """Run A: regularize, compact in epoch 0, fine-tune to epoch 3, a checkpoint every epoch. Run B: a
+    fresh (dense) module resumed from A's epoch-1 checkpoint is shrunk before the weights load and
+    ends where A ended, bit for bit (optimizer momentum and LR schedule restored)."""
+    pl = pytest.importorskip("lightning.pytorch", reason="lightning is a test dependency")
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from greg_fast.lightning import GRegCallback
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = gf.models.create("resnet20", in_channels=1)
+            self.plan = gf.plan(self.net, 0.5, example_inputs=torch.randn(1, 1, 8, 8))
+
+        def training_step(self, batch, _):
+            x, y = batch
+            return torch.nn.functional.cross_entropy(self.net(x), y)
+
+        def configure_optimizers(self):
+            sgd = torch.optim.SGD(self.net.parameters(), lr=0.05, momentum=0.9)
+            return gf.GrowingReg(sgd, self.plan, method="greg1", delta=0.5, interval=1, stabilize=2)
+
+    data = datasets.load("digits")
+    loader = torch.utils.data.DataLoader(data.train, batch_size=128)  # the same batches on resume
+
+    def fit(ckpt_path=None, **callback):
+        module = Module()
+        callback = GRegCallback(module.net, **callback)
+        trainer = pl.Trainer(max_epochs=3, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                             callbacks=[callback, ModelCheckpoint(tmp_path, "{epoch}", save_top_k=-1)],
+                             default_root_dir=tmp_path)
+        trainer.fit(module, loader, ckpt_path=ckpt_path)
+        return module, callback
+
+    make = dict(make_optimizer=lambda p: torch.optim.SGD(p, lr=0.02, momentum=0.9),
+                make_scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=5, gamma=0.8))
+    a, callback = fit(**make)
+    assert callback.compacted
+    b, resumed = fit(tmp_path / "epoch=1.ckpt", **make)
+    assert resumed.compacted and "configure_optimizers" not in vars(b)  # its own hooks back after the fit
+    for (name, x), y in zip(a.net.state_dict().items(), b.net.state_dict().values()):
+        assert torch.equal(x, y), name
+    assert b.net.layer3[0].conv1.out_channels == 32
+    with pytest.raises(ValueError, match="needs GRegCallback\\(make_optimizer=...\\)"):
+        fit(tmp_path / "epoch=1.ckpt")
+    with pytest.raises(ValueError, match="has LR scheduler state: give GRegCallback the make_scheduler"):
+        fit(tmp_path / "epoch=1.ckpt", make_optimizer=make["make_optimizer"])
+
+
 def test_lightning_callback_under_ddp_wraps_the_compacted_model_again(tmp_path):
     """Two gloo ranks under torchrun (tests/lightning_ddp.py): after compaction DDP syncs the small
     model's gradients (the old wrapper would fail on parameters it no longer sees), so both ranks
