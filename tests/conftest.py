@@ -1,30 +1,10 @@
 import copy
-import importlib.abc
-import importlib.machinery
 import math
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-class _InstalledKernelsFirst(importlib.abc.MetaPathFinder):
-    """``python -m pytest`` puts the repository root on sys.path, where our top-level kernels/ (installed
-    as greg_fast.kernels) would shadow PyPI's ``kernels``, which transformers imports: that name is
-    looked up everywhere but the root first."""
-
-    def find_spec(self, name, path=None, target=None):
-        if name != "kernels":
-            return None
-        return importlib.machinery.PathFinder.find_spec(name, [p for p in sys.path if Path(p or ".").resolve() != ROOT])
-
-
-sys.meta_path.insert(0, _InstalledKernelsFirst())
 
 # Without a GPU the Triton kernels run in Triton's interpreter; it must be set before triton loads.
 if not torch.cuda.is_available():

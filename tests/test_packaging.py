@@ -5,6 +5,8 @@ import shutil
 import subprocess
 import sys
 import zipfile
+
+import pytest
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,3 +41,14 @@ def test_the_wheel_holds_and_imports_every_module(tmp_path):
 
 def _python_env() -> dict:
     return {k: v for k, v in os.environ.items() if k.startswith(("PYENV", "VIRTUAL_ENV", "LD_LIBRARY", "PIP_"))}
+
+
+def test_pypis_kernels_is_not_shadowed_from_the_repository_root():
+    """The root's kernels/ is greg_fast.kernels; imported as ``kernels`` (the root on sys.path, as under
+    ``python -m pytest``) it hands the name to PyPI's package, which transformers imports."""
+    pytest.importorskip("transformers", reason="transformers (the hf extra) brings PyPI's kernels")
+    code = ("import kernels, greg_fast.kernels as ours; from transformers.integrations import hub_kernels; "
+            "print(kernels.__file__, ours.__name__)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    installed, name = out.split()
+    assert Path(installed).resolve().parent != (ROOT / "kernels").resolve() and name == "greg_fast.kernels"
