@@ -2,8 +2,8 @@
 
 ``transformers``' own ``from_pretrained`` builds the architecture the config describes, which a
 compacted model no longer has: it refuses the smaller weights, or with ``ignore_mismatched_sizes``
-loads a silently re-initialized model. :func:`save_pretrained` writes what ``model.save_pretrained``
-writes (``config.json``, ``model.safetensors``) and, beside them, ``greg_fast.json``: the pruned
+loads a silently re-initialized model. :func:`save_pretrained` writes ``config.json``,
+``model.safetensors`` (under the module's own parameter names) and, beside them, ``greg_fast.json``: the pruned
 widths of every conv, linear and norm, the counts exact norms keep and the widths modules store.
 :func:`from_pretrained` builds the config's architecture, shrinks it to those widths and loads the
 weights, checked. :class:`GRegTrainerCallback` does for ``transformers.Trainer`` what
@@ -19,7 +19,7 @@ import torch.nn as nn
 
 try:
     import transformers
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file, save_model
 except ImportError as err:
     raise ImportError(f"greg_fast.hf needs transformers and safetensors ({err}): pip install 'greg-fast[hf]'") from None
 
@@ -36,14 +36,17 @@ WIDTHS_FILE = "greg_fast.json"
 
 
 def save_pretrained(model: nn.Module, folder: str | Path) -> Path:
-    """Write a (compacted) Hugging Face ``PreTrainedModel`` to ``folder``: its ``save_pretrained``
-    (config, safetensors weights) and ``greg_fast.json`` with the pruned widths. Returns the folder."""
+    """Write a (compacted) Hugging Face ``PreTrainedModel`` to ``folder``: its config, its weights
+    (safetensors) and ``greg_fast.json`` with the pruned widths. Returns the folder."""
     model = unwrap(model)
     if not hasattr(model, "save_pretrained") or not hasattr(model, "config"):
         raise TypeError(f"save_pretrained needs a Hugging Face PreTrainedModel, got {type(model).__name__}; "
                         "use greg_fast.save for other models")
     folder = Path(folder)
-    model.save_pretrained(folder, safe_serialization=True)
+    model.config.save_pretrained(folder)
+    # the weights under the module's own names: transformers' save_pretrained renames some to older
+    # checkpoint names (Swin's attention.self.query for attention.q_proj), which only its own loader undoes
+    save_model(model, str(folder / "model.safetensors"))
     record = {"format": FORMAT, "model_class": type(model).__name__, "widths": widths(model),
               "counts": counts_of(model), "stored": stored_of(model)}
     write_text_atomic(folder / WIDTHS_FILE, json.dumps(record, indent=1))  # last: the folder is complete

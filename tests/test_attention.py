@@ -82,6 +82,43 @@ def test_attention_heads_stream_and_norms_compact_to_what_the_masked_model_compu
         assert_same_outputs(small, torch.export.export(small, (X,)).module(), X)
 
 
+class SeparateProjections(nn.Module):
+    """Hugging Face's attention (ViT, DeiT, Swin, DINOv2 in transformers 5): q, k and v from their
+    own projections, viewed as ``(*shape, -1, self.head_dim)``: the head count is inferred, and the
+    scale is passed as a number."""
+
+    def __init__(self, dim=16, heads=4):
+        super().__init__()
+        self.head_dim, self.scaling = dim // heads, (dim // heads) ** -0.5
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(dim, dim) for _ in range(4))
+
+    def forward(self, x):
+        shape = (*x.shape[:-1], -1, self.head_dim)
+        q, k, v = (p(x).view(shape).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        out = F.scaled_dot_product_attention(q, k, v, scale=self.scaling)
+        return self.o_proj(out.transpose(1, 2).reshape(*x.shape[:-1], -1))
+
+
+@pytest.mark.parametrize("heads", ["dims", "whole"])
+def test_an_inferred_head_count_beside_a_stored_head_size_is_followed(heads):
+    """dims: every head loses the same dims of q, k and v (one ``head_dim`` gives all three), which
+    ``head_dim`` follows; whole: the inferred axis loses heads, a head's q, k and v together."""
+    torch.manual_seed(0)
+    model = randomize(nn.Sequential(nn.Linear(6, 16), SeparateProjections(), nn.Linear(16, 3))).eval()
+    x = torch.randn(2, 5, 6)
+    plan = gf.plan(model, 0.5, example_inputs=x[:1], heads=heads)
+    assert list(plan.excluded) == ["2"]  # the output layer alone
+    group = plan["1.q_proj"]
+    assert {k.module for k in group.members if k.role == "filter"} == {"1.q_proj", "1.k_proj", "1.v_proj"}
+    assert group.n_groups == 4  # 4 dims of every head, or 4 heads
+    for ratio in (0.3, 0.7):
+        masked, small = exact_pair(model, plan, ratio)
+        assert_same_outputs(masked, small, x)
+        a = small[1]
+        assert (a.head_dim == 4) == (heads == "whole") and a.q_proj.out_features < 16
+        assert a.v_proj.out_features == a.q_proj.out_features
+
+
 def test_the_fused_attention_keeps_its_original_scale_after_the_head_dims_are_cut():
     model = randomize(TinyViT(fused=True)).eval()
     plan = gf.plan(model, 0.5, example_inputs=X[:1])

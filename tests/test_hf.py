@@ -25,6 +25,11 @@ CONFIGS = {
                                                                       hidden_dim=1280, image_size=64, num_labels=3)),
     "RegNetForImageClassification": ("RegNetConfig", dict(embedding_size=16, hidden_sizes=[16, 32, 32, 64],
                                                           depths=[1, 1, 1, 1], groups_width=8, num_labels=3)),
+    # attention from separate projections, its head count inferred (view(..., -1, self.head_dim))
+    "ViTForImageClassification": ("ViTConfig", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                                    intermediate_size=64, image_size=64, patch_size=16, num_labels=3)),
+    "SwinForImageClassification": ("SwinConfig", dict(image_size=64, patch_size=4, embed_dim=16, depths=[1, 1],
+                                                      num_heads=[2, 4], window_size=4, num_labels=3)),
 }
 X = torch.randn(2, 3, 64, 64)
 
@@ -34,9 +39,9 @@ def logits(model, x=X):
         return model.eval()(pixel_values=x).logits
 
 
-# ResNet in the default run; the others (LayerNorm over channels, depthwise, squeeze-excitation, grouped) under zoo
+# ResNet and ViT in the default run; the others (LayerNorm over channels, depthwise, squeeze-excitation, grouped, windows) under zoo
 BREADTH = {"ConvNextForImageClassification", "MobileNetV2ForImageClassification", "EfficientNetForImageClassification",
-           "RegNetForImageClassification"}
+           "RegNetForImageClassification", "SwinForImageClassification"}
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.zoo) if n in BREADTH else n for n in CONFIGS])
@@ -46,6 +51,8 @@ def test_a_compacted_hugging_face_model_is_saved_and_loaded_back_exactly(tmp_pat
     model = randomize(getattr(transformers, name)(getattr(transformers, config_name)(**kwargs))).eval()
     plan = gf.plan(model, 0.5, example_inputs=(X[:1],))
     assert plan.pruned
+    if "Swin" in name or "ViT" in name:
+        assert list(plan.excluded) == ["classifier"]  # all but the logits: attention and stream too
     masks = random_group_masks(plan, 0.5)
     small, small_plan = copy.deepcopy((model, plan))
     gf.compact(small, masks, small_plan)  # checks itself against the masked copy

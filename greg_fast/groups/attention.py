@@ -49,6 +49,12 @@ def attention(a: Walk, node: fx.Node, args: dict, q: Val):
     if any(t is None for t in lines) or lines[0].shape != lines[1].shape:
         return a.unsupported(node, f"{describe(node)} reads channels that differ from token to token")
     _contract(a, node, q, k, lines[0], lines[1])
+    if a.heads == "whole" and lines[0].dim() >= 3 and lines[0].shape[:-1] == lines[2].shape[:-1]:
+        # a head's queries and keys weight that head's values: whole heads take all three (separate
+        # projections whose head count nothing stores would otherwise lose different heads)
+        first = lambda t: t.narrow(-1, 0, 1).narrow(-2, 0, 1)  # noqa: E731  (a head's first dim stands for it)
+        a.join(first(lines[0]), first(lines[2]), strict=f"{describe(node)} pairs heads with values that cannot be cut",
+               via=f"{describe(node)} (whole heads: a head's queries, keys and values go together)")
     if args.get("scale") is None and a.heads == "dims":  # derived from the head size: keep the original
         # after the cut (whole heads keep their size; head 0's dims stand for every head's)
         a.count(node, "scaled_dot_product_attention", q.ids.dim() - 1, line(lines[0], q.ids.dim() - 1))

@@ -30,8 +30,14 @@ def movement(a: Walk, node: fx.Node, args: dict, x: Val):
             written = list(x.ids.shape[:d]) + [-1 if s == -1 else s for s in written] + list(x.ids.shape[d + 1:])
         varying = [d for d in range(ids.dim()) if a.varies(ids, d)]
         literal = [d for d in varying if d < len(written) and isinstance(written[d], int) and written[d] != -1]
-        if a.heads == "whole" and len(varying) > 1 and _whole_heads(a, node, ids, written, varying, literal):
+        inferred = [d for d in varying if d < len(written) and written[d] == -1]
+        if a.heads == "whole" and len(varying) > 1 and _whole_heads(a, node, ids, written, varying, literal, inferred):
             return Val(ids.contiguous(), lost.contiguous(), x.sources, None)
+        if (len(inferred) == 1 and literal and literal[-1] == varying[-1] and len(literal) + 1 == len(varying)
+                and a.stored_width(node, varying[-1], line(ids, varying[-1]), written, varying[-1], probe=True)):
+            # ``view(B, N, -1, self.head_dim)``: the inferred axis (heads) keeps its count only if every
+            # head loses the same dims, as where it is written; the stored inner size follows the cut
+            literal = sorted(literal + inferred)
         if varying and len(literal) == len(varying):
             # export writes a size computed from the input's shape (``C // paths``) as a number: assume
             # the innermost channel axis follows the pruned width, and let plan() confirm it by trial
@@ -67,17 +73,21 @@ def _stored_bound(a: Walk, node: fx.Node, args: dict, x: Val, dim: int) -> bool:
     return True
 
 
-def _whole_heads(a: Walk, node: fx.Node, ids: torch.Tensor, written: list, varying: list, literal: list) -> bool:
+def _whole_heads(a: Walk, node: fx.Node, ids: torch.Tensor, written: list, varying: list, literal: list,
+                 inferred: list) -> bool:
     """``heads="whole"``: a reshape that splits the channels into heads (``(B, N, 3, num_heads,
-    head_dim)``) lets its outermost axis whose size an attribute gives follow the cut, and joins the
-    channels along every other axis (a head's q, k, v and dims go together). False where no axis's
-    size comes from an attribute."""
-    heads = next((d for d in literal if a.stored_width(node, d, line(ids, d), written, d, probe=True)), None)
-    if heads is None:
-        return False
-    held = a.stored_width(node, heads, line(ids, heads), written, heads)
-    a.mark_speculative(ids, f"{describe(node)} reshapes the channels into {written[heads]} heads, read from "
-                            f"`{module_path(node)}.{held}`, updated by the cut")
+    head_dim)``) lets its outermost axis whose size an attribute gives follow the cut, or the one it
+    infers (``(B, N, -1, head_dim)``), and joins the channels along every other axis (a head's q, k, v
+    and dims go together). False where no axis's size comes from an attribute or is inferred."""
+    if len(inferred) == 1 and inferred[0] != varying[-1]:
+        heads = inferred[0]  # follows the cut by itself
+    else:
+        heads = next((d for d in literal if a.stored_width(node, d, line(ids, d), written, d, probe=True)), None)
+        if heads is None:
+            return False
+        held = a.stored_width(node, heads, line(ids, heads), written, heads)
+        a.mark_speculative(ids, f"{describe(node)} reshapes the channels into {written[heads]} heads, read from "
+                                f"`{module_path(node)}.{held}`, updated by the cut")
     for d in varying:
         if d != heads:
             a.join(ids, ids.narrow(d, 0, 1).expand_as(ids),
