@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     p.add_argument("--weights", required=True, help="resnet56-4bfd9763.th")
     p.add_argument("--train", type=int, default=5000)
     p.add_argument("--test", type=int, default=10000)
-    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--out", default="runs/cifar-real")
     p.add_argument("--results", default=str(Path(__file__).parent / "results"))
     a = p.parse_args(argv)

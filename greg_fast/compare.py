@@ -74,8 +74,10 @@ def stretch_lr_schedule(text: str, epochs: int, new_epochs: int) -> str:
 
 
 def _identity(args) -> dict:
+    # the jobs measure no latency; a seed's runs do not depend on how many seeds there are, so a
+    # folder run again with more or fewer --seeds reads the finished ones back
     skip = {"out", "quiet", "resume", "device", "recipe", "method", "penalize", "checkpoint_every",
-            "latency_batch_sizes", "latency_seconds", "no_latency"}  # the jobs measure no latency
+            "latency_batch_sizes", "latency_seconds", "no_latency", "seeds"}
     return {k: v for k, v in sorted(vars(args).items()) if k not in skip}
 
 

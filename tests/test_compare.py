@@ -54,6 +54,9 @@ def test_compare_runs_both_protocols_from_one_dense_model_per_seed_and_reads_fin
     monkeypatch.setattr(greg_fast.job, "run", lambda args: pytest.fail(f"ran {args.out} again"))
     assert main(argv) == 0
     assert json.loads((out / "compare.json").read_text())["runs"] == runs
+    # and with fewer seeds: the finished ones, reported over those seeds
+    assert main([*argv[:-4], "--seeds", "1", "--out", str(out)]) == 0
+    assert json.loads((out / "compare.json").read_text())["runs"] == [r for r in runs if r["seed"] == 0]
     # other settings in the same folder are refused, naming the difference
     assert main([*argv, "--ratio", "0.3"]) == 2
 
