@@ -3,10 +3,10 @@
 ``transformers``' own ``from_pretrained`` builds the architecture the config describes, which a
 compacted model no longer has: it refuses the smaller weights, or with ``ignore_mismatched_sizes``
 loads a silently re-initialized model. :func:`save_pretrained` writes ``config.json``,
-``model.safetensors`` (under the module's own parameter names) and, beside them, ``greg_fast.json``: the pruned
-widths of every conv, linear and norm, the counts exact norms keep and the widths modules store.
-:func:`from_pretrained` builds the config's architecture, shrinks it to those widths and loads the
-weights, checked. :class:`GRegTrainerCallback` does for ``transformers.Trainer`` what
+``model.safetensors`` (under the module's own parameter names) and, beside them,
+``greg_fast.json``: the pruned widths of every conv, linear and norm, the counts exact norms keep
+and the widths modules store. :func:`from_pretrained` builds the config's architecture, shrinks it
+to those widths and loads the weights, checked. :class:`GRegTrainerCallback` does for ``transformers.Trainer`` what
 :class:`greg_fast.lightning.GRegCallback` does for Lightning. ``pip install 'greg-fast[hf]'``.
 """
 from __future__ import annotations

@@ -2,8 +2,9 @@
 
 A layer penalized by its filters alone is its own slice, so a plan of such layers passes through
 untouched (no copy, no gather per step). A coupled group, or a layer penalized with everything its
-cut removes, is regularized through runs of rows or columns of several parameters (:meth:`greg_fast.units.LayerPlan.slices`); each slice reads its unit's kept mask through
-its channel index (gathered again only when a selection changed it) and its unit's two λ values.
+cut removes, is regularized through runs of rows or columns of several parameters
+(:meth:`greg_fast.units.LayerPlan.slices`); each slice reads its unit's kept mask through its
+channel index (gathered again only when a selection changed it) and its unit's two λ values.
 A unit's score per channel is the mean |w| over all its slices' entries of that channel, summed in
 a fixed order (one gather and one sum: the same picks every run). With ``whole`` (the fused SGD
 step, which updates parameters, not penalties), rows of a penalized parameter that no unit owns

@@ -77,7 +77,8 @@ def target_summary(budget, summary: dict, timed: dict | None) -> dict:
 
 
 def format_table(s: dict) -> str:
-    unit = ("groups" if s.get("coupled") else s["granularity"]) + (", penalize group" if s.get("penalize") == "group" else "")
+    unit = ("groups" if s.get("coupled") else s["granularity"]) + (
+        ", penalize group" if s.get("penalize") == "group" else "")
     t = s.get("target")
     label = f"{s['method']} {unit} " + (f"ratio {s['ratio']}" if s["ratio"] is not None else
                                         f"stages {s['stage_ratios']}" if s["stage_ratios"] is not None else
