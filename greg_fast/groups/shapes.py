@@ -80,7 +80,9 @@ def _whole_heads(a: Walk, node: fx.Node, ids: torch.Tensor, written: list, varyi
     infers (``(B, N, -1, head_dim)``), and joins the channels along every other axis (a head's q, k, v
     and dims go together). False where no axis's size comes from an attribute or is inferred."""
     if len(inferred) == 1 and inferred[0] != varying[-1]:
-        heads = inferred[0]  # follows the cut by itself
+        heads = inferred[0]
+        a.mark_speculative(ids, f"{describe(node)} reshapes the channels into heads whose count it infers (-1), "
+                                "which follows the cut")
     else:
         heads = next((d for d in literal if a.stored_width(node, d, line(ids, d), written, d, probe=True)), None)
         if heads is None:
