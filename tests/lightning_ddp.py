@@ -1,5 +1,5 @@
-"""Run under torchrun by tests/test_trainers.py: GRegCallback in a 2-rank DDP fit on CPU (gloo).
-Each rank writes its final weights and what its strategy's DDP wrapper holds."""
+"""The Lightning module the trainer tests fit, and, run under torchrun by tests/test_trainers.py,
+GRegCallback in a 2-rank DDP fit on CPU (gloo): each rank writes its final weights."""
 import sys
 
 import lightning.pytorch as pl
@@ -10,9 +10,14 @@ from greg_fast import data as datasets
 from greg_fast.lightning import GRegCallback
 
 
-class Module(pl.LightningModule):
-    def __init__(self):
+class DigitsModule(pl.LightningModule):
+    """A CIFAR ResNet-20 on 8x8 digits, regularized by GReg-1 (what the Lightning tests fit);
+    ``scheduler``: with a StepLR of the wrapper."""
+
+    def __init__(self, scheduler: bool = False):
         super().__init__()
+        torch.manual_seed(0)
+        self.scheduler = scheduler
         self.net = gf.models.create("resnet20", in_channels=1)
         self.plan = gf.plan(self.net, 0.5, example_inputs=torch.randn(1, 1, 8, 8))
 
@@ -23,7 +28,9 @@ class Module(pl.LightningModule):
     def configure_optimizers(self):
         sgd = torch.optim.SGD(self.net.parameters(), lr=0.05, momentum=0.9)
         self.greg = gf.GrowingReg(sgd, self.plan, method="greg1", delta=0.5, interval=1, stabilize=2)
-        return self.greg
+        if not self.scheduler:
+            return self.greg
+        return {"optimizer": self.greg, "lr_scheduler": torch.optim.lr_scheduler.StepLR(self.greg, step_size=100)}
 
 
 def main(out):
@@ -31,7 +38,7 @@ def main(out):
     torch.set_num_threads(1)
     data = datasets.load("digits")
     loader = torch.utils.data.DataLoader(data.train, batch_size=32, shuffle=True)
-    module = Module()
+    module = DigitsModule()
     callback = GRegCallback(module.net)
     steps = module.configure_optimizers().max_steps() + 6  # 6 after compaction
     trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=steps,

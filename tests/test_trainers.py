@@ -34,27 +34,12 @@ def test_timms_factories_build_the_inner_optimizer_and_a_scheduler_of_the_wrappe
 def test_lightning_regularizes_then_compacts_and_fine_tunes_in_one_fit(tmp_path):
     pl = pytest.importorskip("lightning.pytorch", reason="lightning is a test dependency")
     from greg_fast.lightning import GRegCallback
-
-    class Module(pl.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.net = gf.models.create("resnet20", in_channels=1)
-            self.plan = gf.plan(self.net, 0.5, example_inputs=torch.randn(1, 1, 8, 8))
-
-        def training_step(self, batch, _):
-            x, y = batch
-            return torch.nn.functional.cross_entropy(self.net(x), y)
-
-        def configure_optimizers(self):
-            sgd = torch.optim.SGD(self.net.parameters(), lr=0.05, momentum=0.9)
-            self.greg = gf.GrowingReg(sgd, self.plan, method="greg1", delta=0.5, interval=1, stabilize=2)
-            return {"optimizer": self.greg,
-                    "lr_scheduler": torch.optim.lr_scheduler.StepLR(self.greg, step_size=100)}  # of the wrapper
+    from lightning_ddp import DigitsModule
 
     torch.manual_seed(0)
     data = datasets.load("digits")
     loader = torch.utils.data.DataLoader(data.train, batch_size=64, shuffle=True)
-    module = Module()
+    module = DigitsModule(scheduler=True)
     params_before = sum(p.numel() for p in module.net.parameters())
     steps = []
     callback = GRegCallback(module.net, make_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
@@ -78,27 +63,13 @@ def test_lightning_resumes_a_checkpoint_saved_after_compaction_bit_exactly(tmp_p
     pl = pytest.importorskip("lightning.pytorch", reason="lightning is a test dependency")
     from lightning.pytorch.callbacks import ModelCheckpoint
     from greg_fast.lightning import GRegCallback
-
-    class Module(pl.LightningModule):
-        def __init__(self):
-            super().__init__()
-            torch.manual_seed(0)
-            self.net = gf.models.create("resnet20", in_channels=1)
-            self.plan = gf.plan(self.net, 0.5, example_inputs=torch.randn(1, 1, 8, 8))
-
-        def training_step(self, batch, _):
-            x, y = batch
-            return torch.nn.functional.cross_entropy(self.net(x), y)
-
-        def configure_optimizers(self):
-            sgd = torch.optim.SGD(self.net.parameters(), lr=0.05, momentum=0.9)
-            return gf.GrowingReg(sgd, self.plan, method="greg1", delta=0.5, interval=1, stabilize=2)
+    from lightning_ddp import DigitsModule
 
     data = datasets.load("digits")
     loader = torch.utils.data.DataLoader(data.train, batch_size=128)  # the same batches on resume
 
     def fit(ckpt_path=None, **callback):
-        module = Module()
+        module = DigitsModule()
         callback = GRegCallback(module.net, **callback)
         trainer = pl.Trainer(max_epochs=3, logger=False, enable_progress_bar=False, enable_model_summary=False,
                              callbacks=[callback, ModelCheckpoint(tmp_path, "{epoch}", save_top_k=-1)],
