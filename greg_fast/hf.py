@@ -25,10 +25,8 @@ except ImportError as err:
 
 from .atomic import write_text_atomic
 from .capture import unwrap
-from .exact import counts_of
-from .groups.stored import stored_of
 from .engine import GrowingReg
-from .io import rebuild, widths
+from .io import architecture, rebuild
 from .trainers import MakeOptimizer, finish_regularization
 
 FORMAT = "greg_fast.hf/1"
@@ -47,8 +45,7 @@ def save_pretrained(model: nn.Module, folder: str | Path) -> Path:
     # the weights under the module's own names: transformers' save_pretrained renames some to older
     # checkpoint names (Swin's attention.self.query for attention.q_proj), which only its own loader undoes
     save_model(model, str(folder / "model.safetensors"))
-    record = {"format": FORMAT, "model_class": type(model).__name__, "widths": widths(model),
-              "counts": counts_of(model), "stored": stored_of(model)}
+    record = {"format": FORMAT, "model_class": type(model).__name__, **architecture(model)}
     write_text_atomic(folder / WIDTHS_FILE, json.dumps(record, indent=1))  # last: the folder is complete
     return folder
 

@@ -31,6 +31,12 @@ def widths(model: nn.Module) -> dict[str, list[int]]:
             and (m.weight is not None or getattr(m, "running_mean", None) is not None)}
 
 
+def architecture(model: nn.Module) -> dict:
+    """What a compacted model's architecture needs beyond its constructor: the widths, the counts its
+    exact ops keep and the widths its modules store (what :func:`rebuild` takes back)."""
+    return {"widths": widths(model), "counts": counts_of(model), "stored": stored_of(model)}
+
+
 def save(model: nn.Module, path: str | Path, *, masks: Mapping[str, torch.Tensor] | None = None) -> None:
     """Write ``model`` (dense or compacted, any architecture) atomically to ``path``. ``masks``
     (unstructured pruning) are stored beside the weights. A zoo model (``greg_fast.models.create``)
@@ -40,8 +46,7 @@ def save(model: nn.Module, path: str | Path, *, masks: Mapping[str, torch.Tensor
     obj = {"format": FORMAT, "arch": dict(arch) if arch is not None else None,
            "model_class": type(model).__name__,
            "input_size": list(getattr(model, "greg_input_size", [])),
-           "widths": widths(model), "counts": counts_of(model),
-           "stored": stored_of(model),
+           **architecture(model),
            "state_dict": model.state_dict(),
            "masks": {k: v.cpu() for k, v in (masks or {}).items()}}
     save_atomic(obj, Path(path))

@@ -17,9 +17,7 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
 from .engine import GrowingReg
-from .exact import counts_of
-from .groups.stored import stored_of
-from .io import rebuild, widths
+from .io import architecture, rebuild
 from .trainers import MakeOptimizer, finish_regularization
 
 
@@ -108,8 +106,7 @@ class GRegCallback(pl.Callback):
     def state_dict(self) -> dict:
         if not self.compacted:
             return {"compacted": False}
-        return {"compacted": True, "architecture": {"widths": widths(self.model), "counts": counts_of(self.model),
-                                                    "stored": stored_of(self.model)}}
+        return {"compacted": True, "architecture": architecture(self.model)}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.compacted = bool(state_dict.get("compacted"))
